@@ -1,0 +1,1 @@
+//! Shared helpers for br2k benchmarks.

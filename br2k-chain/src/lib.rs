@@ -1,0 +1,1 @@
+//! On-chain service registry (Solidity contract and alloy backend) for br2k.

@@ -1,0 +1,1 @@
+//! Replicated log on etcd for br2k.

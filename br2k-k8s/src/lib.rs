@@ -1,0 +1,1 @@
+//! Kubernetes replicator and drift detection for br2k.

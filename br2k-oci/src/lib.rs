@@ -1,0 +1,1 @@
+//! Digest-verified, mirrored OCI image store for br2k.

@@ -1,0 +1,2 @@
+//! Quickstart placeholder.
+fn main() {}
