@@ -7,18 +7,25 @@
 //! - [`Recoverer`]: diagnoses a service and restores it from the record.
 
 pub mod artifact;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod diagnosis;
 pub mod digest;
 pub mod error;
+pub mod fault;
 pub mod id;
 pub mod image;
+pub mod log;
+pub mod memory;
 pub mod observed;
 pub mod record;
 pub mod recoverer;
 pub mod registry;
+pub mod replica;
 pub mod replicator;
 pub mod spec;
 pub mod store;
+pub mod supervisor;
 
 pub use artifact::{Blob, Descriptor, Image, Manifest};
 pub use diagnosis::{ActionOutcome, Diagnosis, Finding, Outcome, RecoveryAction, RecoveryReport};

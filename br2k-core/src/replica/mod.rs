@@ -1,0 +1,1 @@
+//! The replica runtime: execution replication over a replicated log.

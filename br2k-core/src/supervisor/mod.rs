@@ -1,0 +1,1 @@
+//! The generic recoverer: decision logic and the supervision loop.
