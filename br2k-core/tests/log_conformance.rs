@@ -1,0 +1,23 @@
+//! The replicated-log conformance suite against the in-memory log.
+
+use std::sync::Arc;
+
+use br2k_core::conformance::log::{LogPair, run_all};
+use br2k_core::log::{InMemoryLog, ReplicatedLog};
+use futures::FutureExt;
+
+#[tokio::test]
+async fn in_memory_log_conforms() {
+    run_all(&|| {
+        async {
+            let a = InMemoryLog::new();
+            let b = a.connect();
+            (
+                Arc::new(a) as Arc<dyn ReplicatedLog>,
+                Arc::new(b) as Arc<dyn ReplicatedLog>,
+            ) as LogPair
+        }
+        .boxed()
+    })
+    .await;
+}
