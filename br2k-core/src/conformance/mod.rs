@@ -6,7 +6,13 @@
 //! meant to be called from tests. They use fresh ids and repositories so they can run
 //! again and again against a persistent backend (a chain, a registry).
 
+pub mod image_store;
+pub mod log;
+pub mod registry;
+pub mod replicator;
+
 use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -14,7 +20,10 @@ use bytes::Bytes;
 
 use crate::artifact::{Blob, Image, OCI_CONFIG, OCI_LAYER_TAR};
 use crate::digest::Digest;
+use crate::error::Result;
+use crate::id::ServiceId;
 use crate::image::{ImageRef, Repository};
+use crate::record::{Account, ServiceRecord, ServiceState};
 use crate::spec::{Port, Probe, ProbeCheck, Probes, Resources, ServiceSpec};
 
 /// How long [`eventually`] waits in the suites by default.
@@ -63,6 +72,24 @@ pub fn sample_spec(registry: &str) -> ServiceSpec {
     };
     spec.validate().expect("sample spec is valid");
     spec
+}
+
+/// A Running version-1 record of `spec` for `id`, owned by account `conformance`.
+pub fn sample_record(id: &ServiceId, spec: ServiceSpec) -> ServiceRecord {
+    ServiceRecord {
+        id: id.clone(),
+        version: 1,
+        latest_version: 1,
+        spec_hash: spec.spec_hash(),
+        replicas: spec.replicas,
+        spec,
+        state: ServiceState::Running,
+        owner: Account("conformance".into()),
+        checkpoint: None,
+        location: None,
+        as_of: None,
+        stale: false,
+    }
 }
 
 /// splitmix64: a small deterministic generator for test bytes.
@@ -115,5 +142,15 @@ where
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// Asserts that `result` is an error of [`crate::Error::kind`] `kind`; panics naming
+/// `ctx` and what came instead.
+#[track_caller]
+pub fn expect_kind<T: Debug>(result: Result<T>, kind: &str, ctx: &str) {
+    match result {
+        Err(e) if e.kind() == kind => {}
+        other => panic!("{ctx}: expected {kind}, got {other:?}"),
     }
 }
