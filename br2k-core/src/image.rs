@@ -222,7 +222,8 @@ impl ImageRef {
         })
     }
 
-    /// Builds a reference from parts.
+    /// Builds a reference from parts. The registry host must contain `.` or `:` or be
+    /// `localhost`, so that the written form parses back to the same reference.
     pub fn new(
         registry: impl AsRef<str>,
         repository: Repository,
@@ -234,6 +235,13 @@ impl ImageRef {
             return Err(ValidationError::ImageRef {
                 value: truncate(registry),
                 reason: "invalid registry host",
+            });
+        }
+        // Otherwise the written form would read back as a Docker Hub repository path.
+        if !(registry.contains('.') || registry.contains(':') || registry == "localhost") {
+            return Err(ValidationError::ImageRef {
+                value: truncate(registry),
+                reason: "registry host must contain '.' or ':' or be localhost",
             });
         }
         if let Some(t) = tag
