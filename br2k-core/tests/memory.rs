@@ -229,3 +229,48 @@ async fn image_store_counts_requests_and_clones_share_content() {
     assert_eq!(store.request_count(), 3);
     assert_eq!(store.registry(), "mem.local");
 }
+
+#[tokio::test]
+async fn registry_changes_are_ordered_under_concurrent_writers() {
+    let reg = InMemoryRegistry::new("alice");
+    let mut changes = reg.changes().await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let reg = reg.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = id(&format!("svc-{t}"));
+            reg.register(&s, &sample_spec("mem.local")).await.unwrap();
+            for n in 1..=20 {
+                reg.set_replicas(&s, n).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut last = 0;
+    for _ in 0..8 * 21 {
+        let change = changes.next().await.unwrap().unwrap();
+        let at = change.at.unwrap();
+        assert_eq!(at, last + 1, "positions are consecutive and in order");
+        last = at;
+    }
+}
+
+#[tokio::test]
+async fn registry_change_stream_reports_lag_as_a_transient_error() {
+    let reg = InMemoryRegistry::new("alice");
+    let mut changes = reg.changes().await.unwrap();
+    let s = id("busy");
+    reg.register(&s, &sample_spec("mem.local")).await.unwrap();
+    for n in 0..9000u32 {
+        reg.set_replicas(&s, n % 2).await.unwrap();
+    }
+    let first = changes.next().await.unwrap();
+    assert!(
+        matches!(&first, Err(e) if e.is_retryable()),
+        "a subscriber that fell behind learns it: {first:?}"
+    );
+    // The stream goes on with the changes still buffered.
+    assert!(changes.next().await.unwrap().is_ok());
+}
