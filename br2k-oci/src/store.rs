@@ -1,0 +1,682 @@
+//! [`OciImageStore`]: one registry, every read verified, streaming copies.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use br2k_core::artifact::{Descriptor, OCI_MANIFEST};
+use br2k_core::{CopyReport, Digest, Error, Image, ImageRef, ImageStore, Repository, Result};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use sha2::{Digest as _, Sha256};
+
+use crate::client::{Http, RequestCounts};
+use crate::config::OciConfig;
+use crate::error::OciError;
+use crate::index::{ImageIndex, ManifestDoc, parse_manifest_doc};
+
+/// An [`ImageStore`] backed by one OCI (Distribution) registry.
+///
+/// Every manifest and blob read is checked against its digest and size; a mismatch is
+/// [`Error::Tampered`]. Indexes are resolved to the configured platform on
+/// [`ImageStore::resolve`] and [`ImageStore::pull`]; [`OciImageStore::copy_image`]
+/// copies indexes with all their children, streaming blobs between registries.
+#[derive(Debug, Clone)]
+pub struct OciImageStore {
+    cfg: Arc<OciConfig>,
+    http: Http,
+}
+
+/// A manifest fetched and verified, with its parsed form.
+#[derive(Debug, Clone)]
+pub struct FetchedDoc {
+    /// The digest of `bytes`.
+    pub digest: Digest,
+    /// The bytes exactly as served.
+    pub bytes: Bytes,
+    /// The parsed document.
+    pub doc: ManifestDoc,
+}
+
+impl FetchedDoc {
+    fn media_type(&self) -> &str {
+        match &self.doc {
+            ManifestDoc::Image(m) => m.media_type.as_deref().unwrap_or(OCI_MANIFEST),
+            ManifestDoc::Index(i) => i
+                .media_type
+                .as_deref()
+                .unwrap_or(br2k_core::artifact::OCI_INDEX),
+        }
+    }
+}
+
+impl OciImageStore {
+    /// A store with the given settings.
+    pub fn new(cfg: OciConfig) -> Result<Self> {
+        let http = Http::new(&cfg)?;
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            http,
+        })
+    }
+
+    /// A store for a plain-HTTP registry (loopback test registries), anonymous.
+    pub fn insecure(registry: &str) -> Result<Self> {
+        Self::new(OciConfig::new(registry)?.with_insecure(true))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &OciConfig {
+        &self.cfg
+    }
+
+    /// HTTP requests sent so far by this store (and its clones), by method.
+    pub fn request_counts(&self) -> RequestCounts {
+        self.http.counts()
+    }
+
+    /// Fetches a manifest or index by tag or digest. When `reference` is a digest, the
+    /// bytes must hash to it ([`Error::Tampered`] otherwise).
+    pub async fn fetch_manifest(&self, repo: &Repository, reference: &str) -> Result<FetchedDoc> {
+        let expected = if reference.starts_with("sha256:") {
+            Some(Digest::parse(reference)?)
+        } else {
+            ImageRef::new(&self.cfg.registry, repo.clone(), Some(reference), None)?;
+            None
+        };
+        let fetched = self.http.get_manifest(repo, reference).await?;
+        let digest = Digest::of(&fetched.bytes);
+        if let Some(e) = expected
+            && e != digest
+        {
+            return Err(Error::tampered(format!("manifest {repo}@{e}"), e, digest));
+        }
+        let doc = parse_manifest_doc(&fetched.bytes, fetched.content_type.as_deref())?;
+        Ok(FetchedDoc {
+            digest,
+            bytes: fetched.bytes,
+            doc,
+        })
+    }
+
+    /// Resolves `tag` to the digest it names, without picking a platform (an index
+    /// digest for multi-platform images).
+    pub async fn resolve_raw(&self, repo: &Repository, tag: &str) -> Result<Digest> {
+        Ok(self.fetch_manifest(repo, tag).await?.digest)
+    }
+
+    fn pick<'a>(
+        &self,
+        idx: &'a ImageIndex,
+        digest: &Digest,
+    ) -> Result<&'a crate::index::IndexEntry> {
+        idx.select(&self.cfg.platform).ok_or_else(|| {
+            Error::not_found(format!(
+                "platform {} in index {digest} on {}",
+                self.cfg.platform, self.cfg.registry
+            ))
+        })
+    }
+
+    /// Fetches the image manifest for `digest`, following an index to the configured
+    /// platform. Returns the image manifest document.
+    async fn fetch_image_manifest(&self, repo: &Repository, digest: &Digest) -> Result<FetchedDoc> {
+        let top = self.fetch_manifest(repo, &digest.to_string()).await?;
+        match &top.doc {
+            ManifestDoc::Image(_) => Ok(top),
+            ManifestDoc::Index(idx) => {
+                let entry = self.pick(idx, digest)?;
+                let child = self.fetch_manifest(repo, &entry.digest.to_string()).await?;
+                if child.bytes.len() as u64 != entry.size {
+                    return Err(Error::tampered(
+                        format!("manifest {repo}@{} size", entry.digest),
+                        entry.size,
+                        child.bytes.len(),
+                    ));
+                }
+                match child.doc {
+                    ManifestDoc::Image(_) => Ok(child),
+                    ManifestDoc::Index(_) => Err(Error::not_supported("nested image indexes")),
+                }
+            }
+        }
+    }
+
+    /// Pushes an index whose child manifests are already in `repo`.
+    pub async fn push_index(
+        &self,
+        repo: &Repository,
+        index_bytes: Bytes,
+        tag: Option<&str>,
+    ) -> Result<Digest> {
+        let idx = ImageIndex::parse(&index_bytes)?;
+        for m in &idx.manifests {
+            if self
+                .http
+                .head_manifest(repo, &m.digest.to_string())
+                .await?
+                .is_none()
+            {
+                return Err(Error::not_found(format!(
+                    "child manifest {repo}@{}",
+                    m.digest
+                )));
+            }
+        }
+        let digest = Digest::of(&index_bytes);
+        let mt = idx
+            .media_type
+            .as_deref()
+            .unwrap_or(br2k_core::artifact::OCI_INDEX);
+        self.http
+            .put_manifest(repo, &digest.to_string(), mt, index_bytes.clone())
+            .await?;
+        if let Some(t) = tag {
+            ImageRef::new(&self.cfg.registry, repo.clone(), Some(t), None)?;
+            self.http.put_manifest(repo, t, mt, index_bytes).await?;
+        }
+        Ok(digest)
+    }
+
+    /// The config and layer descriptors of image or index `digest` (all children of
+    /// an index), each once, manifests verified.
+    pub async fn blob_descriptors(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<Vec<Descriptor>> {
+        let top = self.fetch_manifest(repo, &digest.to_string()).await?;
+        let manifests = match top.doc {
+            ManifestDoc::Image(m) => vec![m],
+            ManifestDoc::Index(idx) => {
+                let mut v = Vec::new();
+                for e in &idx.manifests {
+                    match self.fetch_manifest(repo, &e.digest.to_string()).await?.doc {
+                        ManifestDoc::Image(m) => v.push(m),
+                        ManifestDoc::Index(_) => {
+                            return Err(Error::not_supported("nested image indexes"));
+                        }
+                    }
+                }
+                v
+            }
+        };
+        let mut descs: Vec<Descriptor> = Vec::new();
+        for d in manifests
+            .into_iter()
+            .flat_map(|m| std::iter::once(m.config).chain(m.layers))
+        {
+            if !descs.iter().any(|x| x.digest == d.digest) {
+                descs.push(d);
+            }
+        }
+        Ok(descs)
+    }
+
+    /// Streams blob `d` through a hasher and checks its digest and size.
+    pub async fn verify_blob(&self, repo: &Repository, d: &Descriptor) -> Result<()> {
+        let resp = self.http.get_blob(repo, &d.digest).await?;
+        let mut hasher = Sha256::new();
+        let mut n = 0u64;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| self.http.conn(e))?;
+            n += chunk.len() as u64;
+            if n > d.size {
+                break;
+            }
+            hasher.update(&chunk);
+        }
+        let actual = Digest::from_bytes(hasher.finalize().into());
+        let what = format!("blob {repo}@{} on {}", d.digest, self.cfg.registry);
+        if n != d.size {
+            return Err(Error::tampered(format!("{what} size"), d.size, n));
+        }
+        if actual != d.digest {
+            return Err(Error::tampered(what, d.digest, actual));
+        }
+        Ok(())
+    }
+
+    /// Verifies the stored image or index `digest` (every child, config and layer),
+    /// streaming blobs through a hasher instead of holding them in memory.
+    pub async fn verify_streaming(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        let descs = self.blob_descriptors(repo, digest).await?;
+        stream::iter(descs)
+            .map(|d| async move { self.verify_blob(repo, &d).await })
+            .buffer_unordered(self.cfg.concurrency)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the link of blob `digest` in `repo` (registries with deletion enabled).
+    pub async fn delete_blob(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        Ok(self.http.delete_blob(repo, digest).await?)
+    }
+
+    /// Copies image or index `digest` from `repo` here to the same repository in
+    /// `target`, streaming blobs (see [`OciImageStore::copy_image_to`]).
+    pub async fn copy_image(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        target: &OciImageStore,
+    ) -> Result<CopyReport> {
+        self.copy_image_to(repo, digest, target, repo).await
+    }
+
+    /// Copies image or index `digest` from `repo` to `target_repo` in `target`.
+    ///
+    /// Blobs stream from the source GET into the target upload and are hashed on the
+    /// way (a mismatch aborts the upload and is [`Error::Tampered`]); up to
+    /// `concurrency` blobs move at once; blobs the target has (HEAD) are skipped;
+    /// within one registry blobs are mounted across repositories. Manifests are written
+    /// last, so an interrupted copy leaves no dangling manifest and re-running it
+    /// transfers only what is missing. An unchanged image costs one manifest GET here
+    /// and only HEAD requests on the target.
+    pub async fn copy_image_to(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        target: &OciImageStore,
+        target_repo: &Repository,
+    ) -> Result<CopyReport> {
+        self.copy_manifest(repo, digest, None, target, target_repo)
+            .await
+    }
+
+    fn copy_manifest<'a>(
+        &'a self,
+        repo: &'a Repository,
+        digest: &'a Digest,
+        expected_size: Option<u64>,
+        target: &'a OciImageStore,
+        target_repo: &'a Repository,
+    ) -> BoxFuture<'a, Result<CopyReport>> {
+        Box::pin(async move {
+            let doc = self.fetch_manifest(repo, &digest.to_string()).await?;
+            if let Some(s) = expected_size
+                && s != doc.bytes.len() as u64
+            {
+                return Err(Error::tampered(
+                    format!("manifest {repo}@{digest} size"),
+                    s,
+                    doc.bytes.len(),
+                ));
+            }
+            let present = target
+                .http
+                .head_manifest(target_repo, &digest.to_string())
+                .await?
+                .is_some();
+            let mut report = CopyReport::default();
+            match &doc.doc {
+                ManifestDoc::Index(idx) => {
+                    for e in &idx.manifests {
+                        let r = self
+                            .copy_manifest(repo, &e.digest, Some(e.size), target, target_repo)
+                            .await?;
+                        add(&mut report, &r);
+                    }
+                }
+                ManifestDoc::Image(m) => {
+                    let mut descs = vec![m.config.clone()];
+                    for l in &m.layers {
+                        if !descs.iter().any(|d| d.digest == l.digest) {
+                            descs.push(l.clone());
+                        }
+                    }
+                    let outcomes: Vec<BlobOutcome> = stream::iter(descs)
+                        .map(|d| self.copy_blob(repo, d, target, target_repo))
+                        .buffer_unordered(self.cfg.concurrency.min(target.cfg.concurrency))
+                        .try_collect()
+                        .await?;
+                    for o in outcomes {
+                        match o {
+                            BlobOutcome::Skipped => report.blobs_skipped += 1,
+                            BlobOutcome::Mounted => report.blobs_copied += 1,
+                            BlobOutcome::Copied(n) => {
+                                report.blobs_copied += 1;
+                                report.bytes_copied += n;
+                            }
+                        }
+                    }
+                }
+            }
+            if !present {
+                target
+                    .http
+                    .put_manifest(
+                        target_repo,
+                        &digest.to_string(),
+                        doc.media_type(),
+                        doc.bytes.clone(),
+                    )
+                    .await?;
+                report.manifest_written = true;
+                report.bytes_copied += doc.bytes.len() as u64;
+            }
+            Ok(report)
+        })
+    }
+
+    async fn copy_blob(
+        &self,
+        repo: &Repository,
+        d: Descriptor,
+        target: &OciImageStore,
+        target_repo: &Repository,
+    ) -> Result<BlobOutcome> {
+        if target.http.head_blob(target_repo, &d.digest).await? {
+            return Ok(BlobOutcome::Skipped);
+        }
+        let same_registry = self.cfg.registry == target.cfg.registry && repo != target_repo;
+        let mount = same_registry.then_some((&d.digest, repo));
+        let Some(location) = target.http.start_upload(target_repo, mount).await? else {
+            return Ok(BlobOutcome::Mounted);
+        };
+        let resp = self.http.get_blob(repo, &d.digest).await?;
+        let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
+        let (body, verdict) = verified_body(resp.bytes_stream(), d.digest, d.size, what);
+        let res = target
+            .http
+            .finish_upload(&location, &d.digest, d.size, body)
+            .await;
+        if let Some(e) = verdict.lock().expect("verdict lock").take() {
+            return Err(e.into());
+        }
+        res?;
+        Ok(BlobOutcome::Copied(d.size))
+    }
+
+    /// Uploads a blob from a byte stream, hashing it on the way; used by layouts.
+    pub(crate) async fn upload_stream<S, E>(
+        &self,
+        repo: &Repository,
+        d: &Descriptor,
+        src: S,
+        what: String,
+    ) -> Result<bool>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        if self.http.head_blob(repo, &d.digest).await? {
+            return Ok(false);
+        }
+        let location = self
+            .http
+            .start_upload(repo, None)
+            .await?
+            .expect("no mount requested");
+        let (body, verdict) = verified_body(src, d.digest, d.size, what);
+        let res = self
+            .http
+            .finish_upload(&location, &d.digest, d.size, body)
+            .await;
+        if let Some(e) = verdict.lock().expect("verdict lock").take() {
+            return Err(e.into());
+        }
+        res?;
+        Ok(true)
+    }
+
+    /// Puts manifest bytes by digest (and tag), checking they parse.
+    pub(crate) async fn put_manifest_bytes(
+        &self,
+        repo: &Repository,
+        bytes: Bytes,
+        tag: Option<&str>,
+    ) -> Result<Digest> {
+        let doc = parse_manifest_doc(&bytes, None)?;
+        let fd = FetchedDoc {
+            digest: Digest::of(&bytes),
+            bytes,
+            doc,
+        };
+        let mt = fd.media_type().to_owned();
+        self.http
+            .put_manifest(repo, &fd.digest.to_string(), &mt, fd.bytes.clone())
+            .await?;
+        if let Some(t) = tag {
+            ImageRef::new(&self.cfg.registry, repo.clone(), Some(t), None)?;
+            self.http.put_manifest(repo, t, &mt, fd.bytes).await?;
+        }
+        Ok(fd.digest)
+    }
+}
+
+enum BlobOutcome {
+    Skipped,
+    Mounted,
+    Copied(u64),
+}
+
+fn add(r: &mut CopyReport, o: &CopyReport) {
+    r.blobs_copied += o.blobs_copied;
+    r.blobs_skipped += o.blobs_skipped;
+    r.bytes_copied += o.bytes_copied;
+    r.manifest_written |= o.manifest_written;
+}
+
+type Verdict = Arc<Mutex<Option<OciError>>>;
+
+/// Wraps a byte stream into a request body that hashes and counts on the way; on a
+/// size or digest mismatch the body fails (aborting the upload) and the verdict holds
+/// the `Tampered` error.
+fn verified_body<S, E>(src: S, digest: Digest, size: u64, what: String) -> (reqwest::Body, Verdict)
+where
+    S: Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let verdict: Verdict = Arc::new(Mutex::new(None));
+    let v2 = verdict.clone();
+    struct St<S> {
+        src: std::pin::Pin<Box<S>>,
+        hasher: Sha256,
+        n: u64,
+        done: bool,
+    }
+    let st = St {
+        src: Box::pin(src),
+        hasher: Sha256::new(),
+        n: 0,
+        done: false,
+    };
+    let body = stream::unfold(st, move |mut st| {
+        let verdict = v2.clone();
+        let what = what.clone();
+        async move {
+            if st.done {
+                return None;
+            }
+            let fail = |st: St<S>, e: OciError| {
+                *verdict.lock().expect("verdict lock") = Some(e);
+                Some((
+                    Err(std::io::Error::other("blob verification failed")),
+                    St { done: true, ..st },
+                ))
+            };
+            match st.src.next().await {
+                Some(Ok(chunk)) => {
+                    st.n += chunk.len() as u64;
+                    if st.n > size {
+                        let n = st.n;
+                        return fail(
+                            st,
+                            OciError::Tampered {
+                                what: format!("{what} size"),
+                                expected: size.to_string(),
+                                actual: format!("at least {n}"),
+                            },
+                        );
+                    }
+                    st.hasher.update(&chunk);
+                    if st.n == size {
+                        // Decide before the last bytes go out: the receiver stops
+                        // reading at Content-Length and would never see a late error.
+                        let actual = Digest::from_bytes(st.hasher.clone().finalize().into());
+                        if actual != digest {
+                            return fail(
+                                st,
+                                OciError::Tampered {
+                                    what,
+                                    expected: digest.to_string(),
+                                    actual: actual.to_string(),
+                                },
+                            );
+                        }
+                        st.done = true;
+                    }
+                    Some((Ok(chunk), st))
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    Some((Err(std::io::Error::other(e)), st))
+                }
+                None => {
+                    let actual = Digest::from_bytes(st.hasher.clone().finalize().into());
+                    if st.n != size {
+                        let n = st.n;
+                        return fail(
+                            st,
+                            OciError::Tampered {
+                                what: format!("{what} size"),
+                                expected: size.to_string(),
+                                actual: n.to_string(),
+                            },
+                        );
+                    }
+                    if actual != digest {
+                        return fail(
+                            st,
+                            OciError::Tampered {
+                                what,
+                                expected: digest.to_string(),
+                                actual: actual.to_string(),
+                            },
+                        );
+                    }
+                    None
+                }
+            }
+        }
+    });
+    (reqwest::Body::wrap_stream(body), verdict)
+}
+
+#[async_trait]
+impl ImageStore for OciImageStore {
+    fn registry(&self) -> &str {
+        &self.cfg.registry
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(self.http.ping().await?)
+    }
+
+    async fn resolve(&self, repository: &Repository, tag: &str) -> Result<Digest> {
+        let doc = self.fetch_manifest(repository, tag).await?;
+        match &doc.doc {
+            ManifestDoc::Image(_) => Ok(doc.digest),
+            ManifestDoc::Index(idx) => Ok(self.pick(idx, &doc.digest)?.digest),
+        }
+    }
+
+    async fn has(&self, repository: &Repository, digest: &Digest) -> Result<bool> {
+        Ok(self
+            .http
+            .head_manifest(repository, &digest.to_string())
+            .await?
+            .is_some())
+    }
+
+    async fn pull(&self, repository: &Repository, digest: &Digest) -> Result<Image> {
+        let doc = self.fetch_image_manifest(repository, digest).await?;
+        let ManifestDoc::Image(m) = &doc.doc else {
+            unreachable!("fetch_image_manifest returns image manifests")
+        };
+        let descs: Vec<(usize, Descriptor)> = std::iter::once(m.config.clone())
+            .chain(m.layers.iter().cloned())
+            .enumerate()
+            .collect();
+        let mut blobs: Vec<(usize, Bytes)> = stream::iter(descs)
+            .map(|(i, d)| async move {
+                let what = if i == 0 {
+                    format!(
+                        "config blob {repository}@{} on {}",
+                        d.digest, self.cfg.registry
+                    )
+                } else {
+                    format!(
+                        "layer {} {repository}@{} on {}",
+                        i - 1,
+                        d.digest,
+                        self.cfg.registry
+                    )
+                };
+                let b = self
+                    .http
+                    .get_blob_verified(repository, &d.digest, d.size, &what)
+                    .await?;
+                Ok::<_, Error>((i, b))
+            })
+            .buffer_unordered(self.cfg.concurrency)
+            .try_collect()
+            .await?;
+        blobs.sort_by_key(|(i, _)| *i);
+        let mut it = blobs.into_iter().map(|(_, b)| b);
+        let config = it.next().expect("config fetched");
+        Image::from_parts(doc.bytes.clone(), Some(&doc.digest), config, it.collect())
+    }
+
+    async fn push(
+        &self,
+        repository: &Repository,
+        image: &Image,
+        tag: Option<&str>,
+    ) -> Result<Digest> {
+        if let Some(t) = tag {
+            ImageRef::new(&self.cfg.registry, repository.clone(), Some(t), None)?;
+        }
+        image.verify()?;
+        let mut blobs: Vec<br2k_core::Blob> = vec![image.config.clone()];
+        for l in &image.layers {
+            if !blobs.iter().any(|b| b.digest == l.digest) {
+                blobs.push(l.clone());
+            }
+        }
+        stream::iter(blobs)
+            .map(|b: br2k_core::Blob| async move {
+                if !self.http.head_blob(repository, &b.digest).await? {
+                    self.http
+                        .upload_bytes(repository, &b.digest, b.data)
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+            .buffer_unordered(self.cfg.concurrency)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let mt = image.manifest.media_type.as_deref().unwrap_or(OCI_MANIFEST);
+        self.http
+            .put_manifest(
+                repository,
+                &image.digest.to_string(),
+                mt,
+                image.manifest_bytes.clone(),
+            )
+            .await?;
+        if let Some(t) = tag {
+            self.http
+                .put_manifest(repository, t, mt, image.manifest_bytes.clone())
+                .await?;
+        }
+        Ok(image.digest)
+    }
+
+    async fn verify(&self, repository: &Repository, digest: &Digest) -> Result<()> {
+        self.verify_streaming(repository, digest).await
+    }
+}

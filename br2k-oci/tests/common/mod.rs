@@ -1,0 +1,124 @@
+//! Helpers for integration tests: throwaway Distribution registries and a fake one.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use br2k_core::{Digest, Repository};
+use br2k_oci::{OciConfig, OciImageStore};
+
+/// A `docker-registry` process of our own on a free loopback port.
+pub struct Registry {
+    pub addr: String,
+    pub root: tempfile::TempDir,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn registry_bin() -> String {
+    std::env::var("BR2K_REGISTRY_BIN").unwrap_or_else(|_| "/usr/bin/docker-registry".into())
+}
+
+impl Registry {
+    pub fn spawn() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = root.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                root.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut r = Self {
+            addr,
+            root,
+            config,
+            child: None,
+        };
+        r.start();
+        r
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new(registry_bin())
+            .arg("serve")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn docker-registry (apt-get install docker-registry)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn store(&self) -> OciImageStore {
+        OciImageStore::insecure(&self.addr).unwrap()
+    }
+
+    pub fn store_with(&self, f: impl FnOnce(OciConfig) -> OciConfig) -> OciImageStore {
+        OciImageStore::new(f(OciConfig::new(&self.addr).unwrap().with_insecure(true))).unwrap()
+    }
+
+    /// The data file of blob `d` in this registry's storage.
+    pub fn blob_data(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(&hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The shared registries of the stack, or two of our own when the stack is not up.
+pub fn shared_registries() -> (Vec<String>, Vec<Registry>) {
+    match std::env::var("BR2K_OCI_REGISTRIES") {
+        Ok(v) if !v.trim().is_empty() => {
+            (v.split(',').map(|s| s.trim().to_owned()).collect(), vec![])
+        }
+        _ => {
+            let own = vec![Registry::spawn(), Registry::spawn()];
+            (own.iter().map(|r| r.addr.clone()).collect(), own)
+        }
+    }
+}
+
+/// A fresh repository name.
+pub fn fresh_repo(prefix: &str) -> Repository {
+    let n: u64 = rand::random();
+    Repository::new(format!("br2k-test/{prefix}-{n:016x}")).unwrap()
+}
