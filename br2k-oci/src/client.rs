@@ -448,6 +448,24 @@ impl Http {
             .await
     }
 
+    pub(crate) async fn delete_manifest(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> Result<(), OciError> {
+        let url = self.url(&format!("{repo}/manifests/{digest}"));
+        let resp = self
+            .send(Method::DELETE, self.request(Method::DELETE, &url))
+            .await?;
+        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self
+                .fail(format!("DELETE manifest {repo}@{digest}"), resp)
+                .await)
+        }
+    }
+
     pub(crate) async fn delete_blob(
         &self,
         repo: &Repository,

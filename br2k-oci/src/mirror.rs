@@ -191,17 +191,18 @@ impl MirroredImageStore {
             .iter()
             .filter_map(|(r, e)| e.as_ref().err().map(|e| format!("{r}: {e}")))
             .collect();
-        let all_unavailable = named
-            .iter()
-            .filter_map(|(_, e)| e.as_ref().err())
-            .all(|e| e.is_retryable());
         let msg = format!(
             "{ok} of {} registries succeeded, quorum {}: {}",
             self.stores.len(),
             self.quorum,
             detail.join("; ")
         );
-        Err(if all_unavailable {
+        let mut errors: Vec<Error> = named.into_iter().filter_map(|(_, r)| r.err()).collect();
+        let same_kind = errors.iter().all(|e| e.kind() == errors[0].kind());
+        Err(if same_kind && !errors[0].is_retryable() {
+            // Every registry refused it for the same reason (bad input, tampered...).
+            errors.swap_remove(0)
+        } else if errors.iter().all(Error::is_retryable) {
             Error::unavailable(msg)
         } else {
             Error::backend("oci", msg, false)

@@ -250,6 +250,12 @@ impl OciImageStore {
         Ok(())
     }
 
+    /// Deletes manifest `digest` (and the tags naming it) from `repo` (registries with
+    /// deletion enabled). Absent manifests are not an error.
+    pub async fn delete_manifest(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        Ok(self.http.delete_manifest(repo, digest).await?)
+    }
+
     /// Deletes the link of blob `digest` in `repo` (registries with deletion enabled).
     pub async fn delete_blob(&self, repo: &Repository, digest: &Digest) -> Result<()> {
         Ok(self.http.delete_blob(repo, digest).await?)

@@ -147,7 +147,7 @@ async fn multi_platform_index_resolve_pull_and_copy() {
 #[tokio::test]
 #[ignore = "needs stack"]
 async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
-    let primary = Registry::spawn();
+    let mut primary = Registry::spawn();
     let mirror = Registry::spawn();
     let store = MirroredImageStore::new(primary.store(), vec![mirror.store()]);
     let repo = fresh_repo("tamper");
@@ -178,6 +178,10 @@ async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
     assert_eq!(report.skipped[0].kind, "tampered");
 
     let rep = store.repair(&repo, &img.digest).await.unwrap();
+    eprintln!(
+        "repair of a blob tampered on disk: {:?}",
+        rep.registries[0].1
+    );
     assert_eq!(rep.source, mirror.addr);
     assert_eq!(rep.registries[1].1, RepairStatus::Healthy);
     // Distribution keeps a blob's data file once written (content-addressed; only
@@ -202,6 +206,27 @@ async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
     }
     // Reads keep working through the mirror.
     assert_eq!(store.pull(&repo, &img.digest).await.unwrap(), img);
+
+    // Operator procedure: delete the damaged image, garbage-collect offline, repair.
+    primary
+        .store()
+        .delete_manifest(&repo, &img.digest)
+        .await
+        .unwrap();
+    primary.stop();
+    primary.garbage_collect();
+    assert!(
+        !primary.blob_data(&victim).exists(),
+        "GC removed the corrupted data"
+    );
+    primary.start();
+    let rep = store.repair(&repo, &img.digest).await.unwrap();
+    assert!(
+        matches!(rep.registries[0].1, RepairStatus::Repaired { .. }),
+        "{rep:?}"
+    );
+    primary.store().verify(&repo, &img.digest).await.unwrap();
+    assert_eq!(primary.store().pull(&repo, &img.digest).await.unwrap(), img);
 }
 
 #[tokio::test]

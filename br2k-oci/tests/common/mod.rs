@@ -78,6 +78,21 @@ impl Registry {
         }
     }
 
+    /// Runs the registry's offline garbage collection (the registry must be stopped).
+    pub fn garbage_collect(&self) {
+        assert!(self.child.is_none(), "stop the registry first");
+        let out = Command::new(registry_bin())
+            .arg("garbage-collect")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn store(&self) -> OciImageStore {
         OciImageStore::insecure(&self.addr).unwrap()
     }
