@@ -1,0 +1,93 @@
+//! The private error of the Kubernetes backend and its one mapping to
+//! [`br2k_core::Error`].
+
+use br2k_core::{Error, ValidationError};
+
+/// What can go wrong talking to Kubernetes.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KubeError {
+    /// The API server or the client failed.
+    #[error("{context}: {source}")]
+    Client {
+        /// What br2k was doing.
+        context: String,
+        /// The kube error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A live object cannot be understood.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The client configuration could not be loaded.
+    #[error("kubernetes client configuration: {0}")]
+    Config(String),
+}
+
+impl KubeError {
+    pub(crate) fn client(context: impl Into<String>, source: kube::Error) -> Self {
+        Self::Client {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Whether `e` is a 404 from the API server.
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// The one mapping of backend errors to br2k errors.
+pub(crate) fn to_core(e: KubeError) -> Error {
+    match e {
+        KubeError::Invalid(v) => Error::InvalidInput(v),
+        KubeError::Config(reason) => Error::unavailable(reason),
+        KubeError::Client { context, source } => match &source {
+            kube::Error::Api(s) => match s.code {
+                404 => Error::not_found(format!("{context}: {}", s.message)),
+                409 => Error::conflict(format!("{context}: {}", s.message)),
+                401 | 403 => Error::permission_denied(format!("{context}: {}", s.message)),
+                400 | 422 => Error::InvalidInput(ValidationError::malformed(
+                    "kubernetes object",
+                    format!("{context}: {}", s.message),
+                )),
+                429 | 500..=599 => Error::unavailable(format!("{context}: {}", s.message)),
+                _ => Error::backend("kubernetes", KubeError::Client { context, source }, false),
+            },
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => {
+                Error::unavailable(format!("{context}: {source}"))
+            }
+            _ => Error::backend("kubernetes", KubeError::Client { context, source }, false),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> KubeError {
+        KubeError::client(
+            "get statefulset x",
+            kube::Error::Api(
+                kube::core::Status {
+                    code,
+                    message: "m".into(),
+                    ..Default::default()
+                }
+                .boxed(),
+            ),
+        )
+    }
+
+    #[test]
+    fn statuses_map_to_semantic_variants() {
+        assert_eq!(to_core(api(404)).kind(), "not_found");
+        assert_eq!(to_core(api(409)).kind(), "conflict");
+        assert_eq!(to_core(api(403)).kind(), "permission_denied");
+        assert_eq!(to_core(api(422)).kind(), "invalid_input");
+        assert!(to_core(api(503)).is_retryable());
+        assert!(to_core(api(429)).is_retryable());
+        assert_eq!(to_core(api(418)).kind(), "backend");
+    }
+}

@@ -1,0 +1,454 @@
+//! [`KubeReplicator`]: runs service records as StatefulSets on Kubernetes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use br2k_core::{ObservedReplica, ObservedState, Replicator, Result, ServiceId, ServiceRecord};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryFutureExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, Toleration};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::build::{self, Placement};
+use crate::error::{KubeError, is_not_found, to_core};
+use crate::names::{
+    LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER, Names, selector_string,
+};
+use crate::parse;
+use crate::watch::WatchHub;
+
+/// Env var naming the namespace [`KubeReplicator::from_env`] uses.
+pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
+
+/// Runs each service record as a StatefulSet (plus a headless and a client Service, a
+/// PodDisruptionBudget, a ConfigMap and, with `spec.autoscaling`, a
+/// HorizontalPodAutoscaler) in one namespace, with server-side apply under the one
+/// field manager `br2k`.
+///
+/// Object names derive from the service id (see [`Names`]); every object carries the
+/// labels `app.kubernetes.io/managed-by=br2k`, `br2k.io/service-id` and
+/// `br2k.io/record-version` and the annotation `br2k.io/spec-hash`. The ConfigMap is
+/// the owner of every other object, so deleting it cascades.
+///
+/// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`]);
+/// [`Replicator::changes`] is fed by one shared watcher per kind for the namespace.
+/// Clones share the client and the watchers.
+#[derive(Clone)]
+pub struct KubeReplicator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    namespace: String,
+    placement: Placement,
+    hub: OnceCell<WatchHub>,
+}
+
+impl fmt::Debug for KubeReplicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeReplicator")
+            .field("namespace", &self.inner.namespace)
+            .field("placement", &self.inner.placement)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`KubeReplicator`].
+#[derive(Debug, Clone)]
+pub struct KubeReplicatorBuilder {
+    namespace: String,
+    placement: Placement,
+}
+
+impl KubeReplicatorBuilder {
+    /// Adds a toleration to every pod (e.g. for tainted fake or dedicated nodes).
+    pub fn with_toleration(mut self, toleration: Toleration) -> Self {
+        self.placement.tolerations.push(toleration);
+        self
+    }
+
+    /// Adds a node selector entry to every pod.
+    pub fn with_node_selector(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.placement
+            .node_selector
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Builds the replicator on `client`.
+    pub fn build(self, client: Client) -> KubeReplicator {
+        KubeReplicator {
+            inner: Arc::new(Inner {
+                client,
+                namespace: self.namespace,
+                placement: self.placement,
+                hub: OnceCell::new(),
+            }),
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn get_opt<K>(api: &Api<K>, name: &str, what: &str) -> Result<Option<K>, KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(|e| KubeError::client(format!("get {what} {name}"), e))
+}
+
+async fn apply_obj<K>(api: &Api<K>, name: &str, obj: &K, what: &str) -> Result<K, KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + fmt::Debug,
+{
+    api.patch(name, &apply_params(), &Patch::Apply(obj))
+        .await
+        .map_err(|e| KubeError::client(format!("apply {what} {name}"), e))
+}
+
+async fn delete_opt<K>(
+    api: &Api<K>,
+    name: &str,
+    params: &DeleteParams,
+    what: &str,
+) -> Result<(), KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    match api.delete(name, params).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(KubeError::client(format!("delete {what} {name}"), e)),
+    }
+}
+
+impl KubeReplicator {
+    /// A builder for namespace `namespace`.
+    pub fn builder(namespace: impl Into<String>) -> KubeReplicatorBuilder {
+        KubeReplicatorBuilder {
+            namespace: namespace.into(),
+            placement: Placement::default(),
+        }
+    }
+
+    /// A replicator in `namespace` with default placement.
+    pub fn new(client: Client, namespace: impl Into<String>) -> Self {
+        Self::builder(namespace).build(client)
+    }
+
+    /// A replicator using the default client configuration (`KUBECONFIG`, in-cluster
+    /// service account) and the namespace from `BR2K_K8S_NAMESPACE` (default
+    /// `default`).
+    pub async fn from_env() -> Result<Self> {
+        crate::install_crypto_provider();
+        let client = Client::try_default()
+            .await
+            .map_err(|e| to_core(KubeError::Config(e.to_string())))?;
+        let ns = std::env::var(NAMESPACE_ENV).unwrap_or_else(|_| "default".into());
+        Ok(Self::new(client, ns))
+    }
+
+    /// The namespace the workloads live in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.inner.client.clone(), &self.inner.namespace)
+    }
+
+    async fn apply_inner(&self, record: &ServiceRecord) -> Result<(), KubeError> {
+        let ns = self.namespace();
+        let names = Names::of(&record.id);
+        let cms: Api<ConfigMap> = self.api();
+        let stss: Api<StatefulSet> = self.api();
+        let svcs: Api<Service> = self.api();
+        let pdbs: Api<PodDisruptionBudget> = self.api();
+        let hpas: Api<HorizontalPodAutoscaler> = self.api();
+
+        let cm = apply_obj(
+            &cms,
+            &names.config,
+            &build::config_map(record, &names, ns),
+            "configmap",
+        )
+        .await?;
+        let owner = build::owner_reference(&cm);
+
+        let live = if record.spec.autoscaling.is_some() {
+            get_opt(&stss, &names.base, "statefulset")
+                .await?
+                .map(|s| parse::sts_replicas(&s))
+        } else {
+            None
+        };
+        let replicas = build::replicas_to_apply(record, live);
+
+        let mut sts = build::stateful_set(record, &names, ns, replicas, &self.inner.placement);
+        build::set_owner(&mut sts.metadata, owner.clone());
+        let mut headless = build::headless_service(record, &names, ns);
+        build::set_owner(&mut headless.metadata, owner.clone());
+        let mut client_svc = build::client_service(record, &names, ns);
+        build::set_owner(&mut client_svc.metadata, owner.clone());
+        let mut pdb = build::disruption_budget(record, &names, ns, replicas);
+        build::set_owner(&mut pdb.metadata, owner.clone());
+        let hpa = build::autoscaler(record, &names, ns).map(|mut h| {
+            build::set_owner(&mut h.metadata, owner.clone());
+            h
+        });
+
+        let hpa_fut = async {
+            match &hpa {
+                Some(h) => apply_obj(&hpas, &names.base, h, "autoscaler")
+                    .await
+                    .map(drop),
+                None => {
+                    delete_opt(&hpas, &names.base, &DeleteParams::default(), "autoscaler").await
+                }
+            }
+        };
+        futures::try_join!(
+            apply_obj(&stss, &names.base, &sts, "statefulset"),
+            apply_obj(&svcs, &names.headless, &headless, "service"),
+            apply_obj(&svcs, &names.base, &client_svc, "service"),
+            apply_obj(&pdbs, &names.base, &pdb, "poddisruptionbudget"),
+            hpa_fut,
+        )?;
+        Ok(())
+    }
+
+    async fn observe_inner(&self, id: &ServiceId) -> Result<Option<ObservedState>, KubeError> {
+        let names = Names::of(id);
+        let stss: Api<StatefulSet> = self.api();
+        let Some(sts) = get_opt(&stss, &names.base, "statefulset").await? else {
+            return Ok(None);
+        };
+        if !owned_by(&sts, id) {
+            return Ok(None);
+        }
+        let cms: Api<ConfigMap> = self.api();
+        let svcs: Api<Service> = self.api();
+        let pdbs: Api<PodDisruptionBudget> = self.api();
+        let pods: Api<Pod> = self.api();
+        let nodes: Api<Node> = Api::all(self.inner.client.clone());
+        let selector = selector_string(id);
+        let lp = ListParams::default().labels(&selector);
+        let all = ListParams::default();
+        let (cm, headless, client_svc, pdb, pod_list, node_list) = futures::try_join!(
+            get_opt(&cms, &names.config, "configmap"),
+            get_opt(&svcs, &names.headless, "service"),
+            get_opt(&svcs, &names.base, "service"),
+            get_opt(&pdbs, &names.base, "poddisruptionbudget"),
+            pods.list(&lp)
+                .map_err(|e| KubeError::client(format!("list pods {selector}"), e)),
+            nodes
+                .list(&all)
+                .map_err(|e| KubeError::client("list nodes", e)),
+        )?;
+
+        let mut missing_parts = Vec::new();
+        for (part, present) in [
+            ("config", cm.as_ref().is_some_and(|o| owned_by(o, id))),
+            (
+                "headless-service",
+                headless.as_ref().is_some_and(|o| owned_by(o, id)),
+            ),
+            (
+                "service",
+                client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
+            ),
+            (
+                "disruption-budget",
+                pdb.as_ref().is_some_and(|o| owned_by(o, id)),
+            ),
+        ] {
+            if !present {
+                missing_parts.push(part.to_owned());
+            }
+        }
+
+        let template = parse::template_of(&sts, cm.as_ref())?;
+        let desired = parse::sts_replicas(&sts);
+
+        let healthy_nodes: BTreeSet<String> = node_list
+            .items
+            .iter()
+            .filter(|n| !parse::node_failed(n))
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let failed_nodes: BTreeSet<String> = pod_list
+            .items
+            .iter()
+            .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .filter(|n| !healthy_nodes.contains(n))
+            .collect();
+
+        let mut by_ordinal: BTreeMap<u32, ObservedReplica> = BTreeMap::new();
+        for pod in &pod_list.items {
+            let Some(name) = pod.metadata.name.as_deref() else {
+                continue;
+            };
+            match parse::ordinal(&names.base, name) {
+                Some(i) if i < desired => {
+                    by_ordinal.insert(i, parse::replica_of(pod, &failed_nodes));
+                }
+                _ => {}
+            }
+        }
+        let replicas: Vec<ObservedReplica> = (0..desired)
+            .map(|i| {
+                by_ordinal.remove(&i).unwrap_or_else(|| ObservedReplica {
+                    // Not created (yet): counts as not ready.
+                    name: format!("{}-{i}", names.base),
+                    image_digest: None,
+                    ready: false,
+                    failed: false,
+                })
+            })
+            .collect();
+        let ready_replicas = replicas.iter().filter(|r| r.ready && !r.failed).count() as u32;
+        let applied_version = sts
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_RECORD_VERSION))
+            .and_then(|v| v.parse().ok());
+        Ok(Some(ObservedState {
+            id: id.clone(),
+            applied_version,
+            desired_replicas: desired,
+            ready_replicas,
+            template,
+            replicas,
+            missing_parts,
+        }))
+    }
+
+    async fn remove_inner(&self, id: &ServiceId) -> Result<(), KubeError> {
+        let names = Names::of(id);
+        let bg = DeleteParams::background();
+        let stss: Api<StatefulSet> = self.api();
+        let svcs: Api<Service> = self.api();
+        let pdbs: Api<PodDisruptionBudget> = self.api();
+        let hpas: Api<HorizontalPodAutoscaler> = self.api();
+        let cms: Api<ConfigMap> = self.api();
+        // Everything is owned by the ConfigMap; deleting each object explicitly makes
+        // the removal visible at once instead of after the garbage collector ran.
+        futures::try_join!(
+            delete_opt(&stss, &names.base, &bg, "statefulset"),
+            delete_opt(&svcs, &names.headless, &bg, "service"),
+            delete_opt(&svcs, &names.base, &bg, "service"),
+            delete_opt(&pdbs, &names.base, &bg, "poddisruptionbudget"),
+            delete_opt(&hpas, &names.base, &bg, "autoscaler"),
+        )?;
+        delete_opt(&cms, &names.config, &bg, "configmap").await
+    }
+
+    async fn replace_inner(&self, id: &ServiceId, replicas: &[String]) -> Result<(), KubeError> {
+        let names = Names::of(id);
+        let pods: Api<Pod> = self.api();
+        // Failed replicas may sit on a lost node whose kubelet never confirms a
+        // graceful deletion: delete at once so the StatefulSet recreates them.
+        let dp = DeleteParams::default().grace_period(0);
+        let deletions = replicas
+            .iter()
+            .filter(|name| parse::ordinal(&names.base, name).is_some())
+            .map(|name| delete_opt(&pods, name, &dp, "pod"));
+        futures::future::try_join_all(deletions).await?;
+        Ok(())
+    }
+
+    async fn managed_inner(&self) -> Result<Vec<ServiceId>, KubeError> {
+        let lp = ListParams::default().labels(MANAGED_SELECTOR);
+        let stss: Api<StatefulSet> = self.api();
+        let cms: Api<ConfigMap> = self.api();
+        let (a, b) = futures::try_join!(
+            stss.list_metadata(&lp)
+                .map_err(|e| KubeError::client("list statefulsets", e)),
+            cms.list_metadata(&lp)
+                .map_err(|e| KubeError::client("list configmaps", e)),
+        )?;
+        let ids: BTreeSet<ServiceId> = a
+            .items
+            .iter()
+            .map(|o| &o.metadata)
+            .chain(b.items.iter().map(|o| &o.metadata))
+            .filter_map(|m| m.labels.as_ref()?.get(LABEL_SERVICE_ID))
+            .filter_map(|v| ServiceId::new(v).ok())
+            .collect();
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn hub(&self) -> &WatchHub {
+        self.inner
+            .hub
+            .get_or_init(|| async {
+                WatchHub::start(self.inner.client.clone(), &self.inner.namespace)
+            })
+            .await
+    }
+}
+
+/// Whether a live object carries the service-id label of `id` (objects of the same
+/// name not made by br2k for this service are ignored).
+fn owned_by<K: Resource>(obj: &K, id: &ServiceId) -> bool {
+    obj.meta()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_ID))
+        .is_some_and(|v| v == id.as_str())
+}
+
+#[async_trait]
+impl Replicator for KubeReplicator {
+    async fn apply(&self, record: &ServiceRecord) -> Result<()> {
+        self.apply_inner(record).await.map_err(to_core)
+    }
+
+    async fn observe(&self, id: &ServiceId) -> Result<Option<ObservedState>> {
+        self.observe_inner(id).await.map_err(to_core)
+    }
+
+    async fn remove(&self, id: &ServiceId) -> Result<()> {
+        self.remove_inner(id).await.map_err(to_core)
+    }
+
+    async fn replace_replicas(&self, id: &ServiceId, replicas: &[String]) -> Result<()> {
+        self.replace_inner(id, replicas).await.map_err(to_core)
+    }
+
+    async fn managed(&self) -> Result<Vec<ServiceId>> {
+        self.managed_inner().await.map_err(to_core)
+    }
+
+    async fn changes(&self) -> Result<BoxStream<'static, ServiceId>> {
+        let rx = self.hub().await.subscribe();
+        Ok(BroadcastStream::new(rx)
+            .filter_map(|item| async move { item.ok() })
+            .boxed())
+    }
+}

@@ -1,0 +1,387 @@
+//! Each drift class on the real API server: inject the drift with a foreign field
+//! manager, check that `observe` shows it as the right core finding, and let the core
+//! decision logic (`br2k_core::supervisor::{diagnose, plan}`) restore the recorded
+//! state through the replicator.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use br2k_core::conformance::{sample_record, sample_spec};
+use br2k_core::supervisor::{diagnose, plan};
+use br2k_core::{
+    Autoscaling, Diagnosis, Digest, Finding, RecoveryAction, Replicator, ServiceRecord,
+};
+use br2k_k8s::{KubeReplicator, Names};
+use common::{TestNs, fresh_id, wait_for, wait_matches};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn intruder() -> PatchParams {
+    PatchParams {
+        field_manager: Some("intruder".into()),
+        ..PatchParams::default()
+    }
+}
+
+fn record(prefix: &str) -> ServiceRecord {
+    sample_record(&fresh_id(prefix), sample_spec("registry.test:5000"))
+}
+
+/// Runs diagnose → plan → act until the live state matches the record; returns the
+/// first non-healthy diagnosis seen.
+async fn heal(r: &KubeReplicator, record: &ServiceRecord) -> Option<Diagnosis> {
+    let start = Instant::now();
+    let mut first = None;
+    loop {
+        let obs = r.observe(&record.id).await.expect("observe");
+        let d = diagnose(record, obs.as_ref(), &[]);
+        if d.is_healthy() {
+            if obs
+                .as_ref()
+                .is_some_and(|o| common::matches_record(o, record).is_ok())
+            {
+                return first;
+            }
+        } else {
+            if first.is_none() {
+                first = Some(d.clone());
+            }
+            for action in plan(record, &d, &[]) {
+                match action {
+                    RecoveryAction::ApplyRecord { .. } => r.apply(record).await.expect("apply"),
+                    RecoveryAction::ReplaceReplicas { replicas } => r
+                        .replace_replicas(&record.id, &replicas)
+                        .await
+                        .expect("replace"),
+                    RecoveryAction::RemoveWorkload => r.remove(&record.id).await.expect("remove"),
+                    _ => {}
+                }
+            }
+        }
+        assert!(start.elapsed() < TIMEOUT, "{} not healed: {d:?}", record.id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `diagnose` reports a finding accepted by `want`.
+async fn wait_finding(
+    r: &KubeReplicator,
+    record: &ServiceRecord,
+    want: impl Fn(&Finding) -> bool,
+) -> Finding {
+    wait_for(TIMEOUT, "drift visible", || async {
+        let obs = r.observe(&record.id).await.map_err(|e| e.to_string())?;
+        let d = diagnose(record, obs.as_ref(), &[]);
+        d.findings
+            .iter()
+            .find(|f| want(f))
+            .cloned()
+            .ok_or_else(|| format!("{:?}", d.findings))
+    })
+    .await
+}
+
+async fn start(prefix: &str) -> (TestNs, KubeReplicator, ServiceRecord) {
+    let ns = TestNs::new(prefix).await;
+    let r = ns.replicator();
+    let rec = record(prefix);
+    r.apply(&rec).await.expect("apply");
+    wait_matches(&r, &rec, TIMEOUT).await;
+    (ns, r, rec)
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn deleted_statefulset_is_recreated() {
+    let (ns, r, rec) = start("del").await;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    stss.delete(&Names::of(&rec.id).base, &DeleteParams::background())
+        .await
+        .expect("delete");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::MissingWorkload { .. })).await;
+    assert_eq!(f, Finding::MissingWorkload { parts: vec![] });
+    heal(&r, &rec).await;
+    wait_matches(&r, &rec, TIMEOUT).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn deleted_service_part_is_restored() {
+    let (ns, r, rec) = start("part").await;
+    let svcs: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    svcs.delete(&Names::of(&rec.id).headless, &DeleteParams::default())
+        .await
+        .expect("delete");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::MissingWorkload { .. })).await;
+    assert_eq!(
+        f,
+        Finding::MissingWorkload {
+            parts: vec!["headless-service".into()]
+        }
+    );
+    heal(&r, &rec).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn changed_image_is_restored() {
+    let (ns, r, rec) = start("img").await;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let other = rec.spec.image.with_digest(Digest::of(b"intruder image"));
+    stss.patch(
+        &Names::of(&rec.id).base,
+        &intruder(),
+        &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "app", "image": other.to_string()}
+        ]}}}})),
+    )
+    .await
+    .expect("patch image");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::ImageDrifted { .. })).await;
+    assert_eq!(
+        f,
+        Finding::ImageDrifted {
+            expected: *rec.spec.image.digest().unwrap(),
+            observed: other.to_string()
+        }
+    );
+    heal(&r, &rec).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn scaled_statefulset_is_restored() {
+    let (ns, r, rec) = start("scale").await;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    stss.patch_scale(
+        &Names::of(&rec.id).base,
+        &intruder(),
+        &Patch::Merge(json!({"spec": {"replicas": 5}})),
+    )
+    .await
+    .expect("scale");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::ReplicasDrifted { .. })).await;
+    assert_eq!(
+        f,
+        Finding::ReplicasDrifted {
+            desired: 3,
+            observed: 5
+        }
+    );
+    heal(&r, &rec).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn edited_template_and_config_are_restored() {
+    let (ns, r, rec) = start("tmpl").await;
+    let names = Names::of(&rec.id);
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    stss.patch(
+        &names.base,
+        &intruder(),
+        &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "app", "args": ["--debug-backdoor"]}
+        ]}}}})),
+    )
+    .await
+    .expect("patch args");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::TemplateTampered { .. })).await;
+    assert_eq!(
+        f,
+        Finding::TemplateTampered {
+            fields: vec!["args".into()]
+        }
+    );
+    heal(&r, &rec).await;
+
+    // The environment lives in the ConfigMap: tampering with it is template drift too.
+    let cms: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    cms.patch(
+        &names.config,
+        &intruder(),
+        &Patch::Merge(json!({"data": {"LOG_LEVEL": "trace"}})),
+    )
+    .await
+    .expect("patch config");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::TemplateTampered { .. })).await;
+    assert_eq!(
+        f,
+        Finding::TemplateTampered {
+            fields: vec!["env".into()]
+        }
+    );
+    heal(&r, &rec).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn failed_pod_is_replaced() {
+    let (ns, r, rec) = start("podfail").await;
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let victim = format!("{}-1", Names::of(&rec.id).base);
+    let old_uid = pods.get(&victim).await.expect("pod").metadata.uid;
+    // kwok's chaos stage fails the container (exit code 1, phase Failed).
+    pods.patch(
+        &victim,
+        &intruder(),
+        &Patch::Merge(json!({"metadata": {"labels": {
+            "pod-container-running-failed.stage.kwok.x-k8s.io": "true"
+        }}})),
+    )
+    .await
+    .expect("label pod");
+    // Either br2k sees it failed and replaces it, or the StatefulSet controller was
+    // faster; in both cases a new pod with the same identity must become ready.
+    wait_for(TIMEOUT, "failed pod replaced", || async {
+        let obs = r.observe(&rec.id).await.map_err(|e| e.to_string())?;
+        let d = diagnose(&rec, obs.as_ref(), &[]);
+        for a in plan(&rec, &d, &[]) {
+            if let RecoveryAction::ReplaceReplicas { replicas } = a {
+                r.replace_replicas(&rec.id, &replicas)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let p = pods.get(&victim).await.map_err(|e| e.to_string())?;
+        if p.metadata.uid == old_uid {
+            return Err("old pod still there".into());
+        }
+        Ok(())
+    })
+    .await;
+    heal(&r, &rec).await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn pods_on_a_not_ready_node_are_moved() {
+    let ns = TestNs::new("node").await;
+    let pool = common::NodePool::new(&ns.client, 2).await;
+    let r = pool.replicator(&ns);
+    let rec = record("node");
+    r.apply(&rec).await.expect("apply");
+    wait_matches(&r, &rec, TIMEOUT).await;
+    let nodes: Api<Node> = Api::all(ns.client.clone());
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let bad = pool.nodes[0].clone();
+    let on_bad = || async {
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={bad}")))
+            .await
+            .expect("list pods");
+        list.items.len()
+    };
+    assert!(on_bad().await > 0, "spread puts replicas on both nodes");
+    nodes
+        .patch(
+            &bad,
+            &intruder(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "node-not-ready.stage.kwok.x-k8s.io": "true"
+            }}})),
+        )
+        .await
+        .expect("label node");
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::ReplicasUnhealthy { .. })).await;
+    let Finding::ReplicasUnhealthy { replicas, .. } = f else {
+        unreachable!()
+    };
+    assert!(!replicas.is_empty());
+    heal(&r, &rec).await;
+    assert_eq!(on_bad().await, 0, "no replica left on the NotReady node");
+    pool.cleanup().await;
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn autoscaler_changes_inside_the_bounds_are_left_alone() {
+    let ns = TestNs::new("hpa").await;
+    let r = ns.replicator();
+    let mut rec = record("hpa");
+    rec.spec.autoscaling = Some(Autoscaling {
+        min_replicas: 2,
+        max_replicas: 5,
+    });
+    rec.spec_hash = rec.spec.spec_hash();
+    r.apply(&rec).await.expect("apply");
+    wait_matches(&r, &rec, TIMEOUT).await;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let name = Names::of(&rec.id).base;
+    let scale_to = |n: u32| {
+        let stss = stss.clone();
+        let name = name.clone();
+        async move {
+            stss.patch_scale(
+                &name,
+                &PatchParams {
+                    field_manager: Some("autoscaler".into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .expect("scale")
+        }
+    };
+    scale_to(4).await;
+    wait_for(TIMEOUT, "4 replicas ready", || async {
+        let o = r
+            .observe(&rec.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("gone")?;
+        if o.desired_replicas == 4 && o.ready_replicas == 4 {
+            Ok(())
+        } else {
+            Err(format!("{}/{}", o.ready_replicas, o.desired_replicas))
+        }
+    })
+    .await;
+    // A few supervision rounds: nothing to do, the count stays the autoscaler's.
+    for _ in 0..10 {
+        let obs = r.observe(&rec.id).await.expect("observe");
+        let d = diagnose(&rec, obs.as_ref(), &[]);
+        assert!(d.is_healthy(), "{d:?}");
+        // An apply (e.g. of a new record version) keeps the autoscaler's count too.
+        r.apply(&rec).await.expect("apply");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let obs = r.observe(&rec.id).await.expect("observe").expect("live");
+    assert_eq!(obs.desired_replicas, 4);
+
+    // Outside the bounds it is drift, and recovery clamps to the bounds.
+    scale_to(8).await;
+    let f = wait_finding(&r, &rec, |f| matches!(f, Finding::ReplicasDrifted { .. })).await;
+    assert_eq!(
+        f,
+        Finding::ReplicasDrifted {
+            desired: 3,
+            observed: 8
+        }
+    );
+    r.apply(&rec).await.expect("apply");
+    let obs = r.observe(&rec.id).await.expect("observe").expect("live");
+    assert_eq!(obs.desired_replicas, 5);
+    let d = diagnose(&rec, Some(&obs), &[]);
+    assert!(
+        !d.findings
+            .iter()
+            .any(|f| matches!(f, Finding::ReplicasDrifted { .. })),
+        "{d:?}"
+    );
+    ns.cleanup().await;
+}
