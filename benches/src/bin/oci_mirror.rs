@@ -1,0 +1,243 @@
+//! Mirrors a 5-layer ~100 MB image between two local Distribution registries with
+//! br2k-oci and with `skopeo copy`, then re-mirrors it unchanged and counts requests.
+//!
+//! Every cold run copies into a freshly started, empty target registry, so neither
+//! tool can reuse blobs from an earlier run. Runs alternate which tool goes first.
+//!
+//! Usage: `cargo run --release -p br2k-benches --bin oci_mirror [-- RUNS [LAYER_MIB [CONCURRENCY]]]`.
+//! Needs `docker-registry` (`BR2K_REGISTRY_BIN`) and `skopeo`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use br2k_core::artifact::{OCI_CONFIG, OCI_LAYER_GZIP};
+use br2k_core::{Blob, Image, ImageStore, Repository};
+use br2k_oci::{OciConfig, OciImageStore};
+use rand::RngCore;
+
+struct Reg {
+    addr: String,
+    _dir: tempdir::Dir,
+    child: Child,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Reg {
+    fn spawn() -> Reg {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let dir =
+            std::env::temp_dir().join(format!("br2k-oci-bench-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let bin = std::env::var("BR2K_REGISTRY_BIN")
+            .unwrap_or_else(|_| "/usr/bin/docker-registry".into());
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn docker-registry");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Reg {
+            addr,
+            _dir: tempdir::Dir(PathBuf::from(&dir)),
+            child,
+        }
+    }
+}
+
+impl Drop for Reg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn skopeo(src: &str, dst: &str) -> Duration {
+    let t = Instant::now();
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .expect("run skopeo (apt-get install skopeo)");
+    assert!(
+        out.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let layer_mib: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let concurrency: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(6);
+
+    let mut rng = rand::rng();
+    let layers: Vec<Blob> = (0..5)
+        .map(|_| {
+            let mut data = vec![0u8; layer_mib << 20];
+            rng.fill_bytes(&mut data);
+            Blob::new(OCI_LAYER_GZIP, data)
+        })
+        .collect();
+    let config = Blob::new(
+        OCI_CONFIG,
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec(),
+    );
+    let image = Image::build(config, layers, None);
+    let total_mb = image.size() as f64 / 1e6;
+
+    let source = Reg::spawn();
+    let src = OciImageStore::new(
+        OciConfig::new(&source.addr)
+            .unwrap()
+            .with_insecure(true)
+            .with_concurrency(concurrency),
+    )
+    .unwrap();
+    let repo = Repository::new("bench/app").unwrap();
+    src.push(&repo, &image, Some("v1")).await.unwrap();
+    drop(image);
+    let digest = src.resolve(&repo, "v1").await.unwrap();
+
+    println!("br2k blob concurrency {concurrency}");
+    println!(
+        "image: 5 layers x {layer_mib} MiB random + config = {total_mb:.1} MB, digest {digest}"
+    );
+    println!(
+        "{:<5} {:<8} {:>10} {:>10}",
+        "run", "tool", "seconds", "MB/s"
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut last_target = None;
+    for run in 0..runs {
+        let order = if run % 2 == 0 {
+            ["br2k", "skopeo"]
+        } else {
+            ["skopeo", "br2k"]
+        };
+        for tool in order {
+            let target = Reg::spawn();
+            let secs = if tool == "br2k" {
+                let dst = OciImageStore::new(
+                    OciConfig::new(&target.addr)
+                        .unwrap()
+                        .with_insecure(true)
+                        .with_concurrency(concurrency),
+                )
+                .unwrap();
+                let t = Instant::now();
+                let report = src.copy_image(&repo, &digest, &dst).await.unwrap();
+                let e = t.elapsed().as_secs_f64();
+                assert_eq!(report.blobs_copied, 6);
+                dst.verify(&repo, &digest).await.unwrap();
+                ours.push(e);
+                last_target = Some((target, dst));
+                e
+            } else {
+                let e = skopeo(
+                    &format!("docker://{}/{repo}@{digest}", source.addr),
+                    &format!("docker://{}/{repo}:v1", target.addr),
+                )
+                .as_secs_f64();
+                let check = OciImageStore::insecure(&target.addr).unwrap();
+                check.verify(&repo, &digest).await.unwrap();
+                theirs.push(e);
+                e
+            };
+            println!(
+                "{:<5} {:<8} {:>10.3} {:>10.1}",
+                run + 1,
+                tool,
+                secs,
+                total_mb / secs
+            );
+        }
+    }
+    let (mo, mt) = (median(&mut ours), median(&mut theirs));
+    println!();
+    println!(
+        "cold mirror medians over {runs} runs: br2k {mo:.3} s, skopeo {mt:.3} s, speed-up x{:.2}",
+        mt / mo
+    );
+
+    let (_target, dst) = last_target.expect("at least one run");
+    let (sb, db) = (src.request_counts(), dst.request_counts());
+    let t = Instant::now();
+    let report = src.copy_image(&repo, &digest, &dst).await.unwrap();
+    let e = t.elapsed().as_secs_f64();
+    let (sd, dd) = (
+        src.request_counts().since(&sb),
+        dst.request_counts().since(&db),
+    );
+    println!();
+    println!(
+        "re-mirror of the unchanged image: {:.1} ms, blobs copied {}, skipped {}, manifest written {}",
+        e * 1e3,
+        report.blobs_copied,
+        report.blobs_skipped,
+        report.manifest_written
+    );
+    println!(
+        "{:<8} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+        "side", "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"
+    );
+    for (side, c) in [("source", sd), ("target", dd)] {
+        println!(
+            "{:<8} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+            side, c.get, c.head, c.put, c.post, c.patch, c.delete
+        );
+    }
+}
