@@ -17,7 +17,7 @@ for p in "$pkg" "$cpkg"; do
 done
 mkdir -p "$out.tmp"
 cd "$here"
-CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out.tmp/" \
+CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags "$ldflags" -o "$out.tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler
