@@ -1,1 +1,3 @@
 //! Shared helpers for br2k benchmarks.
+
+pub mod supervisor;
