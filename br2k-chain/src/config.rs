@@ -1,0 +1,241 @@
+//! [`ChainConfig`]: where the registry is and who signs.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::http::reqwest::Url;
+
+use crate::error::ChainError;
+
+/// A secret string (a private key or a keystore password): never printed.
+#[derive(Clone)]
+pub(crate) struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where the signing key comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum SignerSource {
+    /// A hex private key (from an environment variable or a file).
+    Key(Secret),
+    /// An encrypted JSON keystore and its password.
+    Keystore { path: PathBuf, password: Secret },
+}
+
+impl SignerSource {
+    pub(crate) fn load(&self) -> Result<PrivateKeySigner, ChainError> {
+        match self {
+            SignerSource::Key(key) => PrivateKeySigner::from_str(key.0.trim())
+                .map_err(|_| ChainError::Config("private key is not 32 bytes of hex".into())),
+            SignerSource::Keystore { path, password } => {
+                PrivateKeySigner::decrypt_keystore(path, password.0.trim()).map_err(|e| {
+                    // The error names no key material, only the failure (bad MAC, I/O).
+                    ChainError::Config(format!("keystore {}: {e}", path.display()))
+                })
+            }
+        }
+    }
+}
+
+/// How to reach the registry contract and which key signs.
+///
+/// `Debug` never shows the key or password, and shows RPC URLs without their path,
+/// query or credentials (they may embed API keys).
+#[derive(Clone)]
+pub struct ChainConfig {
+    /// JSON-RPC endpoints of the same chain, tried in order (reads fail over).
+    pub rpc_urls: Vec<Url>,
+    /// Address of a deployed registry (required by [`crate::ChainRegistry::connect`]).
+    pub registry_address: Option<Address>,
+    /// Chain id the endpoints must report, if checked.
+    pub expected_chain_id: Option<u64>,
+    /// Confirmations to wait for after each write (at least 1).
+    pub confirmations: u64,
+    /// Interval between receipt and event polls.
+    pub poll_interval: Duration,
+    /// Timeout of one RPC request to one endpoint.
+    pub request_timeout: Duration,
+    /// How long to wait for a write to be mined and confirmed.
+    pub receipt_timeout: Duration,
+    /// Most blocks scanned by one `eth_getLogs` of the change stream.
+    pub log_block_range: u64,
+    pub(crate) signer: Option<SignerSource>,
+}
+
+fn redact_url(url: &Url) -> String {
+    format!(
+        "{}://{}{}",
+        url.scheme(),
+        url.host_str().unwrap_or("?"),
+        url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    )
+}
+
+impl fmt::Debug for ChainConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainConfig")
+            .field(
+                "rpc_urls",
+                &self.rpc_urls.iter().map(redact_url).collect::<Vec<_>>(),
+            )
+            .field("registry_address", &self.registry_address)
+            .field("expected_chain_id", &self.expected_chain_id)
+            .field("confirmations", &self.confirmations)
+            .field("poll_interval", &self.poll_interval)
+            .field("request_timeout", &self.request_timeout)
+            .field("receipt_timeout", &self.receipt_timeout)
+            .field("log_block_range", &self.log_block_range)
+            .field("signer", &self.signer.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+pub(crate) fn endpoint_label(url: &Url) -> String {
+    redact_url(url)
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn read_secret_file(var: &str, path: &str) -> Result<Secret, ChainError> {
+    std::fs::read_to_string(path)
+        .map(|s| Secret(s.trim().to_owned()))
+        .map_err(|e| ChainError::Config(format!("{var}: cannot read {path}: {e}")))
+}
+
+impl ChainConfig {
+    /// A configuration for `rpc_urls` with defaults: 1 confirmation, 50 ms polls,
+    /// 10 s request timeout, 60 s receipt timeout, no signer, no registry address.
+    pub fn new(rpc_urls: Vec<Url>) -> Self {
+        Self {
+            rpc_urls,
+            registry_address: None,
+            expected_chain_id: None,
+            confirmations: 1,
+            poll_interval: Duration::from_millis(50),
+            request_timeout: Duration::from_secs(10),
+            receipt_timeout: Duration::from_secs(60),
+            log_block_range: 5_000,
+            signer: None,
+        }
+    }
+
+    /// Parses comma-separated RPC URLs.
+    pub fn parse_urls(value: &str) -> br2k_core::Result<Vec<Url>> {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Url::parse(s).map_err(|e| {
+                    br2k_core::ValidationError::malformed("RPC URL", format!("{e}")).into()
+                })
+            })
+            .collect()
+    }
+
+    /// Reads `BR2K_RPC_URLS` (comma-separated), `BR2K_REGISTRY_ADDRESS`,
+    /// `BR2K_CHAIN_ID`, `BR2K_CONFIRMATIONS` and the signer from `BR2K_PRIVATE_KEY`,
+    /// `BR2K_PRIVATE_KEY_FILE`, or `BR2K_KEYSTORE` with `BR2K_KEYSTORE_PASSWORD_FILE`.
+    pub fn from_env() -> br2k_core::Result<Self> {
+        Self::from_env_inner().map_err(Into::into)
+    }
+
+    fn from_env_inner() -> Result<Self, ChainError> {
+        let urls = env("BR2K_RPC_URLS")
+            .ok_or_else(|| ChainError::Config("BR2K_RPC_URLS is not set".into()))?;
+        let mut config = Self::new(Self::parse_urls(&urls).map_err(ChainError::Core)?);
+        if config.rpc_urls.is_empty() {
+            return Err(ChainError::Config("BR2K_RPC_URLS lists no URL".into()));
+        }
+        if let Some(a) = env("BR2K_REGISTRY_ADDRESS") {
+            config.registry_address = Some(Address::from_str(a.trim()).map_err(|_| {
+                ChainError::Config("BR2K_REGISTRY_ADDRESS is not an address".into())
+            })?);
+        }
+        if let Some(c) = env("BR2K_CHAIN_ID") {
+            config.expected_chain_id = Some(
+                c.trim()
+                    .parse()
+                    .map_err(|_| ChainError::Config("BR2K_CHAIN_ID is not a number".into()))?,
+            );
+        }
+        if let Some(c) = env("BR2K_CONFIRMATIONS") {
+            config.confirmations = c
+                .trim()
+                .parse()
+                .map_err(|_| ChainError::Config("BR2K_CONFIRMATIONS is not a number".into()))?;
+        }
+        if let Some(key) = env("BR2K_PRIVATE_KEY") {
+            config.signer = Some(SignerSource::Key(Secret(key)));
+        } else if let Some(path) = env("BR2K_PRIVATE_KEY_FILE") {
+            config.signer = Some(SignerSource::Key(read_secret_file(
+                "BR2K_PRIVATE_KEY_FILE",
+                &path,
+            )?));
+        } else if let Some(path) = env("BR2K_KEYSTORE") {
+            let pw = env("BR2K_KEYSTORE_PASSWORD_FILE").ok_or_else(|| {
+                ChainError::Config("BR2K_KEYSTORE needs BR2K_KEYSTORE_PASSWORD_FILE".into())
+            })?;
+            config.signer = Some(SignerSource::Keystore {
+                path: path.into(),
+                password: read_secret_file("BR2K_KEYSTORE_PASSWORD_FILE", &pw)?,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Signs with this hex private key (kept in memory only, never printed).
+    pub fn with_private_key(mut self, key: impl Into<String>) -> Self {
+        self.signer = Some(SignerSource::Key(Secret(key.into())));
+        self
+    }
+
+    /// Signs with the key of an encrypted JSON keystore.
+    pub fn with_keystore(mut self, path: impl Into<PathBuf>, password: impl Into<String>) -> Self {
+        self.signer = Some(SignerSource::Keystore {
+            path: path.into(),
+            password: Secret(password.into()),
+        });
+        self
+    }
+
+    /// Uses the registry deployed at `address`.
+    pub fn with_registry(mut self, address: Address) -> Self {
+        self.registry_address = Some(address);
+        self
+    }
+
+    /// Requires the endpoints to report `chain_id`.
+    pub fn with_chain_id(mut self, chain_id: u64) -> Self {
+        self.expected_chain_id = Some(chain_id);
+        self
+    }
+
+    /// Waits for `confirmations` blocks (at least 1) after each write.
+    pub fn with_confirmations(mut self, confirmations: u64) -> Self {
+        self.confirmations = confirmations.max(1);
+        self
+    }
+
+    /// Sets the receipt and event poll interval.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Sets the timeout of one request to one endpoint.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+}

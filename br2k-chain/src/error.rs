@@ -1,0 +1,156 @@
+//! The private error of the chain backend and its one mapping to [`br2k_core::Error`].
+
+use alloy::primitives::{Address, B256};
+use alloy::rpc::json_rpc::ErrorPayload;
+use br2k_core::{Error, ValidationError};
+
+use crate::bindings::ServiceRegistry::ServiceRegistryErrors as E;
+
+/// What went wrong talking to the chain.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChainError {
+    /// The contract refused the call with one of its custom errors.
+    #[error("registry refused the call: {0:?}")]
+    Revert(E),
+    /// A JSON-RPC error answer that is not a known custom error.
+    #[error("RPC error {code}: {message}")]
+    Rpc { code: i64, message: String },
+    /// No endpoint answered.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The endpoints serve another chain.
+    #[error("expected chain id {expected}, the endpoint reports {actual}")]
+    WrongChain { expected: u64, actual: u64 },
+    /// No contract at the configured address.
+    #[error("no contract code at {0}")]
+    NoCode(Address),
+    /// Bad configuration (never includes key material).
+    #[error("{0}")]
+    Config(String),
+    /// A mined transaction reverted.
+    #[error("transaction {0} reverted")]
+    Reverted(B256),
+    /// An answer could not be decoded.
+    #[error("cannot decode {0}")]
+    Decode(String),
+    /// An event the record points at is missing from the log.
+    #[error("missing event: {0}")]
+    MissingLog(String),
+    /// An error already expressed in core terms (validation, verification).
+    #[error(transparent)]
+    Core(#[from] Error),
+}
+
+impl ChainError {
+    /// Classifies a JSON-RPC error answer: custom errors of the registry are decoded by
+    /// their selector.
+    pub(crate) fn from_payload(payload: &ErrorPayload) -> Self {
+        match payload.as_decoded_interface_error::<E>() {
+            Some(e) => ChainError::Revert(e),
+            None => ChainError::Rpc {
+                code: payload.code,
+                message: payload.message.to_string(),
+            },
+        }
+    }
+}
+
+fn hex_id(id: &B256) -> String {
+    format!("service {id}")
+}
+
+impl From<ChainError> for Error {
+    /// The one mapping from chain errors to core errors.
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::Revert(r) => match r {
+                E::NotRegistered(x) => Error::not_found(hex_id(&x.id)),
+                E::UnknownVersion(x) => {
+                    Error::not_found(format!("version {} of {}", x.version, hex_id(&x.id)))
+                }
+                E::AlreadyRegistered(x) => Error::already_exists(hex_id(&x.id)),
+                E::NotOwner(x) => Error::permission_denied(format!(
+                    "{:#x} does not own {}",
+                    x.caller,
+                    hex_id(&x.id)
+                )),
+                E::NotOperator(x) => Error::permission_denied(format!(
+                    "{:#x} is neither owner nor operator of {}",
+                    x.caller,
+                    hex_id(&x.id)
+                )),
+                E::NotReplica(x) => Error::permission_denied(format!(
+                    "{:#x} holds no replica role on {}",
+                    x.caller,
+                    hex_id(&x.id)
+                )),
+                E::InvalidTransition(x) => Error::conflict(format!(
+                    "{} cannot go from state {} to {}",
+                    hex_id(&x.id),
+                    x.from,
+                    x.to
+                )),
+                E::RollForward(x) => Error::conflict(format!(
+                    "version {} of {} is later than the active version {}",
+                    x.version,
+                    hex_id(&x.id),
+                    x.active
+                )),
+                E::CheckpointOutOfOrder(x) => Error::conflict(format!(
+                    "checkpoint (state version {}, log index {}) of {} is out of order",
+                    x.stateVersion,
+                    x.logIndex,
+                    hex_id(&x.id)
+                )),
+                E::StaleTerm(x) => Error::conflict(format!(
+                    "location term {} of {} is below the recorded {}",
+                    x.term,
+                    hex_id(&x.id),
+                    x.recordedTerm
+                )),
+                E::InvalidName(_) => {
+                    ValidationError::malformed("service name", "refused by the registry").into()
+                }
+                E::InvalidSpec(_) => {
+                    ValidationError::malformed("spec", "empty, too large or without hash").into()
+                }
+                E::InvalidReplicas(x) => ValidationError::spec(
+                    "replicas",
+                    format!("{} refused by the registry", x.replicas),
+                )
+                .into(),
+                E::InvalidState(x) => {
+                    ValidationError::malformed("service state", format!("unknown code {}", x.state))
+                        .into()
+                }
+                E::InvalidEndpoint(_) => {
+                    ValidationError::malformed("location endpoint", "must be 1-256 bytes").into()
+                }
+                E::InvalidRole(x) => {
+                    ValidationError::malformed("role", format!("unknown role {}", x.role)).into()
+                }
+                E::ZeroAddress(_) => {
+                    ValidationError::malformed("account", "the zero address").into()
+                }
+            },
+            ChainError::Rpc { code, message } => Error::backend(
+                "chain",
+                format!("RPC error {code}: {message}"),
+                message.contains("nonce"),
+            ),
+            ChainError::Unavailable(reason) => Error::unavailable(reason),
+            e @ ChainError::WrongChain { .. } => ValidationError::malformed("chain id", e).into(),
+            ChainError::NoCode(address) => Error::not_found(format!(
+                "registry contract at {address:#x} (the address has no code)"
+            )),
+            ChainError::Config(reason) => {
+                ValidationError::malformed("chain configuration", reason).into()
+            }
+            e @ ChainError::Reverted(_) => Error::conflict(e),
+            e @ (ChainError::Decode(_) | ChainError::MissingLog(_)) => {
+                Error::backend("chain", e, false)
+            }
+            ChainError::Core(e) => e,
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! `ChainRegistry` against real anvil nodes spawned per test from `BR2K_ANVIL_BIN`:
+//! the core conformance suite, access control, failover, stale reads, tampering and
+//! connection checks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use alloy::node_bindings::{Anvil, AnvilInstance};
+use alloy::primitives::{Address, B256};
+use alloy::providers::ProviderBuilder;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::http::reqwest::Url;
+use br2k_chain::bindings::ServiceRegistry;
+use br2k_chain::{ChainConfig, ChainRegistry, service_key};
+use br2k_core::conformance::{expect_kind, sample_spec};
+use br2k_core::{Account, ChangeKind, Digest, Registry, Role, ServiceId, ServiceState};
+use futures::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+fn anvil() -> AnvilInstance {
+    let bin = std::env::var("BR2K_ANVIL_BIN")
+        .expect("BR2K_ANVIL_BIN must name the anvil binary (source .stack/env)");
+    Anvil::at(bin)
+        .arg("--host")
+        .arg("127.0.0.1")
+        .try_spawn()
+        .expect("spawn anvil")
+}
+
+fn key(anvil: &AnvilInstance, i: usize) -> String {
+    hex::encode(anvil.keys()[i].to_bytes())
+}
+
+fn config(urls: Vec<Url>, anvil: &AnvilInstance, i: usize) -> ChainConfig {
+    ChainConfig::new(urls).with_private_key(key(anvil, i))
+}
+
+fn url(anvil: &AnvilInstance) -> Url {
+    anvil.endpoint_url()
+}
+
+fn fresh(name: &str) -> ServiceId {
+    ServiceId::new(format!("{name}-{:08x}", rand::random::<u32>())).expect("id")
+}
+
+async fn deploy(anvil: &AnvilInstance) -> ChainRegistry {
+    ChainRegistry::deploy(config(vec![url(anvil)], anvil, 0))
+        .await
+        .expect("deploy")
+}
+
+async fn handle(anvil: &AnvilInstance, registry: &ChainRegistry, i: usize) -> ChainRegistry {
+    ChainRegistry::connect(config(vec![url(anvil)], anvil, i).with_registry(registry.address()))
+        .await
+        .expect("connect")
+}
+
+/// A loopback TCP proxy to `target` that can be killed (listener and connections).
+struct Proxy {
+    url: Url,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let t = Arc::clone(&tasks);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                t.lock().unwrap().push(conn);
+            }
+        });
+        Self {
+            url: Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
+            tasks,
+            accept,
+        }
+    }
+
+    fn kill(&self) {
+        self.accept.abort();
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// A loopback URL nothing listens on.
+async fn closed_port() -> Url {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    Url::parse(&format!("http://127.0.0.1:{port}")).expect("url")
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn conformance_suite() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let stranger = handle(&node, &owner, 1).await;
+    let replica = handle(&node, &owner, 2).await;
+    br2k_core::conformance::registry::run_all(&owner, &stranger, &replica, fresh).await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn accounts_squatting_and_ownership() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let other = handle(&node, &owner, 1).await;
+    let me = owner.account();
+    assert_eq!(me.0, format!("{:#x}", node.addresses()[0]).to_lowercase());
+    assert!(me.0.starts_with("0x") && me.0.len() == 42);
+
+    // Whoever registers first owns the name; nobody can register it for someone else.
+    let id = fresh("squat");
+    let rec = other
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    assert_eq!(rec.owner, other.account());
+    expect_kind(
+        owner.register(&id, &sample_spec("r.local")).await,
+        "already_exists",
+        "second registration",
+    );
+    expect_kind(
+        owner.publish(&id, &sample_spec("s.local")).await,
+        "permission_denied",
+        "publish",
+    );
+    expect_kind(
+        owner.grant(&id, &me, Role::Operator).await,
+        "permission_denied",
+        "self grant",
+    );
+    // Malformed accounts are refused before anything is sent.
+    for bad in [
+        "",
+        "alice",
+        "0x1234",
+        "0xzz00000000000000000000000000000000000000",
+    ] {
+        expect_kind(
+            other.grant(&id, &Account(bad.into()), Role::Operator).await,
+            "invalid_input",
+            bad,
+        );
+    }
+    expect_kind(
+        other
+            .transfer_ownership(&id, &Account(format!("0x{}", "0".repeat(40))))
+            .await,
+        "invalid_input",
+        "transfer to the zero address",
+    );
+    other.transfer_ownership(&id, &me).await.expect("transfer");
+    assert_eq!(owner.active(&id).await.expect("active").owner, me);
+    expect_kind(
+        other.set_replicas(&id, 1).await,
+        "permission_denied",
+        "former owner",
+    );
+    owner
+        .publish(&id, &sample_spec("s.local"))
+        .await
+        .expect("new owner publishes");
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn rollback_then_publish_and_history_order() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let operator = handle(&node, &owner, 1).await;
+    let id = fresh("history");
+    let specs: Vec<_> = (0..4)
+        .map(|i| {
+            let mut s = sample_spec("r.local");
+            s.replicas = i + 1;
+            s.image = s
+                .image
+                .with_digest(Digest::of(format!("image {i}").as_bytes()));
+            s
+        })
+        .collect();
+    owner.register(&id, &specs[0]).await.expect("register");
+    owner
+        .grant(&id, &operator.account(), Role::Operator)
+        .await
+        .expect("grant");
+    operator.publish(&id, &specs[1]).await.expect("v2");
+    owner.publish(&id, &specs[2]).await.expect("v3");
+    let rec = operator.rollback(&id, 2).await.expect("rollback");
+    assert_eq!((rec.version, rec.latest_version, rec.replicas), (2, 3, 2));
+    let rec = owner
+        .publish(&id, &specs[3])
+        .await
+        .expect("v4 after rollback");
+    assert_eq!((rec.version, rec.latest_version, rec.replicas), (4, 4, 4));
+    let history = owner.history(&id).await.expect("history");
+    assert_eq!(
+        history.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    for (v, spec) in history.iter().zip(&specs) {
+        assert_eq!(&v.spec, spec);
+        assert_eq!(v.spec_hash, spec.spec_hash());
+    }
+    let publishers: Vec<_> = history.iter().map(|v| v.publisher.clone()).collect();
+    assert_eq!(
+        publishers,
+        [
+            owner.account(),
+            operator.account(),
+            owner.account(),
+            owner.account()
+        ]
+    );
+    let times: Vec<u64> = history
+        .iter()
+        .map(|v| v.published_at.expect("time"))
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "times ordered: {times:?}"
+    );
+    expect_kind(owner.rollback(&id, 5).await, "not_found", "unknown version");
+    // A fresh handle (empty caches) reads the same, verified from the event log.
+    let reader = handle(&node, &owner, 2).await;
+    assert_eq!(reader.history(&id).await.expect("history"), history);
+    assert_eq!(reader.active(&id).await.expect("active").spec, specs[3]);
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn batched_reads_match_single_reads() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = fresh(&format!("batch{i}"));
+        let mut s = sample_spec("r.local");
+        s.replicas = i % 7;
+        owner.register(&id, &s).await.expect("register");
+        ids.push(id);
+    }
+    let unknown = fresh("missing");
+    ids.push(unknown.clone());
+    let reader = handle(&node, &owner, 1).await;
+    let before = reader.rpc_requests();
+    let batch = reader.active_many(&ids).await;
+    let batched_requests = reader.rpc_requests() - before;
+    assert!(
+        batched_requests <= 3,
+        "one view call and one log query: {batched_requests}"
+    );
+    for (id, r) in ids.iter().zip(&batch) {
+        if *id == unknown {
+            assert_eq!(r.as_ref().err().map(|e| e.kind()), Some("not_found"));
+            continue;
+        }
+        let single = owner.active(id).await.expect("single");
+        let batched = r.as_ref().expect("batched");
+        assert_eq!(batched.spec, single.spec);
+        assert_eq!(batched.replicas, single.replicas);
+        assert_eq!(batched.id, *id);
+    }
+    let services = reader.services().await.expect("services");
+    assert_eq!(services.len(), 30);
+    assert!(ids[..30].iter().all(|id| services.contains(id)));
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn first_endpoint_closed_fails_over() {
+    let node = anvil();
+    let dead = closed_port().await;
+    let owner = ChainRegistry::deploy(config(vec![dead.clone(), url(&node)], &node, 0))
+        .await
+        .expect("deploy through the second endpoint");
+    let id = fresh("failover");
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    let rec = owner.active(&id).await.expect("active");
+    assert!(!rec.stale);
+    assert_eq!(rec.state, ServiceState::Ready);
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn endpoint_killed_mid_stream() {
+    let node = anvil();
+    let proxy = Proxy::start(node.port()).await;
+    let owner = ChainRegistry::deploy(config(vec![proxy.url.clone(), url(&node)], &node, 0))
+        .await
+        .expect("deploy through the proxy");
+    let id = fresh("midstream");
+    let mut stream = owner.changes().await.expect("changes");
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    owner.set_replicas(&id, 4).await.expect("scale");
+    let mut seen = Vec::new();
+    let next = async |stream: &mut br2k_core::ChangeStream| loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(c))) if c.id == id => return c.kind,
+            Ok(Some(_)) => continue,
+            other => panic!("stream ended or stalled: {other:?}"),
+        }
+    };
+    seen.push(next(&mut stream).await);
+    proxy.kill();
+    owner
+        .resume(&id)
+        .await
+        .expect("resume after the proxy died");
+    owner
+        .set_replicas(&id, 6)
+        .await
+        .expect("scale after the proxy died");
+    for _ in 0..3 {
+        seen.push(next(&mut stream).await);
+    }
+    assert_eq!(
+        seen,
+        [
+            ChangeKind::Registered,
+            ChangeKind::Scaled { replicas: 4 },
+            ChangeKind::StateChanged {
+                state: ServiceState::Running
+            },
+            ChangeKind::Scaled { replicas: 6 },
+        ]
+    );
+    // Nothing is delivered twice.
+    let extra = tokio::time::timeout(Duration::from_millis(800), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(c)) if c.id == id => return c,
+                Some(_) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "duplicate or extra change: {extra:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn all_endpoints_down_serves_stale_record() {
+    let node = anvil();
+    let proxy = Proxy::start(node.port()).await;
+    let dead = closed_port().await;
+    let owner = ChainRegistry::deploy(
+        config(vec![proxy.url.clone(), dead], &node, 0)
+            .with_request_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect("deploy");
+    let id = fresh("stale");
+    let never_read = fresh("never");
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    let fresh_rec = owner.active(&id).await.expect("active");
+    assert!(!fresh_rec.stale);
+    proxy.kill();
+    let stale = owner.active(&id).await.expect("stale read");
+    assert!(stale.stale, "flagged stale");
+    assert_eq!(
+        stale.as_of, fresh_rec.as_of,
+        "as of the block it was verified at"
+    );
+    assert_eq!(stale.spec, fresh_rec.spec);
+    expect_kind(owner.active(&never_read).await, "unavailable", "never read");
+    let many = owner.active_many(&[id.clone(), never_read]).await;
+    assert!(many[0].as_ref().expect("stale").stale);
+    assert_eq!(
+        many[1].as_ref().err().map(|e| e.kind()),
+        Some("unavailable")
+    );
+    expect_kind(
+        owner.set_replicas(&id, 2).await,
+        "unavailable",
+        "write while down",
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn spec_bytes_not_matching_the_hash_are_tampered() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let id = fresh("tamper");
+    let v1 = sample_spec("r.local");
+    owner.register(&id, &v1).await.expect("register");
+    // Publish through the raw contract binding: hash of one spec, bytes of another.
+    let claimed = {
+        let mut s = sample_spec("claimed.local");
+        s.replicas = 2;
+        s
+    };
+    let sent = sample_spec("sent.local");
+    let signer: PrivateKeySigner = key(&node, 0).parse().expect("key");
+    let provider = ProviderBuilder::new()
+        .wallet(signer)
+        .connect_http(url(&node));
+    let raw = ServiceRegistry::new(owner.address(), provider);
+    raw.publish(
+        service_key(&id),
+        B256::from(*claimed.spec_hash().as_bytes()),
+        B256::from(*claimed.image.digest().expect("digest").as_bytes()),
+        claimed.replicas,
+        sent.canonical_bytes().into(),
+    )
+    .send()
+    .await
+    .expect("send")
+    .get_receipt()
+    .await
+    .expect("mined");
+    let reader = handle(&node, &owner, 1).await;
+    expect_kind(reader.active(&id).await, "tampered", "active");
+    expect_kind(reader.version(&id, 2).await, "tampered", "version 2");
+    expect_kind(reader.history(&id).await, "tampered", "history");
+    assert_eq!(reader.version(&id, 1).await.expect("v1 is intact").spec, v1);
+    // Bytes that hash right but carry another replica count than recorded.
+    let id2 = fresh("tamper-replicas");
+    raw.register(
+        id2.to_string(),
+        B256::from(*v1.spec_hash().as_bytes()),
+        B256::from(*v1.image.digest().expect("digest").as_bytes()),
+        v1.replicas + 1,
+        v1.canonical_bytes().into(),
+    )
+    .send()
+    .await
+    .expect("send")
+    .get_receipt()
+    .await
+    .expect("mined");
+    expect_kind(
+        reader.active(&id2).await,
+        "tampered",
+        "replica count mismatch",
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn wrong_chain_id_and_address_without_code() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let wrong = ChainRegistry::connect(
+        config(vec![url(&node)], &node, 0)
+            .with_registry(owner.address())
+            .with_chain_id(1),
+    )
+    .await;
+    match wrong {
+        Err(e) => {
+            assert_eq!(e.kind(), "invalid_input");
+            assert!(e.to_string().contains("chain id"), "{e}");
+        }
+        Ok(r) => panic!("connected to the wrong chain: {r:?}"),
+    }
+    let right = ChainRegistry::connect(
+        config(vec![url(&node)], &node, 0)
+            .with_registry(owner.address())
+            .with_chain_id(node.chain_id()),
+    )
+    .await
+    .expect("right chain id");
+    assert_eq!(right.chain_id(), node.chain_id());
+    let empty = Address::repeat_byte(0x42);
+    match ChainRegistry::connect(config(vec![url(&node)], &node, 0).with_registry(empty)).await {
+        Err(e) => assert_eq!(e.kind(), "not_found", "{e}"),
+        Ok(r) => panic!("connected to an address without code: {r:?}"),
+    }
+    // An EOA has no code either.
+    let eoa = node.addresses()[3];
+    expect_kind(
+        ChainRegistry::connect(config(vec![url(&node)], &node, 0).with_registry(eoa)).await,
+        "not_found",
+        "externally owned account",
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn no_secret_in_state_or_debug_output() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let replica = handle(&node, &owner, 1).await;
+    let id = fresh("secrets");
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    owner
+        .publish(&id, &{
+            let mut s = sample_spec("r.local");
+            s.replicas = 5;
+            s
+        })
+        .await
+        .expect("publish");
+    owner
+        .grant(&id, &replica.account(), Role::Replica)
+        .await
+        .expect("grant");
+    replica
+        .set_location(
+            &id,
+            &br2k_core::Location::new("http://10.0.0.7:8080", 1).expect("loc"),
+        )
+        .await
+        .expect("location");
+    owner.resume(&id).await.expect("resume");
+    // Debug output of handles and configs never shows a key.
+    for i in 0..2 {
+        let k = key(&node, i);
+        let dbg = format!(
+            "{owner:?} {replica:?} {:?}",
+            config(vec![url(&node)], &node, i)
+        );
+        assert!(!dbg.contains(&k), "key in debug output");
+        assert!(dbg.contains("redacted"), "{dbg}");
+    }
+    // Scan the service's storage words: the struct slots at keccak(id . slot 0) and its
+    // version array; no word equals or contains a signing key or the endpoint text.
+    use alloy::primitives::{U256, keccak256};
+    use alloy::providers::Provider;
+    let provider = ProviderBuilder::new().connect_http(url(&node));
+    let base = U256::from_be_bytes(keccak256([service_key(&id).as_slice(), &[0u8; 32]].concat()).0);
+    let mut words = Vec::new();
+    for off in 0..10u64 {
+        words.push(
+            provider
+                .get_storage_at(owner.address(), base + U256::from(off))
+                .await
+                .expect("slot"),
+        );
+    }
+    // `versions` is member slot 6 of the Service struct: its elements are 4 words each.
+    let versions_slot = base + U256::from(6);
+    let elems = U256::from_be_bytes(keccak256(versions_slot.to_be_bytes::<32>()).0);
+    for off in 0..8u64 {
+        words.push(
+            provider
+                .get_storage_at(owner.address(), elems + U256::from(off))
+                .await
+                .expect("slot"),
+        );
+    }
+    assert_eq!(
+        words[6],
+        U256::from(2),
+        "two versions recorded at the expected slot"
+    );
+    let keys: Vec<[u8; 32]> = (0..3).map(|i| node.keys()[i].to_bytes().into()).collect();
+    for w in &words {
+        let bytes = w.to_be_bytes::<32>();
+        assert!(!keys.contains(&bytes), "a private key is stored");
+        assert!(
+            !bytes.windows(8).any(|win| win == b"10.0.0.7"),
+            "endpoint text stored"
+        );
+    }
+}
