@@ -378,11 +378,23 @@ impl OciImageStore {
             return Ok(BlobOutcome::Skipped);
         }
         let same_registry = self.cfg.registry == target.cfg.registry && repo != target_repo;
-        let mount = same_registry.then_some((&d.digest, repo));
-        let Some(location) = target.http.start_upload(target_repo, mount).await? else {
-            return Ok(BlobOutcome::Mounted);
+        let (location, resp) = if same_registry {
+            let Some(location) = target
+                .http
+                .start_upload(target_repo, Some((&d.digest, repo)))
+                .await?
+            else {
+                return Ok(BlobOutcome::Mounted);
+            };
+            (location, self.http.get_blob(repo, &d.digest).await?)
+        } else {
+            // Open the upload session and the download at the same time.
+            let (location, resp) = futures::try_join!(
+                target.http.start_upload(target_repo, None),
+                self.http.get_blob(repo, &d.digest)
+            )?;
+            (location.expect("no mount requested"), resp)
         };
-        let resp = self.http.get_blob(repo, &d.digest).await?;
         let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
         let (body, verdict) = verified_body(resp.bytes_stream(), d.digest, d.size, what);
         let res = target
