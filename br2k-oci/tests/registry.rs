@@ -510,3 +510,47 @@ async fn bad_references_are_invalid_input() {
         "tampered"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn basic_auth_from_a_secret_file() {
+    // bcrypt of the throwaway test password "br2k-test-pw".
+    let a = Registry::spawn_with_htpasswd(
+        "tester:$2b$04$u57d/ss.a7Ac06yOoKr2Ge29hUs.bdL4NHQQVYb7pF6lT/jO6nE3.\n",
+    );
+    let anonymous = a.store();
+    assert_eq!(
+        anonymous.ping().await.unwrap_err().kind(),
+        "permission_denied"
+    );
+    let wrong = a.store_with(|c| {
+        c.with_auth(br2k_oci::Auth::Basic {
+            username: "tester".into(),
+            password: br2k_oci::Secret::new("wrong"),
+        })
+    });
+    assert_eq!(wrong.ping().await.unwrap_err().kind(), "permission_denied");
+
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), "br2k-test-pw\n").unwrap();
+    let password = br2k_oci::Secret::from_file(secret_file.path()).unwrap();
+    let store = a.store_with(|c| {
+        c.with_auth(br2k_oci::Auth::Basic {
+            username: "tester".into(),
+            password,
+        })
+    });
+    assert!(
+        !format!("{store:?}").contains("br2k-test-pw"),
+        "Debug must redact"
+    );
+    store.ping().await.unwrap();
+    let repo = fresh_repo("auth");
+    let img = sample_image(rand::random(), 2, 1000);
+    store.push(&repo, &img, Some("v1")).await.unwrap();
+    assert_eq!(store.pull(&repo, &img.digest).await.unwrap(), img);
+    assert_eq!(
+        anonymous.pull(&repo, &img.digest).await.unwrap_err().kind(),
+        "permission_denied"
+    );
+}

@@ -30,17 +30,31 @@ fn registry_bin() -> String {
 
 impl Registry {
     pub fn spawn() -> Self {
+        Self::spawn_with(None)
+    }
+
+    /// A registry requiring HTTP basic auth from the given htpasswd lines.
+    pub fn spawn_with_htpasswd(lines: &str) -> Self {
+        Self::spawn_with(Some(lines))
+    }
+
+    fn spawn_with(htpasswd: Option<&str>) -> Self {
         let root = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let config = root.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                root.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            root.path().join("data").display()
+        );
+        if let Some(lines) = htpasswd {
+            let path = root.path().join("htpasswd");
+            std::fs::write(&path, lines).unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: br2k\n    path: {}\n",
+                path.display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
         let mut r = Self {
             addr,
             root,
