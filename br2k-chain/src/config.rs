@@ -102,10 +102,6 @@ pub(crate) fn endpoint_label(url: &Url) -> String {
     redact_url(url)
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
 fn read_secret_file(var: &str, path: &str) -> Result<Secret, ChainError> {
     std::fs::read_to_string(path)
         .map(|s| Secret(s.trim().to_owned()))
@@ -147,10 +143,11 @@ impl ChainConfig {
     /// `BR2K_CHAIN_ID`, `BR2K_CONFIRMATIONS` and the signer from `BR2K_PRIVATE_KEY`,
     /// `BR2K_PRIVATE_KEY_FILE`, or `BR2K_KEYSTORE` with `BR2K_KEYSTORE_PASSWORD_FILE`.
     pub fn from_env() -> br2k_core::Result<Self> {
-        Self::from_env_inner().map_err(Into::into)
+        Self::from_lookup(|name| std::env::var(name).ok()).map_err(Into::into)
     }
 
-    fn from_env_inner() -> Result<Self, ChainError> {
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ChainError> {
+        let env = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let urls = env("BR2K_RPC_URLS")
             .ok_or_else(|| ChainError::Config("BR2K_RPC_URLS is not set".into()))?;
         let mut config = Self::new(Self::parse_urls(&urls).map_err(ChainError::Core)?);
@@ -237,5 +234,102 @@ impl ChainConfig {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
+
+    fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn debug_redacts_keys_passwords_and_url_secrets() {
+        let urls =
+            ChainConfig::parse_urls("http://user:pw@127.0.0.1:8545/v3/apikey123?x=y").expect("url");
+        let config = ChainConfig::new(urls).with_private_key(KEY);
+        let dbg = format!("{config:?}");
+        assert!(!dbg.contains(KEY), "{dbg}");
+        for secret in ["pw", "apikey123", "user"] {
+            assert!(!dbg.contains(secret), "{secret} in {dbg}");
+        }
+        assert!(dbg.contains("http://127.0.0.1:8545"), "{dbg}");
+        let ks = ChainConfig::new(vec![]).with_keystore("/k.json", "hunter2");
+        assert!(!format!("{ks:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn from_env_reads_urls_address_chain_and_key() {
+        let config = ChainConfig::from_lookup(lookup(&[
+            ("BR2K_RPC_URLS", "http://127.0.0.1:1, http://127.0.0.1:2"),
+            (
+                "BR2K_REGISTRY_ADDRESS",
+                "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            ),
+            ("BR2K_CHAIN_ID", "31337"),
+            ("BR2K_CONFIRMATIONS", "2"),
+            ("BR2K_PRIVATE_KEY", KEY),
+        ]))
+        .expect("config");
+        assert_eq!(config.rpc_urls.len(), 2);
+        assert_eq!(config.expected_chain_id, Some(31337));
+        assert_eq!(config.confirmations, 2);
+        assert!(config.registry_address.is_some());
+        let signer = config.signer.as_ref().expect("signer").load().expect("key");
+        assert_eq!(
+            format!("{:#x}", signer.address()),
+            "0x2c7536e3605d9c16a7a3d7b1898e529396a65c23"
+        );
+    }
+
+    #[test]
+    fn from_env_reads_a_key_file_and_rejects_bad_input() {
+        let path = std::env::temp_dir().join(format!("br2k-key-{}", std::process::id()));
+        std::fs::write(&path, format!("{KEY}\n")).expect("write");
+        let p = path.to_string_lossy().to_string();
+        let config = ChainConfig::from_lookup(lookup(&[
+            ("BR2K_RPC_URLS", "http://127.0.0.1:1"),
+            ("BR2K_PRIVATE_KEY_FILE", &p),
+        ]))
+        .expect("config");
+        config
+            .signer
+            .as_ref()
+            .expect("signer")
+            .load()
+            .expect("key from file");
+        let _ = std::fs::remove_file(&path);
+
+        let err = |vars: &[(&str, &str)]| {
+            let e: br2k_core::Error = ChainConfig::from_lookup(lookup(vars))
+                .expect_err("rejected")
+                .into();
+            assert_eq!(e.kind(), "invalid_input", "{e}");
+            e.to_string()
+        };
+        err(&[]);
+        err(&[("BR2K_RPC_URLS", "not a url")]);
+        err(&[
+            ("BR2K_RPC_URLS", "http://h:1"),
+            ("BR2K_REGISTRY_ADDRESS", "0x12"),
+        ]);
+        err(&[("BR2K_RPC_URLS", "http://h:1"), ("BR2K_CHAIN_ID", "x")]);
+        let bad = ChainConfig::new(vec![]).with_private_key("0xdeadbeefsecret");
+        let e: br2k_core::Error = bad
+            .signer
+            .as_ref()
+            .expect("s")
+            .load()
+            .expect_err("bad key")
+            .into();
+        assert!(!e.to_string().contains("deadbeef"), "{e}");
     }
 }
