@@ -584,3 +584,67 @@ async fn no_secret_in_state_or_debug_output() {
         );
     }
 }
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn concurrent_writes_through_one_handle_share_the_nonce_sequence() {
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let ids: Vec<ServiceId> = (0..12).map(|i| fresh(&format!("nonce{i}"))).collect();
+    let results = futures::future::join_all(ids.iter().map(|id| {
+        let owner = owner.clone();
+        async move { owner.register(id, &sample_spec("r.local")).await }
+    }))
+    .await;
+    for (id, r) in ids.iter().zip(results) {
+        assert_eq!(r.expect("register").id, *id);
+    }
+    // A refused write (estimate_gas reverts) consumes no nonce: the next one still goes.
+    expect_kind(
+        owner.register(&ids[0], &sample_spec("r.local")).await,
+        "already_exists",
+        "duplicate",
+    );
+    owner.resume(&ids[0]).await.expect("write after a refusal");
+    assert_eq!(owner.services().await.expect("services").len(), 12);
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn waits_for_the_configured_confirmations() {
+    let bin = std::env::var("BR2K_ANVIL_BIN").expect("BR2K_ANVIL_BIN");
+    // Interval mining: one block per second, so a second confirmation takes ~1 s.
+    let node = Anvil::at(bin)
+        .arg("--host")
+        .arg("127.0.0.1")
+        .arg("--block-time")
+        .arg("1")
+        .try_spawn()
+        .expect("spawn anvil");
+    let owner = ChainRegistry::deploy(config(vec![url(&node)], &node, 0).with_confirmations(3))
+        .await
+        .expect("deploy");
+    let id = fresh("confirm");
+    let rec = owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    let registered_at = {
+        use alloy::providers::Provider;
+        use alloy::sol_types::SolEvent;
+        let provider = ProviderBuilder::new().connect_http(url(&node));
+        let filter = alloy::rpc::types::Filter::new()
+            .address(owner.address())
+            .event_signature(ServiceRegistry::Registered::SIGNATURE_HASH)
+            .topic1(service_key(&id))
+            .from_block(0);
+        let logs = provider.get_logs(&filter).await.expect("logs");
+        assert_eq!(logs.len(), 1, "one Registered event");
+        logs[0].block_number.expect("mined")
+    };
+    let head = rec.as_of.expect("as_of");
+    assert!(
+        head >= registered_at + 2,
+        "read at block {head}, registered in block {registered_at}: 3 confirmations"
+    );
+}
