@@ -1,0 +1,260 @@
+//! Replica runtime on the in-memory log: replication, redirects, idempotency,
+//! once-effects, checkpoints and joining, bad input, and a linearizability check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use br2k_core::conformance::sample_spec;
+use br2k_core::log::{InMemoryLog, ReplicatedLog};
+use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
+use br2k_core::replica::testkit::{CounterCommand, CounterOutput, Counters, CountingEffect};
+use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
+use br2k_core::{Account, Error, ImageStore, Registry, Role, ServiceId};
+
+struct Cluster {
+    log: InMemoryLog,
+    registry: InMemoryRegistry,
+    store: InMemoryImageStore,
+    effect: CountingEffect,
+    id: ServiceId,
+    every: u64,
+}
+
+impl Cluster {
+    async fn new(every: u64) -> Self {
+        let owner = InMemoryRegistry::new("owner");
+        let id = ServiceId::new("ledger").unwrap();
+        owner
+            .register(&id, &sample_spec("mem.local"))
+            .await
+            .unwrap();
+        owner
+            .grant(&id, &Account("replica".into()), Role::Replica)
+            .await
+            .unwrap();
+        Self {
+            log: InMemoryLog::new(),
+            registry: owner.as_account("replica"),
+            store: InMemoryImageStore::new("mem.local"),
+            effect: CountingEffect::default(),
+            id,
+            every,
+        }
+    }
+
+    async fn replica(&self, n: u32) -> br2k_core::Result<(Replica<Counters>, InMemoryLog)> {
+        let mut cfg = ReplicaConfig::new(self.id.clone(), format!("http://r{n}:8080"))?;
+        cfg.snapshot_every = self.every;
+        cfg.max_command_bytes = 1024;
+        cfg.request_timeout = Duration::from_secs(5);
+        let log = self.log.connect();
+        let r = Replica::start(
+            cfg,
+            Counters::default(),
+            Arc::new(log.clone()),
+            Arc::new(self.registry.clone()),
+            Arc::new(self.store.clone()),
+            Some(Arc::new(self.effect.clone())),
+        )
+        .await?;
+        Ok((r, log))
+    }
+}
+
+fn add(c: &str, n: i64) -> CounterCommand {
+    CounterCommand::Add {
+        counter: c.into(),
+        amount: n,
+    }
+}
+
+async fn leader_of(rs: &[(Replica<Counters>, InMemoryLog)]) -> &Replica<Counters> {
+    for _ in 0..200 {
+        if let Some((r, _)) = rs.iter().find(|(r, _)| r.role() == ReplicaRole::Leader) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no leader elected");
+}
+
+#[tokio::test]
+async fn replicates_in_order_and_redirects() {
+    let c = Cluster::new(0).await;
+    let mut rs = Vec::new();
+    for n in 0..3 {
+        rs.push(c.replica(n).await.unwrap());
+    }
+    let leader = leader_of(&rs).await;
+    let futs = (0..50).map(|i| leader.replicate(None, add(if i % 2 == 0 { "a" } else { "b" }, 1)));
+    let outs = futures::future::join_all(futs).await;
+    assert!(outs.iter().all(|o| o.is_ok()), "{outs:?}");
+    let last = leader.applied_index();
+    for (r, _) in &rs {
+        r.wait_applied(last).await;
+        assert_eq!(
+            r.read_local(|s| s.values.clone()),
+            leader.read_local(|s| s.values.clone())
+        );
+        assert_eq!(r.read_local(|s| s.values["a"]), 25);
+    }
+    assert!(
+        leader
+            .stats()
+            .appends
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 50,
+        "batched"
+    );
+    let follower = rs
+        .iter()
+        .map(|(r, _)| r)
+        .find(|r| r.role() != ReplicaRole::Leader)
+        .unwrap();
+    match follower.replicate(None, add("a", 1)).await {
+        Err(ReplicaError::NotLeader { leader: Some(l) }) => {
+            assert_eq!(l.endpoint, leader.endpoint())
+        }
+        other => panic!("expected a redirect, got {other:?}"),
+    }
+    let rec = c.registry.active(&c.id).await.unwrap();
+    assert_eq!(rec.location.unwrap().endpoint, leader.endpoint());
+}
+
+#[tokio::test]
+async fn idempotency_keys_and_bad_input() {
+    let c = Cluster::new(0).await;
+    let rs = vec![c.replica(0).await.unwrap(), c.replica(1).await.unwrap()];
+    let leader = leader_of(&rs).await;
+    let first = leader.replicate(Some("k1"), add("a", 5)).await.unwrap();
+    let again = leader.replicate(Some("k1"), add("a", 5)).await.unwrap();
+    assert_eq!(first, CounterOutput::Value(5));
+    assert_eq!(again, first);
+    assert_eq!(leader.read_local(|s| s.values["a"]), 5);
+    let big = serde_json::to_vec(&add(&"x".repeat(60), 1)).unwrap();
+    let mut huge = b"{\"type\":\"add\",\"counter\":\"a\",\"amount\":1,\"pad\":\"".to_vec();
+    huge.extend(vec![b'p'; 2000]);
+    huge.extend(b"\"}");
+    assert!(matches!(
+        leader.replicate_json(None, &huge).await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    assert!(matches!(
+        leader.replicate_json(None, b"{not json").await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    assert!(leader.replicate_json(None, &big).await.is_ok());
+    assert!(matches!(
+        leader.replicate(None, add("", 1)).await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    assert!(matches!(
+        leader.replicate(Some(""), add("a", 1)).await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    // A malformed entry in the log is skipped the same way by every replica.
+    let (lead_log, term) = {
+        let info = rs[0].1.leader().await.unwrap().unwrap();
+        let (_, l) = rs
+            .iter()
+            .find(|(r, _)| r.endpoint() == info.candidate)
+            .unwrap();
+        (l.clone(), info.term)
+    };
+    let lead = br2k_core::log::Leadership {
+        candidate: leader.endpoint().into(),
+        term,
+        key: String::new(),
+    };
+    lead_log
+        .append(&lead, vec![bytes::Bytes::from_static(b"garbage")])
+        .await
+        .unwrap();
+    let out = leader.replicate(None, add("a", 1)).await.unwrap();
+    assert_eq!(out, CounterOutput::Value(6));
+    for (r, _) in &rs {
+        r.wait_applied(leader.applied_index()).await;
+        assert_eq!(r.skipped_entries(), 1);
+        assert_eq!(r.read_local(|s| s.values["a"]), 6);
+    }
+}
+
+#[tokio::test]
+async fn once_runs_the_effect_once_and_survives_leader_crash() {
+    let c = Cluster::new(0).await;
+    let mut rs = Vec::new();
+    for n in 0..3 {
+        rs.push(c.replica(n).await.unwrap());
+    }
+    let leader = leader_of(&rs).await;
+    leader.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    let out = leader.once("settle-1", settle.clone()).await.unwrap();
+    let again = leader.once("settle-1", settle.clone()).await.unwrap();
+    assert_eq!(out, again);
+    assert_eq!(c.effect.runs("settle-1"), 1);
+    // Crash the leader; the new one keeps the dedupe table and never reruns.
+    let idx = rs
+        .iter()
+        .position(|(r, _)| r.role() == ReplicaRole::Leader)
+        .unwrap();
+    let (mut dead, dead_log) = rs.remove(idx);
+    dead.kill();
+    dead_log.expire_session();
+    let leader = leader_of(&rs).await;
+    let third = leader.once("settle-1", settle.clone()).await.unwrap();
+    assert_eq!(third, out);
+    leader.once("settle-2", settle).await.unwrap();
+    assert_eq!(c.effect.runs("settle-1"), 1);
+    assert_eq!(c.effect.runs("settle-2"), 1);
+    let last = leader.applied_index();
+    for (r, _) in &rs {
+        r.wait_applied(last).await;
+        assert_eq!(r.read_local(|s| s.settlements["a"].len()), 2);
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_compact_and_a_new_replica_joins_from_one() {
+    let c = Cluster::new(10).await;
+    let rs = vec![c.replica(0).await.unwrap(), c.replica(1).await.unwrap()];
+    let leader = leader_of(&rs).await;
+    for i in 0..45 {
+        leader.replicate(None, add("a", i)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cp = c
+        .registry
+        .active(&c.id)
+        .await
+        .unwrap()
+        .checkpoint
+        .expect("a checkpoint");
+    assert!(cp.state_version >= 2, "{cp:?}");
+    assert!(c.log.first_index().await.unwrap() > 1, "log compacted");
+    let (joined, _) = c.replica(3).await.unwrap();
+    joined.wait_applied(leader.applied_index()).await;
+    assert_eq!(joined.read_local(|s| s.values["a"]), (0..45).sum::<i64>());
+    // A snapshot whose bytes do not match its recorded digest is refused.
+    let image = c
+        .store
+        .pull(&"br2k/ledger/snapshots".parse_repo(), &cp.snapshot)
+        .await
+        .unwrap();
+    c.store.corrupt_blob(&image.layers[0].digest).unwrap();
+    match c.replica(4).await {
+        Err(Error::Tampered { .. }) => {}
+        other => panic!("expected Tampered, got {:?}", other.map(|_| ())),
+    }
+}
+
+trait ParseRepo {
+    fn parse_repo(&self) -> br2k_core::Repository;
+}
+impl ParseRepo for &str {
+    fn parse_repo(&self) -> br2k_core::Repository {
+        br2k_core::Repository::new(self).unwrap()
+    }
+}
