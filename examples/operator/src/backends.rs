@@ -1,0 +1,145 @@
+//! How the operator builds a supervisor for one `Br2kService`: the backends it
+//! composes (the operator is an example: it may depend on every backend; backends
+//! never depend on each other).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use br2k_core::supervisor::Supervisor;
+use br2k_core::{Error, ImageStore, Registry, Result, ValidationError};
+use br2k_k8s::KubeReplicator;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+use crate::crd::Br2kServiceSpec;
+
+/// Builds the supervisor of one resource.
+#[async_trait]
+pub trait Backends: Send + Sync + std::fmt::Debug + 'static {
+    /// A supervisor for `spec` whose workload runs in `namespace`; `cr_namespace`
+    /// holds the credential Secrets.
+    async fn supervisor(
+        &self,
+        client: &Client,
+        cr_namespace: &str,
+        namespace: &str,
+        spec: &Br2kServiceSpec,
+    ) -> Result<Supervisor>;
+}
+
+fn replicator(client: &Client, namespace: &str) -> Arc<KubeReplicator> {
+    Arc::new(KubeReplicator::new(client.clone(), namespace))
+}
+
+/// The real backends: the on-chain registry (`br2k-chain`) at the resource's
+/// contract and RPC endpoints, and one OCI registry store (`br2k-oci`) per listed
+/// registry, with credentials from the named Secret.
+#[derive(Debug, Clone, Default)]
+pub struct ChainOciBackends {
+    /// Treat loopback OCI registries (127.0.0.1, localhost) as plain HTTP.
+    pub insecure_loopback: bool,
+}
+
+async fn oci_auth(client: &Client, ns: &str, spec: &Br2kServiceSpec) -> Result<br2k_oci::Auth> {
+    let Some(name) = &spec.credentials.oci_secret else {
+        return Ok(br2k_oci::Auth::Anonymous);
+    };
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| Error::unavailable(format!("read secret {ns}/{name}: {e}")))?;
+    let data = secret.data.unwrap_or_default();
+    let get = |k: &str| {
+        data.get(k)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    match (get("username"), get("password"), get("token")) {
+        (Some(username), Some(password), _) => Ok(br2k_oci::Auth::Basic {
+            username,
+            password: br2k_oci::Secret::new(password),
+        }),
+        (_, _, Some(token)) => Ok(br2k_oci::Auth::Bearer(br2k_oci::Secret::new(token))),
+        _ => Err(ValidationError::malformed(
+            "credential secret",
+            format!("{ns}/{name} needs username+password or token keys"),
+        )
+        .into()),
+    }
+}
+
+#[async_trait]
+impl Backends for ChainOciBackends {
+    async fn supervisor(
+        &self,
+        client: &Client,
+        cr_namespace: &str,
+        namespace: &str,
+        spec: &Br2kServiceSpec,
+    ) -> Result<Supervisor> {
+        let urls = br2k_chain::ChainConfig::parse_urls(&spec.rpc_endpoints.join(","))?;
+        let address: alloy::primitives::Address = spec
+            .registry_contract
+            .parse()
+            .map_err(|e| ValidationError::malformed("registry contract address", e))?;
+        // The supervisor only reads the registry, but the chain client wants a signer:
+        // give it a throwaway key (no role on any service, never logged or stored).
+        let nonce = format!(
+            "{:?}{}{}",
+            std::time::SystemTime::now(),
+            std::process::id(),
+            spec.service_id
+        );
+        let throwaway = br2k_core::Digest::of(nonce.as_bytes()).hex();
+        let config = br2k_chain::ChainConfig::new(urls)
+            .with_private_key(throwaway)
+            .with_registry(address)
+            .with_request_timeout(Duration::from_secs(5));
+        let registry: Arc<dyn Registry> =
+            Arc::new(br2k_chain::ChainRegistry::connect(config).await?);
+        let auth = oci_auth(client, cr_namespace, spec).await?;
+        let mut b = Supervisor::builder()
+            .registry(registry)
+            .replicator(replicator(client, namespace));
+        for host in &spec.oci_registries {
+            let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");
+            let cfg = br2k_oci::OciConfig::new(host.clone())
+                .map_err(|e| ValidationError::malformed("oci registry", e))?
+                .with_insecure(self.insecure_loopback && loopback)
+                .with_auth(auth.clone());
+            let store: Arc<dyn ImageStore> = Arc::new(br2k_oci::OciImageStore::new(cfg)?);
+            b = b.image_store(store);
+        }
+        b.build()
+    }
+}
+
+/// In-process backends (`br2k_core::memory` or any other implementation) shared by
+/// every resource: for tests and demos. The resource's contract, endpoints and
+/// registries are ignored.
+#[derive(Debug, Clone)]
+pub struct SharedBackends {
+    /// The registry.
+    pub registry: Arc<dyn Registry>,
+    /// The image stores, primary first.
+    pub stores: Vec<Arc<dyn ImageStore>>,
+}
+
+#[async_trait]
+impl Backends for SharedBackends {
+    async fn supervisor(
+        &self,
+        client: &Client,
+        _cr_namespace: &str,
+        namespace: &str,
+        _spec: &Br2kServiceSpec,
+    ) -> Result<Supervisor> {
+        let mut b = Supervisor::builder()
+            .registry(self.registry.clone())
+            .replicator(replicator(client, namespace));
+        for s in &self.stores {
+            b = b.image_store(s.clone());
+        }
+        b.build()
+    }
+}

@@ -1,0 +1,298 @@
+//! `k8s_recovery`: time to recover per drift class on the real control plane.
+//!
+//! For each class: inject the drift with a foreign field manager, then measure until
+//! `observe` shows the recorded state again with every replica Ready. Recovery is the
+//! core `Supervisor::run` loop (event-driven through the replicator's shared
+//! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
+//! plain server-side apply of the StatefulSet (a changed annotation), round trip.
+//!
+//! Usage: `k8s_recovery [--trials N] [--services N]` with `KUBECONFIG` set.
+//! `--services N` (N > 0) instead supervises N services at once and reports the
+//! process RSS and CPU time while idle.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use br2k_core::conformance::sample_spec;
+use br2k_core::memory::InMemoryRegistry;
+use br2k_core::supervisor::Supervisor;
+use br2k_core::{Registry, Replicator, ServiceId, ServiceRecord, WorkloadTemplate};
+use br2k_k8s::{KubeReplicator, Names};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Toleration};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::sync::watch;
+
+fn intruder() -> PatchParams {
+    PatchParams {
+        field_manager: Some("intruder".into()),
+        ..PatchParams::default()
+    }
+}
+
+fn matches(o: &br2k_core::ObservedState, r: &ServiceRecord) -> bool {
+    o.template == WorkloadTemplate::from_spec(&r.spec)
+        && o.desired_replicas == r.desired_replicas()
+        && o.ready_replicas == r.desired_replicas()
+        && o.unhealthy().is_empty()
+        && o.missing_parts.is_empty()
+        && o.replicas
+            .iter()
+            .all(|x| x.image_digest.as_ref() == r.spec.image.digest())
+}
+
+async fn wait_recovered(rep: &KubeReplicator, r: &ServiceRecord, since: Instant) -> Duration {
+    loop {
+        if let Ok(Some(o)) = rep.observe(&r.id).await
+            && matches(&o, r)
+        {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "{} not recovered",
+            r.id
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn row(name: &str, mut v: Vec<Duration>) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "| {name:<22} | {:>6} | {:>9.1} | {:>9.1} | {:>9.1} |",
+        v.len(),
+        ms(pct(&v, 0.5)),
+        ms(pct(&v, 0.99)),
+        ms(*v.last().unwrap())
+    );
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn proc_stat() -> (u64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (rss_kb, ticks as f64 / 100.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    br2k_k8s::install_crypto_provider();
+    let client = Client::try_default().await?;
+    let trials = arg("--trials", 30);
+    let services = arg("--services", 0);
+    let ns = format!(
+        "br2k-bench-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            & 0xffffff
+    );
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
+            )?,
+        )
+        .await?;
+    let rep = KubeReplicator::builder(&ns)
+        .with_toleration(Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        })
+        .build(client.clone());
+    let registry = Arc::new(InMemoryRegistry::new("bench"));
+    let sup = Arc::new(
+        Supervisor::builder()
+            .registry(registry.clone() as Arc<dyn Registry>)
+            .replicator(Arc::new(rep.clone()))
+            .resync(Duration::from_secs(30))
+            .build()?,
+    );
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let runner = tokio::spawn(sup.clone().run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+
+    if services > 0 {
+        let (rss0, _) = proc_stat();
+        let spec = {
+            let mut s = sample_spec("registry.test:5000");
+            s.replicas = 1;
+            s
+        };
+        let start = Instant::now();
+        for i in 0..services {
+            let id = ServiceId::new(format!("s{i}"))?;
+            registry.register(&id, &spec).await?;
+            registry.resume(&id).await?;
+        }
+        // Wait until every workload exists and is ready.
+        loop {
+            let managed = rep.managed().await?.len();
+            if managed >= services {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let deployed = start.elapsed();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let (rss1, cpu1) = proc_stat();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let (rss2, cpu2) = proc_stat();
+        println!("services supervised:          {services}");
+        println!("all workloads applied in:     {deployed:?}");
+        println!(
+            "RSS before / after / +60 s:   {} / {} / {} MiB",
+            rss0 / 1024,
+            rss1 / 1024,
+            rss2 / 1024
+        );
+        println!(
+            "idle CPU over 60 s:           {:.1} % of one core",
+            (cpu2 - cpu1) / 60.0 * 100.0
+        );
+        let m = sup.metrics();
+        println!(
+            "reconciles: {} recoveries: {} errors: {}",
+            m.reconciles, m.recoveries, m.errors
+        );
+    } else {
+        let spec = sample_spec("registry.test:5000");
+        let id = ServiceId::new("bench")?;
+        registry.register(&id, &spec).await?;
+        let record = registry.resume(&id).await?;
+        wait_recovered(&rep, &record, Instant::now()).await;
+        let names = Names::of(&id);
+        let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+        let mut floor = Vec::new();
+        for i in 0..trials {
+            let t = Instant::now();
+            stss.patch(
+                &names.base,
+                &PatchParams::apply("bench-floor").force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "apps/v1", "kind": "StatefulSet",
+                    "metadata": {"name": names.base, "annotations": {"bench/floor": i.to_string()}}
+                })),
+            )
+            .await?;
+            floor.push(t.elapsed());
+        }
+
+        let other = record
+            .spec
+            .image
+            .with_digest(br2k_core::Digest::of(b"bench intruder"));
+        let classes = [
+            "statefulset_deleted",
+            "image_changed",
+            "scaled",
+            "template_tampered",
+            "pod_failed",
+        ];
+        let mut results = Vec::new();
+        for class in classes {
+            let mut v = Vec::new();
+            for i in 0..trials {
+                let t = Instant::now();
+                match class {
+                    "statefulset_deleted" => {
+                        stss.delete(&names.base, &DeleteParams::background())
+                            .await?;
+                    }
+                    "image_changed" => {
+                        stss.patch(&names.base, &intruder(), &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": other.to_string()}]}}}}))).await?;
+                    }
+                    "scaled" => {
+                        stss.patch_scale(
+                            &names.base,
+                            &intruder(),
+                            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+                        )
+                        .await?;
+                    }
+                    "template_tampered" => {
+                        stss.patch(&names.base, &intruder(), &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "args": [format!("--backdoor={i}")]}]}}}}))).await?;
+                    }
+                    _ => {
+                        let victim = format!("{}-{}", names.base, i % 3);
+                        pods.patch(&victim, &intruder(), &Patch::Merge(json!({"metadata": {"labels": {"pod-container-running-failed.stage.kwok.x-k8s.io": "true"}}}))).await?;
+                        // The clock starts when the failure is real (kwok applies it
+                        // after its stage delay).
+                        loop {
+                            let p = pods.get_opt(&victim).await?;
+                            let failed = p.as_ref().is_none_or(|p| {
+                                p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+                                    || p.metadata.labels.as_ref().is_none_or(|l| {
+                                        !l.contains_key(
+                                            "pod-container-running-failed.stage.kwok.x-k8s.io",
+                                        )
+                                    })
+                            });
+                            if failed {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        let t = Instant::now();
+                        v.push(wait_recovered(&rep, &record, t).await);
+                        continue;
+                    }
+                }
+                v.push(wait_recovered(&rep, &record, t).await);
+            }
+            results.push((class, v));
+        }
+        println!("| drift class            | trials |  p50 (ms) |  p99 (ms) |  max (ms) |");
+        println!("|------------------------|--------|-----------|-----------|-----------|");
+        row("floor: one SSA", floor);
+        for (c, v) in results {
+            row(c, v);
+        }
+        let m = sup.metrics();
+        println!(
+            "\nsupervisor: reconciles {} recoveries {} by finding {:?}",
+            m.reconciles, m.recoveries, m.recoveries_by_finding
+        );
+    }
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
+    Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::background())
+        .await?;
+    Ok(())
+}
