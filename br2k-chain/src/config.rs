@@ -206,6 +206,21 @@ impl ChainConfig {
         self
     }
 
+    /// Signs with the key of an encrypted JSON keystore whose password is the content of
+    /// `password_file` (trimmed); the password is read now and never printed.
+    pub fn with_keystore_password_file(
+        mut self,
+        path: impl Into<PathBuf>,
+        password_file: impl AsRef<std::path::Path>,
+    ) -> br2k_core::Result<Self> {
+        let pw = password_file.as_ref().to_string_lossy().into_owned();
+        self.signer = Some(SignerSource::Keystore {
+            path: path.into(),
+            password: read_secret_file("keystore password file", &pw)?,
+        });
+        Ok(self)
+    }
+
     /// Uses the registry deployed at `address`.
     pub fn with_registry(mut self, address: Address) -> Self {
         self.registry_address = Some(address);
@@ -288,6 +303,64 @@ mod tests {
             format!("{:#x}", signer.address()),
             "0x2c7536e3605d9c16a7a3d7b1898e529396a65c23"
         );
+    }
+
+    #[test]
+    fn from_env_reads_a_keystore_with_a_password_file() {
+        let dir = std::env::temp_dir().join(format!("br2k-ks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let password = "correct horse battery staple";
+        let key = hex::decode(KEY).expect("hex");
+        PrivateKeySigner::encrypt_keystore(
+            &dir,
+            &mut rand08::thread_rng(),
+            &key,
+            password,
+            Some("key.json"),
+        )
+        .expect("encrypt");
+        let pw_file = dir.join("password");
+        std::fs::write(&pw_file, format!("{password}\n")).expect("write");
+        let ks = dir.join("key.json").to_string_lossy().into_owned();
+        let pw = pw_file.to_string_lossy().into_owned();
+        let config = ChainConfig::from_lookup(lookup(&[
+            ("BR2K_RPC_URLS", "http://127.0.0.1:1"),
+            ("BR2K_KEYSTORE", &ks),
+            ("BR2K_KEYSTORE_PASSWORD_FILE", &pw),
+        ]))
+        .expect("config");
+        let dbg = format!("{config:?}");
+        assert!(!dbg.contains(password) && !dbg.contains(KEY), "{dbg}");
+        let signer = config
+            .signer
+            .as_ref()
+            .expect("signer")
+            .load()
+            .expect("decrypt");
+        assert_eq!(
+            format!("{:#x}", signer.address()),
+            "0x2c7536e3605d9c16a7a3d7b1898e529396a65c23"
+        );
+
+        // Without a password file, or with a wrong password: typed errors naming no secret.
+        let e: br2k_core::Error = ChainConfig::from_lookup(lookup(&[
+            ("BR2K_RPC_URLS", "http://h:1"),
+            ("BR2K_KEYSTORE", &ks),
+        ]))
+        .expect_err("needs a password file")
+        .into();
+        assert_eq!(e.kind(), "invalid_input", "{e}");
+        let wrong = ChainConfig::new(vec![]).with_keystore(&ks, "wrong password");
+        let e: br2k_core::Error = wrong
+            .signer
+            .as_ref()
+            .expect("s")
+            .load()
+            .expect_err("wrong password")
+            .into();
+        assert_eq!(e.kind(), "invalid_input", "{e}");
+        assert!(!e.to_string().contains("wrong password"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
