@@ -470,7 +470,9 @@ impl EtcdLog {
     }
 
     /// Ends this client's session now (revokes its lease), as an expiry would: its
-    /// leaderships end at once. Later campaigns use a fresh lease.
+    /// leaderships end at once. Later campaigns use a fresh lease (none after
+    /// [`EtcdLog::halt_keep_alive`]: halt, then revoke, is a crash whose lease expiry
+    /// is fast-forwarded).
     pub async fn revoke_session(&self) -> Result<()> {
         let s = &self.inner.session;
         let old = s.lease();
@@ -479,7 +481,9 @@ impl EtcdLog {
             lc.revoke(old).await
         })
         .await?;
-        s.renew(old).await?;
+        if !s.halted.load(Ordering::Acquire) {
+            s.renew(old).await?;
+        }
         Ok(())
     }
 

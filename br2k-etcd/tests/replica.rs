@@ -1,0 +1,547 @@
+//! The core `Replica` runtime on `EtcdLog` (the stack's 3-member etcd), in-process
+//! replicas each with its own etcd client and lease: leader crash under load,
+//! follower stop and rejoin, joining from a checkpoint, bad input, and the
+//! linearizability of client histories under leader crashes over 200 runs.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use br2k_core::conformance::sample_spec;
+use br2k_core::log::{Leadership, ReplicatedLog};
+use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
+use br2k_core::replica::testkit::{
+    CounterCommand, CounterOp, CounterOutput, Counters, CountingEffect, check_counter_history,
+};
+use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
+use br2k_core::{Account, Error, ImageStore, Registry, Repository, Role, ServiceId};
+use br2k_etcd::EtcdLog;
+
+struct Cluster {
+    ns: String,
+    registry: InMemoryRegistry,
+    store: InMemoryImageStore,
+    effect: CountingEffect,
+    id: ServiceId,
+    every: u64,
+    timeout: Duration,
+    ttl: Duration,
+}
+
+impl Cluster {
+    async fn new(test: &str, every: u64) -> Self {
+        let owner = InMemoryRegistry::new("owner");
+        let id = ServiceId::new("ledger").unwrap();
+        owner
+            .register(&id, &sample_spec("mem.local"))
+            .await
+            .unwrap();
+        owner
+            .grant(&id, &Account("replica".into()), Role::Replica)
+            .await
+            .unwrap();
+        Self {
+            ns: common::namespace(test),
+            registry: owner.as_account("replica"),
+            store: InMemoryImageStore::new("mem.local"),
+            effect: CountingEffect::default(),
+            id,
+            every,
+            timeout: Duration::from_secs(10),
+            ttl: Duration::from_secs(2),
+        }
+    }
+
+    async fn replica(&self, n: u32) -> br2k_core::Result<(Replica<Counters>, EtcdLog)> {
+        let mut cfg = ReplicaConfig::new(self.id.clone(), format!("http://r{n}:8080"))?;
+        cfg.snapshot_every = self.every;
+        cfg.max_command_bytes = 1024;
+        cfg.request_timeout = self.timeout;
+        let mut lc = common::config(&self.ns);
+        lc.lease_ttl = self.ttl;
+        let log = EtcdLog::connect_with(lc).await?;
+        let r = Replica::start(
+            cfg,
+            Counters::default(),
+            Arc::new(log.clone()),
+            Arc::new(self.registry.clone()),
+            Arc::new(self.store.clone()),
+            Some(Arc::new(self.effect.clone())),
+        )
+        .await?;
+        Ok((r, log))
+    }
+
+    async fn purge(&self) {
+        let log = common::client(&self.ns).await;
+        log.purge().await.unwrap();
+        log.close().await.unwrap();
+    }
+}
+
+fn add(c: &str, n: i64) -> CounterCommand {
+    CounterCommand::Add {
+        counter: c.into(),
+        amount: n,
+    }
+}
+
+async fn leader_of<T>(rs: &[(Replica<Counters>, T)]) -> &Replica<Counters> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((r, _)) = rs.iter().find(|(r, _)| r.role() == ReplicaRole::Leader) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Live = Arc<Mutex<Vec<(Arc<Replica<Counters>>, EtcdLog)>>>;
+
+fn current_leader(live: &Live) -> Option<Arc<Replica<Counters>>> {
+    let live = live.lock().unwrap();
+    live.iter()
+        .find(|(r, _)| r.role() == ReplicaRole::Leader)
+        .or_else(|| live.first())
+        .map(|(r, _)| r.clone())
+}
+
+/// A crash: the replica's tasks stop and its lease is never kept alive again.
+fn crash(r: &mut Replica<Counters>, log: &EtcdLog) {
+    r.kill();
+    log.halt_keep_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn leader_crash_under_load_loses_nothing_and_runs_no_effect_twice() {
+    let c = Arc::new(Cluster::new("crash-load", 50).await);
+    let live: Live = Arc::default();
+    for n in 0..3 {
+        let (r, l) = c.replica(n).await.unwrap();
+        live.lock().unwrap().push((Arc::new(r), l));
+    }
+    {
+        let rs = live.lock().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rs.iter().any(|(r, _)| r.role() == ReplicaRole::Leader) {
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let successes: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    // Writers: each op retried with its idempotency key until acknowledged.
+    let writers: Vec<_> = (0..4u64)
+        .map(|cl| {
+            let (live, stop, successes) = (live.clone(), stop.clone(), successes.clone());
+            tokio::spawn(async move {
+                let mut acked = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{cl}-{acked}");
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let r = current_leader(&live).expect("a replica");
+                        match r.replicate(Some(&key), add(&format!("c{cl}"), 1)).await {
+                            Ok(CounterOutput::Value(v)) => {
+                                assert_eq!(v, acked + 1, "exactly once per key");
+                                successes
+                                    .lock()
+                                    .unwrap()
+                                    .push((Instant::now(), r.endpoint().to_owned()));
+                                break;
+                            }
+                            Ok(other) => panic!("unexpected {other:?}"),
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                        assert!(Instant::now() < deadline, "{key} never acknowledged");
+                    }
+                    acked += 1;
+                }
+                acked
+            })
+        })
+        .collect();
+    // Once-commands (settlements) concurrently, also retried by key.
+    let settler = {
+        let (live, stop) = (live.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut keys = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("settle-{}", keys.len());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let r = current_leader(&live).expect("a replica");
+                    let cmd = CounterCommand::Settle {
+                        counter: "c0".into(),
+                    };
+                    match r.once(&key, cmd).await {
+                        Ok(CounterOutput::Settled { .. }) => break,
+                        Ok(other) => panic!("unexpected {other:?}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    assert!(Instant::now() < deadline, "{key} never acknowledged");
+                }
+                keys.push(key);
+            }
+            keys
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (victim, victim_log) = {
+        let mut l = live.lock().unwrap();
+        let i = l
+            .iter()
+            .position(|(r, _)| r.role() == ReplicaRole::Leader)
+            .expect("a leader");
+        l.remove(i)
+    };
+    // The crash: no keep-alive from now on (the lease expires after its TTL); its
+    // tasks are stopped as soon as no client call is in flight on it.
+    let crashed = Instant::now();
+    let victim_endpoint = victim.endpoint().to_owned();
+    victim_log.halt_keep_alive();
+    let mut victim = victim;
+    let mut victim = loop {
+        match Arc::try_unwrap(victim) {
+            Ok(v) => break v,
+            Err(v) => victim = v,
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(60),
+            "victim still in use"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    crash(&mut victim, &victim_log);
+    // A new leader serves within the election timeout (lease TTL 2 s) plus the time
+    // to campaign and pass its barrier; the bound below is only a liveness check.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let served_after = loop {
+        if let Some((t, _)) = successes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, by)| *t > crashed && *by != victim_endpoint)
+        {
+            break t.duration_since(crashed);
+        }
+        assert!(Instant::now() < deadline, "no new leader served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "first command served by the new leader {served_after:?} after the leader crash (lease TTL 2 s)"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.push(w.await.unwrap());
+    }
+    let settled = settler.await.unwrap();
+    let rs = live.lock().unwrap().clone();
+    let leader = rs
+        .iter()
+        .find(|(r, _)| r.role() == ReplicaRole::Leader)
+        .map(|(r, _)| r.clone())
+        .expect("a leader");
+    let last = leader.applied_index();
+    for (r, _) in &rs {
+        r.wait_applied(last).await;
+        for (cl, n) in acked.iter().enumerate() {
+            let v = r.read_local(|s| s.values.get(&format!("c{cl}")).copied().unwrap_or(0));
+            assert_eq!(v, *n, "replica {} counter c{cl}", r.endpoint());
+        }
+        assert_eq!(
+            r.read_local(|s| s.settlements.get("c0").map_or(0, |v| v.len())),
+            settled.len()
+        );
+    }
+    assert!(
+        c.effect.duplicates().is_empty(),
+        "{:?}",
+        c.effect.duplicates()
+    );
+    for k in &settled {
+        assert_eq!(c.effect.runs(k), 1, "{k}");
+    }
+    eprintln!(
+        "acknowledged commands {:?}, settlements {}",
+        acked,
+        settled.len()
+    );
+    drop(victim);
+    c.purge().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn a_stopped_follower_rejoins_and_catches_up() {
+    let c = Cluster::new("rejoin", 20).await;
+    let mut rs = Vec::new();
+    for n in 0..3 {
+        rs.push(c.replica(n).await.unwrap());
+    }
+    let leader = leader_of(&rs).await.endpoint().to_owned();
+    let li = rs.iter().position(|(r, _)| r.endpoint() == leader).unwrap();
+    for i in 0..10 {
+        rs[li].0.replicate(None, add("a", i)).await.unwrap();
+    }
+    let fi = (li + 1) % 3;
+    let (mut stopped, stopped_log) = rs.remove(fi);
+    let stopped_at = stopped.applied_index();
+    crash(&mut stopped, &stopped_log);
+    stopped_log.revoke_session().await.unwrap();
+    drop(stopped);
+    let li = rs.iter().position(|(r, _)| r.endpoint() == leader).unwrap();
+    for i in 10..70 {
+        rs[li].0.replicate(None, add("a", i)).await.unwrap();
+    }
+    // The log behind the checkpoints is compacted past where the follower stopped,
+    // so it rejoins from a checkpoint and replays the rest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stopped_log.first_index().await.unwrap() <= stopped_at + 1 {
+        assert!(Instant::now() < deadline, "log not compacted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n = u32::try_from(fi).unwrap();
+    let (back, _) = c.replica(n).await.unwrap();
+    back.wait_applied(rs[li].0.applied_index()).await;
+    assert_eq!(back.read_local(|s| s.values["a"]), (0..70).sum::<i64>());
+    assert_eq!(back.role(), ReplicaRole::Follower);
+    let out = rs[li].0.replicate(None, add("a", 1)).await.unwrap();
+    back.wait_applied(rs[li].0.applied_index()).await;
+    assert_eq!(
+        CounterOutput::Value(back.read_local(|s| s.values["a"])),
+        out
+    );
+    c.purge().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn a_fourth_replica_joins_from_a_checkpoint_and_a_tampered_one_is_refused() {
+    let c = Cluster::new("join", 10).await;
+    let rs = vec![
+        c.replica(0).await.unwrap(),
+        c.replica(1).await.unwrap(),
+        c.replica(2).await.unwrap(),
+    ];
+    let leader = leader_of(&rs).await;
+    for i in 0..45 {
+        leader.replicate(None, add("a", i)).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cp = loop {
+        let cp = c.registry.active(&c.id).await.unwrap().checkpoint;
+        if let Some(cp) = cp.filter(|cp| cp.state_version >= 2) {
+            break cp;
+        }
+        assert!(Instant::now() < deadline, "no second checkpoint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first = rs[0].1.first_index().await.unwrap();
+    assert!(first > 1, "log compacted behind the older checkpoint");
+    let (joined, _) = c.replica(3).await.unwrap();
+    joined.wait_applied(leader.applied_index()).await;
+    assert_eq!(joined.read_local(|s| s.values["a"]), (0..45).sum::<i64>());
+    // A snapshot whose bytes do not match its recorded digest is refused.
+    let repo = Repository::new("br2k/ledger/snapshots").unwrap();
+    let image = c.store.pull(&repo, &cp.snapshot).await.unwrap();
+    c.store.corrupt_blob(&image.layers[0].digest).unwrap();
+    match c.replica(4).await {
+        Err(Error::Tampered { .. }) => {}
+        other => panic!("expected Tampered, got {:?}", other.map(|_| ())),
+    }
+    // The cluster stays consistent and serving.
+    let out = leader.replicate(None, add("a", 1)).await.unwrap();
+    assert_eq!(out, CounterOutput::Value((0..45).sum::<i64>() + 1));
+    for (r, _) in rs.iter().chain(std::iter::once(&(joined, rs[0].1.clone()))) {
+        r.wait_applied(leader.applied_index()).await;
+        assert_eq!(r.read_local(|s| s.values["a"]), (0..45).sum::<i64>() + 1);
+    }
+    c.purge().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn bad_input_is_rejected_and_replicas_stay_consistent() {
+    let c = Cluster::new("bad-input", 0).await;
+    let rs = vec![c.replica(0).await.unwrap(), c.replica(1).await.unwrap()];
+    let leader = leader_of(&rs).await;
+    leader.replicate(Some("k1"), add("a", 5)).await.unwrap();
+    let mut huge = b"{\"type\":\"add\",\"counter\":\"a\",\"amount\":1,\"pad\":\"".to_vec();
+    huge.extend(vec![b'p'; 2000]);
+    huge.extend(b"\"}");
+    for bad in [&huge[..], b"{not json", b"{\"type\":\"nope\"}"] {
+        assert!(matches!(
+            leader.replicate_json(None, bad).await,
+            Err(ReplicaError::Failed(Error::InvalidInput(_)))
+        ));
+    }
+    assert!(matches!(
+        leader.replicate(None, add("", 1)).await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    assert!(matches!(
+        leader.replicate(Some(""), add("a", 1)).await,
+        Err(ReplicaError::Failed(Error::InvalidInput(_)))
+    ));
+    // A malformed entry in the log (written with the leader's own token) is skipped
+    // the same way by every replica.
+    let lead_log = &rs
+        .iter()
+        .find(|(r, _)| r.endpoint() == leader.endpoint())
+        .unwrap()
+        .1;
+    let info = lead_log.leader().await.unwrap().unwrap();
+    let lead = Leadership {
+        candidate: info.candidate,
+        term: info.term,
+        key: String::new(),
+    };
+    lead_log
+        .append(&lead, vec![bytes::Bytes::from_static(b"garbage")])
+        .await
+        .unwrap();
+    // An oversized entry is refused by the log itself.
+    let big = bytes::Bytes::from(vec![0u8; br2k_core::log::MAX_ENTRY_BYTES + 1]);
+    assert!(matches!(
+        lead_log.append(&lead, vec![big]).await,
+        Err(Error::InvalidInput(_))
+    ));
+    let out = leader.replicate(None, add("a", 1)).await.unwrap();
+    assert_eq!(out, CounterOutput::Value(6));
+    for (r, _) in &rs {
+        r.wait_applied(leader.applied_index()).await;
+        assert_eq!(r.skipped_entries(), 1);
+        assert_eq!(r.read_local(|s| s.values["a"]), 6);
+    }
+    c.purge().await;
+}
+
+/// One client's operation: retried with the same idempotency key until it succeeds or
+/// the attempts run out (then its outcome is unknown).
+async fn client_op(
+    live: &Live,
+    start: Instant,
+    counter: &str,
+    add: Option<i64>,
+    key: String,
+) -> CounterOp {
+    let now = || start.elapsed().as_micros() as u64;
+    let call = now();
+    let mut ret = None;
+    for _ in 0..100 {
+        let Some(r) = current_leader(live) else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let res = match add {
+            Some(n) => r
+                .replicate(Some(&key), self::add(counter, n))
+                .await
+                .map(|o| match o {
+                    CounterOutput::Value(v) => v,
+                    other => panic!("unexpected {other:?}"),
+                }),
+            None => {
+                r.query(|s| s.values.get(counter).copied().unwrap_or(0))
+                    .await
+            }
+        };
+        match res {
+            Ok(v) => {
+                ret = Some((now(), v));
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    CounterOp {
+        counter: counter.into(),
+        add,
+        call,
+        ret,
+    }
+}
+
+/// Runs (default 200, `BR2K_LIN_RUNS` to change) of 3 clients against 3 replicas on
+/// etcd while the leader crashes (lease revoked: expiry fast-forwarded) and a new
+/// replica joins from a checkpoint: every client-visible history is linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn histories_under_leader_crashes_are_linearizable() {
+    let runs: u64 = std::env::var("BR2K_LIN_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let started = Instant::now();
+    let (mut checked, mut unknown, mut total) = (0, 0, 0);
+    for run in 0..runs {
+        let mut c = Cluster::new("lin", 7).await;
+        // A request stranded on the crashed leader gives up quickly and is retried.
+        c.timeout = Duration::from_millis(500);
+        let c = Arc::new(c);
+        let live: Live = Arc::default();
+        for n in 0..3 {
+            let (r, l) = c.replica(n).await.unwrap();
+            live.lock().unwrap().push((Arc::new(r), l));
+        }
+        let start = Instant::now();
+        let clients: Vec<_> = (0..3u64)
+            .map(|cl| {
+                let live = live.clone();
+                tokio::spawn(async move {
+                    let mut ops = Vec::new();
+                    for i in 0..8u64 {
+                        let counter = if (cl + i + run) % 2 == 0 { "x" } else { "y" };
+                        let add =
+                            ((i + cl) % 3 != 0).then_some(((run + i * 7 + cl) % 5 + 1) as i64);
+                        ops.push(client_op(&live, start, counter, add, format!("c{cl}-{i}")).await);
+                    }
+                    ops
+                })
+            })
+            .collect();
+        // Fault: crash the leader mid-run, then add a replica that joins.
+        tokio::time::sleep(Duration::from_millis(5 + run % 20)).await;
+        let (victim, victim_log) = {
+            let mut l = live.lock().unwrap();
+            let i = l
+                .iter()
+                .position(|(r, _)| r.role() == ReplicaRole::Leader)
+                .unwrap_or(0);
+            l.remove(i)
+        };
+        victim_log.halt_keep_alive();
+        victim_log.revoke_session().await.unwrap();
+        drop(victim);
+        let (r, l) = c.replica(3 + run as u32).await.unwrap();
+        live.lock().unwrap().push((Arc::new(r), l));
+        let mut history = Vec::new();
+        for h in clients {
+            history.extend(h.await.unwrap());
+        }
+        total += history.len();
+        unknown += history.iter().filter(|o| o.ret.is_none()).count();
+        check_counter_history(&history).unwrap_or_else(|e| panic!("run {run}: {e}\n{history:#?}"));
+        checked += 1;
+        for (r, _) in live.lock().unwrap().drain(..) {
+            drop(r);
+        }
+        c.purge().await;
+    }
+    eprintln!(
+        "{checked} runs, {total} operations, {unknown} without an answer, {:?}",
+        started.elapsed()
+    );
+    assert_eq!(checked, runs);
+    assert!(
+        unknown * 10 < total,
+        "too many operations without an answer: {unknown} of {total}"
+    );
+}
