@@ -1,0 +1,250 @@
+//! The settlement side effect: a real transaction to the `Settlement` contract
+//! (`contracts/Settlement.sol`), looked up by its key before any retry.
+
+use std::fmt;
+use std::time::Duration;
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, B256, keccak256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::Filter;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use alloy::transports::http::reqwest::Url;
+use async_trait::async_trait;
+use br2k_core::replica::Effect;
+use br2k_core::{Error, Result, ValidationError};
+
+use crate::state::{Command, SettlementReceipt};
+
+#[allow(missing_docs)]
+mod bindings {
+    alloy::sol!(
+        #[sol(rpc, all_derives)]
+        Settlement,
+        "contracts/out/Settlement.json"
+    );
+}
+
+pub use bindings::Settlement;
+
+/// The private error of the settlement backend.
+#[derive(Debug)]
+enum SettleError {
+    /// The contract or node refused the call.
+    Contract(alloy::contract::Error),
+    /// The transaction was sent but its receipt could not be obtained.
+    Pending(String),
+    /// A mined transaction reverted.
+    Reverted(B256),
+    /// The command is not a settlement.
+    NotASettlement,
+}
+
+impl From<SettleError> for Error {
+    /// The one mapping of settlement errors to core errors.
+    fn from(e: SettleError) -> Self {
+        match e {
+            SettleError::Contract(e) => {
+                if let Some(err) = e.as_decoded_interface_error::<Settlement::SettlementErrors>() {
+                    return match err {
+                        Settlement::SettlementErrors::AlreadySettled(x) => Error::already_exists(
+                            format!("settlement {} (block {})", x.key, x.blockNumber),
+                        ),
+                        Settlement::SettlementErrors::InvalidSettlement(_) => {
+                            ValidationError::malformed("settlement", "zero key or amount").into()
+                        }
+                    };
+                }
+                let transport = matches!(
+                    e,
+                    alloy::contract::Error::TransportError(alloy::transports::RpcError::Transport(
+                        _
+                    ))
+                );
+                if transport {
+                    Error::unavailable(format!("settlement RPC: {e}"))
+                } else {
+                    Error::backend("settlement", e, false)
+                }
+            }
+            SettleError::Pending(reason) => Error::unavailable(reason),
+            SettleError::Reverted(tx) => Error::conflict(format!("settlement {tx} reverted")),
+            SettleError::NotASettlement => {
+                ValidationError::malformed("command", "once is only for settlements").into()
+            }
+        }
+    }
+}
+
+/// The on-chain key of a settlement: keccak256 of the client's idempotency key.
+pub fn settlement_key(key: &str) -> B256 {
+    keccak256(key.as_bytes())
+}
+
+/// Sends settlements to the `Settlement` contract with its own signer.
+#[derive(Clone)]
+pub struct SettleEffect {
+    provider: DynProvider,
+    address: Address,
+    from: Address,
+}
+
+impl fmt::Debug for SettleEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SettleEffect")
+            .field("contract", &self.address)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SettleEffect {
+    /// A settler for the contract at `address` on `rpc`, signing with `key` (hex; kept
+    /// in memory only, never printed).
+    pub fn new(rpc: Url, address: Address, key: &str) -> Result<Self> {
+        let signer: PrivateKeySigner = key.trim().parse().map_err(|_| {
+            Error::from(ValidationError::malformed(
+                "settler key",
+                "not 32 bytes of hex",
+            ))
+        })?;
+        let from = signer.address();
+        let provider = ProviderBuilder::new()
+            .wallet(EthereumWallet::from(signer))
+            .connect_http(rpc)
+            .erased();
+        Ok(Self {
+            provider,
+            address,
+            from,
+        })
+    }
+
+    /// Deploys a new `Settlement` contract signed by `key` and returns its address.
+    pub async fn deploy(rpc: Url, key: &str) -> Result<Address> {
+        let me = Self::new(rpc, Address::ZERO, key)?;
+        let c = Settlement::deploy(&me.provider)
+            .await
+            .map_err(|e| Error::from(SettleError::Contract(e)))?;
+        Ok(*c.address())
+    }
+
+    /// The settler's account.
+    pub fn from(&self) -> Address {
+        self.from
+    }
+
+    /// The contract address.
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// The number of settlements the contract recorded.
+    pub async fn count(&self) -> Result<u64> {
+        let c = Settlement::new(self.address, &self.provider);
+        let n = c
+            .count()
+            .call()
+            .await
+            .map_err(|e| Error::from(SettleError::Contract(e)))?;
+        Ok(n.saturating_to())
+    }
+
+    /// The recorded settlement of `key`, with the transaction that made it.
+    pub async fn find(&self, key: &str) -> Result<Option<SettlementReceipt>> {
+        let k = settlement_key(key);
+        let c = Settlement::new(self.address, &self.provider);
+        let rec = c
+            .settledAt(k)
+            .call()
+            .await
+            .map_err(|e| Error::from(SettleError::Contract(e)))?;
+        if rec.blockNumber == 0 {
+            return Ok(None);
+        }
+        let filter = Filter::new()
+            .address(self.address)
+            .event_signature(Settlement::Settled::SIGNATURE_HASH)
+            .topic1(k)
+            .from_block(rec.blockNumber)
+            .to_block(rec.blockNumber);
+        let logs = self
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| Error::unavailable(format!("settlement logs: {e}")))?;
+        let tx = logs
+            .first()
+            .and_then(|l| l.transaction_hash)
+            .ok_or_else(|| Error::unavailable("settlement event not found (yet)"))?;
+        Ok(Some(SettlementReceipt {
+            tx: format!("{tx:#x}"),
+            block: rec.blockNumber,
+        }))
+    }
+
+    async fn send(&self, key: &str, account: &str, amount: u64) -> Result<SettlementReceipt> {
+        let c = Settlement::new(self.address, &self.provider);
+        let pending = c
+            .settle(
+                settlement_key(key),
+                keccak256(account.as_bytes()),
+                u128::from(amount),
+            )
+            .send()
+            .await
+            .map_err(SettleError::Contract)?;
+        let hash = *pending.tx_hash();
+        let receipt = pending
+            .with_timeout(Some(Duration::from_secs(60)))
+            .get_receipt()
+            .await
+            .map_err(|e| SettleError::Pending(format!("settlement {hash:#x}: {e}")))?;
+        if !receipt.status() {
+            return Err(SettleError::Reverted(hash).into());
+        }
+        Ok(SettlementReceipt {
+            tx: format!("{hash:#x}"),
+            block: receipt.block_number.unwrap_or_default(),
+        })
+    }
+}
+
+fn encode(r: &SettlementReceipt) -> Result<Vec<u8>> {
+    serde_json::to_vec(r).map_err(|e| Error::backend("settlement", e, false))
+}
+
+#[async_trait]
+impl Effect<Command> for SettleEffect {
+    async fn lookup(&self, key: &str, _command: &Command) -> Result<Option<Vec<u8>>> {
+        match self.find(key).await? {
+            Some(r) => Ok(Some(encode(&r)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn run(&self, key: &str, command: &Command) -> Result<Vec<u8>> {
+        let Command::Settle {
+            key: k,
+            account,
+            amount,
+        } = command
+        else {
+            return Err(SettleError::NotASettlement.into());
+        };
+        if k != key {
+            return Err(ValidationError::malformed("settlement", "key mismatch").into());
+        }
+        match self.send(key, account, *amount).await {
+            Ok(r) => encode(&r),
+            // Sent before (e.g. by a deposed leader whose transaction was still
+            // pending when its intent was looked up): report that settlement.
+            Err(Error::AlreadyExists { .. }) => match self.find(key).await? {
+                Some(r) => encode(&r),
+                None => Err(Error::unavailable("settlement exists but is not readable")),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
