@@ -2,6 +2,7 @@
 //! (`contracts/Settlement.sol`), looked up by its key before any retry.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::network::EthereumWallet;
@@ -88,6 +89,8 @@ pub struct SettleEffect {
     provider: DynProvider,
     address: Address,
     from: Address,
+    /// Serializes sends of this process so that each reads a fresh pending nonce.
+    sending: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl fmt::Debug for SettleEffect {
@@ -110,7 +113,12 @@ impl SettleEffect {
             ))
         })?;
         let from = signer.address();
-        let provider = ProviderBuilder::new()
+        // The pending nonce is read from the node for every transaction (never cached):
+        // after a failover another process may have used this key meanwhile.
+        let provider = ProviderBuilder::default()
+            .with_gas_estimation()
+            .with_simple_nonce_management()
+            .fetch_chain_id()
             .wallet(EthereumWallet::from(signer))
             .connect_http(rpc)
             .erased();
@@ -118,6 +126,7 @@ impl SettleEffect {
             provider,
             address,
             from,
+            sending: Arc::default(),
         })
     }
 
@@ -186,6 +195,7 @@ impl SettleEffect {
 
     async fn send(&self, key: &str, account: &str, amount: u64) -> Result<SettlementReceipt> {
         let c = Settlement::new(self.address, &self.provider);
+        let guard = self.sending.lock().await;
         let pending = c
             .settle(
                 settlement_key(key),
@@ -195,6 +205,7 @@ impl SettleEffect {
             .send()
             .await
             .map_err(SettleError::Contract)?;
+        drop(guard);
         let hash = *pending.tx_hash();
         let receipt = pending
             .with_timeout(Some(Duration::from_secs(60)))
