@@ -938,3 +938,106 @@ async fn tampered_snapshot_is_refused() {
     let text = second.log_text();
     assert!(text.contains("tampered"), "{text}");
 }
+
+/// The leader sends a settlement and dies before logging its result (anvil mines only
+/// on demand here, so the transaction is pending at the kill and mined right after):
+/// the new leader finds it on chain by its key (`Effect::lookup`) and never sends a
+/// second transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn inflight_settlement_is_resolved_by_key_after_leader_kill() {
+    use alloy::eips::BlockNumberOrTag;
+    let w = World::new("ledger-inflight", 1000, None);
+    let mut rs: Vec<Replica> = (1..=3).map(|s| w.spawn(s)).collect();
+    let urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
+    let c = http();
+    wait_leader(&c, &urls, Duration::from_secs(60)).await;
+    must(
+        &c,
+        &urls,
+        "/deposit",
+        None,
+        json!({"account": "treasury", "amount": 100}),
+    )
+    .await;
+    let leader = wait_leader(&c, &urls, Duration::from_secs(60)).await;
+
+    let p = ProviderBuilder::new().connect_http(w.anvil.endpoint_url());
+    let _: Value = p
+        .raw_request("evm_setAutomine".into(), (false,))
+        .await
+        .unwrap();
+    let settle = {
+        let (c, urls) = (c.clone(), urls.clone());
+        tokio::spawn(async move {
+            let body = json!({"account": "treasury", "amount": 7}).to_string();
+            call(
+                &c,
+                &urls,
+                "/settle",
+                Some("inflight"),
+                Some(&body),
+                Duration::from_secs(120),
+            )
+            .await
+        })
+    };
+    // Wait until the leader's settlement transaction is pending.
+    let start = Instant::now();
+    let pending = loop {
+        let block = p
+            .get_block_by_number(BlockNumberOrTag::Pending)
+            .full()
+            .await
+            .unwrap();
+        let mut found = None;
+        if let Some(b) = block {
+            use alloy::consensus::Transaction as _;
+            for t in b.transactions.txns() {
+                if t.to() == Some(w.settlement) {
+                    found = Some(*t.inner.tx_hash());
+                }
+            }
+        }
+        if let Some(h) = found {
+            break h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pending settlement"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rs[leader].kill();
+    let _: Value = p.raw_request("evm_mine".into(), ()).await.unwrap();
+    let _: Value = p
+        .raw_request("evm_setAutomine".into(), (true,))
+        .await
+        .unwrap();
+
+    let (s, v) = settle.await.unwrap().expect("the settlement is answered");
+    assert_eq!(s, 200, "{v}\n{}", dump_logs(&rs.iter().collect::<Vec<_>>()));
+    assert_eq!(
+        v["settlement"]["receipt"]["tx"],
+        format!("{pending:#x}"),
+        "{v}"
+    );
+    assert_eq!(v["balance"], 93);
+    let txs = w.settlement_txs().await;
+    assert_eq!(txs.get(&settlement_key("inflight")), Some(&1), "{txs:?}");
+    assert_eq!(txs.len(), 1);
+    assert_eq!(w.settled_count().await, 1);
+    // The new leader looked the settlement up instead of running it.
+    let survivors: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, u)| u.clone())
+        .collect();
+    let now = wait_leader(&c, &survivors, Duration::from_secs(60)).await;
+    let st = status(&c, &survivors[now]).await.unwrap();
+    assert_eq!(st["effects_run"], 0, "{st}");
+    for local in converged(&c, &survivors).await {
+        assert_eq!(local, json!({"treasury": 93}));
+    }
+}
