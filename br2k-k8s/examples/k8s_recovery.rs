@@ -6,7 +6,7 @@
 //! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
 //! plain server-side apply of the StatefulSet (a changed annotation), round trip.
 //!
-//! Usage: `k8s_recovery [--trials N] [--services N]` with `KUBECONFIG` set.
+//! Usage: `cargo run --release -p br2k-k8s --example k8s_recovery -- [--trials N] [--services N]` with `KUBECONFIG` set.
 //! `--services N` (N > 0) instead supervises N services at once and reports the
 //! process RSS and CPU time while idle.
 
@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 
 use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
-use br2k_core::supervisor::Supervisor;
+use br2k_core::supervisor::{Supervisor, SupervisorEvent};
 use br2k_core::{Registry, Replicator, ServiceId, ServiceRecord, WorkloadTemplate};
 use br2k_k8s::{KubeReplicator, Names};
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Toleration};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 fn intruder() -> PatchParams {
     PatchParams {
@@ -43,19 +45,94 @@ fn matches(o: &br2k_core::ObservedState, r: &ServiceRecord) -> bool {
             .all(|x| x.image_digest.as_ref() == r.spec.image.digest())
 }
 
-async fn wait_recovered(rep: &KubeReplicator, r: &ServiceRecord, since: Instant) -> Duration {
+/// When each phase of one trial was first seen, relative to the injection.
+#[derive(Debug, Default, Clone, Copy)]
+struct Phases {
+    /// First watch event of the replicator's shared watchers.
+    event: Option<Duration>,
+    /// The supervisor's diagnosis found the drift.
+    detected: Option<Duration>,
+    /// The supervisor's recovery actions (the apply) returned.
+    applied: Option<Duration>,
+    /// `observe` shows the recorded template, replica count and parts again.
+    spec_restored: Option<Duration>,
+    /// Every replica Ready on the recorded digest (the measured time to recover).
+    ready: Duration,
+}
+
+fn spec_ok(o: &br2k_core::ObservedState, r: &ServiceRecord) -> bool {
+    o.template == WorkloadTemplate::from_spec(&r.spec)
+        && o.desired_replicas == r.desired_replicas()
+        && o.missing_parts.is_empty()
+}
+
+/// Waits until `observe` shows the record with every replica Ready. `observe` reads
+/// the replicator's watch cache (the supervisor's view); it runs after each watch
+/// event (coalesced) and at least every 50 ms. With `drifted`, the cache must first
+/// have shown the injected drift (so a cache not yet updated by the injection does
+/// not count as recovered).
+async fn wait_recovered(
+    rep: &KubeReplicator,
+    changes: &mut BoxStream<'static, ServiceId>,
+    r: &ServiceRecord,
+    since: Instant,
+    drifted: bool,
+) -> Phases {
+    let mut ph = Phases::default();
+    let mut seen_drift = !drifted;
     loop {
-        if let Ok(Some(o)) = rep.observe(&r.id).await
-            && matches(&o, r)
-        {
-            return since.elapsed();
+        match rep.observe(&r.id).await {
+            Ok(Some(o)) => {
+                if !matches(&o, r) {
+                    seen_drift = true;
+                }
+                if seen_drift && ph.spec_restored.is_none() && spec_ok(&o, r) {
+                    ph.spec_restored = Some(since.elapsed());
+                }
+                if seen_drift && matches(&o, r) {
+                    ph.ready = since.elapsed();
+                    return ph;
+                }
+            }
+            Ok(None) => seen_drift = true,
+            Err(_) => {}
         }
         assert!(
             since.elapsed() < Duration::from_secs(120),
             "{} not recovered",
             r.id
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::select! {
+            _ = changes.next() => {
+                ph.event.get_or_insert_with(|| since.elapsed());
+                // Coalesce a burst of events into one observe.
+                while changes.next().now_or_never().flatten().is_some() {}
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Drains pending watch events and supervisor events before a trial.
+fn drain(
+    changes: &mut BoxStream<'static, ServiceId>,
+    events: &mut broadcast::Receiver<SupervisorEvent>,
+) {
+    while changes.next().now_or_never().flatten().is_some() {}
+    while events.try_recv().is_ok() {}
+}
+
+/// Fills the supervisor phases from the first recovery event after `since`.
+fn supervisor_phases(
+    ph: &mut Phases,
+    events: &mut broadcast::Receiver<SupervisorEvent>,
+    since: Instant,
+) {
+    while let Ok(ev) = events.try_recv() {
+        if ph.detected.is_none() && ev.detected_at >= since {
+            ph.detected = Some(ev.detected_at - since);
+            ph.applied = Some(ev.detected_at + ev.report.duration - since);
+        }
     }
 }
 
@@ -193,7 +270,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let id = ServiceId::new("bench")?;
         registry.register(&id, &spec).await?;
         let record = registry.resume(&id).await?;
-        wait_recovered(&rep, &record, Instant::now()).await;
+        let mut changes = rep.changes().await?;
+        let mut events = sup.subscribe();
+        wait_recovered(&rep, &mut changes, &record, Instant::now(), false).await;
         let names = Names::of(&id);
         let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -228,6 +307,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for class in classes {
             let mut v = Vec::new();
             for i in 0..trials {
+                drain(&mut changes, &mut events);
                 let t = Instant::now();
                 match class {
                     "statefulset_deleted" => {
@@ -269,19 +349,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         let t = Instant::now();
-                        v.push(wait_recovered(&rep, &record, t).await);
+                        let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+                        supervisor_phases(&mut ph, &mut events, t);
+                        v.push(ph);
                         continue;
                     }
                 }
-                v.push(wait_recovered(&rep, &record, t).await);
+                let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+                supervisor_phases(&mut ph, &mut events, t);
+                v.push(ph);
             }
             results.push((class, v));
         }
         println!("| drift class            | trials |  p50 (ms) |  p99 (ms) |  max (ms) |");
         println!("|------------------------|--------|-----------|-----------|-----------|");
         row("floor: one SSA", floor);
-        for (c, v) in results {
-            row(c, v);
+        for (c, v) in &results {
+            row(c, v.iter().map(|p| p.ready).collect());
+        }
+        println!("\nPhases, median ms after the injection (n = trials that saw the phase):\n");
+        println!(
+            "| drift class            | watch event | detected | apply done | spec restored | all Ready |"
+        );
+        println!(
+            "|------------------------|-------------|----------|------------|---------------|-----------|"
+        );
+        for (c, v) in &results {
+            let med = |f: &dyn Fn(&Phases) -> Option<Duration>| {
+                let mut x: Vec<Duration> = v.iter().filter_map(f).collect();
+                x.sort();
+                if x.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1} (n={})", pct(&x, 0.5).as_secs_f64() * 1e3, x.len())
+                }
+            };
+            println!(
+                "| {c:<22} | {:>11} | {:>8} | {:>10} | {:>13} | {:>9} |",
+                med(&|p| p.event),
+                med(&|p| p.detected),
+                med(&|p| p.applied),
+                med(&|p| p.spec_restored),
+                med(&|p| Some(p.ready)),
+            );
         }
         let m = sup.metrics();
         println!(

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use br2k_core::{ObservedReplica, ObservedState, Replicator, Result, ServiceId, ServiceRecord};
@@ -12,7 +13,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, Toleration};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -53,6 +56,7 @@ struct Inner {
     namespace: String,
     placement: Placement,
     hub: OnceCell<WatchHub>,
+    cache_usable: OnceCell<bool>,
 }
 
 impl fmt::Debug for KubeReplicator {
@@ -94,6 +98,7 @@ impl KubeReplicatorBuilder {
                 namespace: self.namespace,
                 placement: self.placement,
                 hub: OnceCell::new(),
+                cache_usable: OnceCell::new(),
             }),
         }
     }
@@ -190,14 +195,7 @@ impl KubeReplicator {
         let pdbs: Api<PodDisruptionBudget> = self.api();
         let hpas: Api<HorizontalPodAutoscaler> = self.api();
 
-        let cm = apply_obj(
-            &cms,
-            &names.config,
-            &build::config_map(record, &names, ns),
-            "configmap",
-        )
-        .await?;
-        let owner = build::owner_reference(&cm);
+        let cm_obj = build::config_map(record, &names, ns);
 
         let live = if record.spec.autoscaling.is_some() {
             get_opt(&stss, &names.base, "statefulset")
@@ -208,48 +206,151 @@ impl KubeReplicator {
         };
         let replicas = build::replicas_to_apply(record, live);
 
-        let mut sts = build::stateful_set(record, &names, ns, replicas, &self.inner.placement);
-        build::set_owner(&mut sts.metadata, owner.clone());
-        let mut headless = build::headless_service(record, &names, ns);
-        build::set_owner(&mut headless.metadata, owner.clone());
-        let mut client_svc = build::client_service(record, &names, ns);
-        build::set_owner(&mut client_svc.metadata, owner.clone());
-        let mut pdb = build::disruption_budget(record, &names, ns, replicas);
-        build::set_owner(&mut pdb.metadata, owner.clone());
-        let hpa = build::autoscaler(record, &names, ns).map(|mut h| {
-            build::set_owner(&mut h.metadata, owner.clone());
-            h
-        });
-
-        let hpa_fut = async {
-            match &hpa {
-                Some(h) => apply_obj(&hpas, &names.base, h, "autoscaler")
-                    .await
-                    .map(drop),
-                None => {
-                    delete_opt(&hpas, &names.base, &DeleteParams::default(), "autoscaler").await
-                }
+        let dependents = |owner: Option<OwnerReference>| {
+            let mut sts = build::stateful_set(record, &names, ns, replicas, &self.inner.placement);
+            build::set_owner(&mut sts.metadata, owner.clone());
+            let mut headless = build::headless_service(record, &names, ns);
+            build::set_owner(&mut headless.metadata, owner.clone());
+            let mut client_svc = build::client_service(record, &names, ns);
+            build::set_owner(&mut client_svc.metadata, owner.clone());
+            let mut pdb = build::disruption_budget(record, &names, ns, replicas);
+            build::set_owner(&mut pdb.metadata, owner.clone());
+            let hpa = build::autoscaler(record, &names, ns).map(|mut h| {
+                build::set_owner(&mut h.metadata, owner.clone());
+                h
+            });
+            let (stss, svcs, pdbs, hpas, names) = (&stss, &svcs, &pdbs, &hpas, &names);
+            async move {
+                let hpa_fut = async {
+                    match &hpa {
+                        Some(h) => apply_obj(hpas, &names.base, h, "autoscaler")
+                            .await
+                            .map(drop),
+                        None => {
+                            delete_opt(hpas, &names.base, &DeleteParams::default(), "autoscaler")
+                                .await
+                        }
+                    }
+                };
+                futures::try_join!(
+                    apply_obj(stss, &names.base, &sts, "statefulset"),
+                    apply_obj(svcs, &names.headless, &headless, "service"),
+                    apply_obj(svcs, &names.base, &client_svc, "service"),
+                    apply_obj(pdbs, &names.base, &pdb, "poddisruptionbudget"),
+                    hpa_fut,
+                )
+                .map(drop)
             }
         };
-        futures::try_join!(
-            apply_obj(&stss, &names.base, &sts, "statefulset"),
-            apply_obj(&svcs, &names.headless, &headless, "service"),
-            apply_obj(&svcs, &names.base, &client_svc, "service"),
-            apply_obj(&pdbs, &names.base, &pdb, "poddisruptionbudget"),
-            hpa_fut,
-        )?;
-        Ok(())
+
+        // The ConfigMap owns everything else, so its UID goes into every owner
+        // reference. When the watch cache knows it (the usual case for a recovery),
+        // everything is applied at once; if the ConfigMap turns out to have been
+        // replaced meanwhile, the dependents are applied again with the new UID.
+        let known_owner = self
+            .cache()
+            .await
+            .and_then(|hub| hub.cms.get(&ObjectRef::new(&names.config).within(ns)))
+            .filter(|cm| owned_by(cm.as_ref(), &record.id))
+            .and_then(|cm| build::owner_reference(&cm));
+        match known_owner {
+            Some(owner) => {
+                let (cm, deps) = futures::join!(
+                    apply_obj(&cms, &names.config, &cm_obj, "configmap"),
+                    dependents(Some(owner.clone())),
+                );
+                let cm = cm?;
+                if cm.metadata.uid.as_deref() == Some(owner.uid.as_str()) {
+                    deps
+                } else {
+                    dependents(build::owner_reference(&cm)).await
+                }
+            }
+            None => {
+                let cm = apply_obj(&cms, &names.config, &cm_obj, "configmap").await?;
+                dependents(build::owner_reference(&cm)).await
+            }
+        }
     }
 
-    async fn observe_inner(&self, id: &ServiceId) -> Result<Option<ObservedState>, KubeError> {
+    /// The synced watch cache, or `None` when it is not usable.
+    async fn cache(&self) -> Option<&WatchHub> {
+        let hub = self.hub().await;
+        let usable = *self
+            .inner
+            .cache_usable
+            .get_or_init(|| async {
+                let ok = hub.ready(CACHE_SYNC_WAIT).await;
+                if !ok {
+                    tracing::warn!(
+                        namespace = %self.inner.namespace,
+                        "br2k watch cache did not sync; observe reads the API server"
+                    );
+                }
+                ok
+            })
+            .await;
+        usable.then_some(hub)
+    }
+
+    /// The live objects of `id` from the shared watch cache, or `None` when the cache
+    /// is not usable (its watches did not sync, e.g. for lack of RBAC).
+    async fn live_from_cache(&self, id: &ServiceId) -> Option<Option<Live>> {
+        let hub = self.cache().await?;
+        let ns = self.namespace();
+        let names = Names::of(id);
+        let Some(sts) = hub.stss.get(&ObjectRef::new(&names.base).within(ns)) else {
+            return Some(None);
+        };
+        let selector = crate::names::selector_labels(id);
+        let pods = hub
+            .pods
+            .state_filter(|p| {
+                p.metadata.labels.as_ref().is_some_and(|l| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
+                })
+            })
+            .into_iter()
+            .map(|p| (*p).clone())
+            .collect();
+        let healthy_nodes = hub
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| !parse::node_failed(n))
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        let svc = |name: &str| {
+            hub.svcs
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|o| (*o).clone())
+        };
+        Some(Some(Live {
+            sts: (*sts).clone(),
+            cm: hub
+                .cms
+                .get(&ObjectRef::new(&names.config).within(ns))
+                .map(|o| (*o).clone()),
+            headless: svc(&names.headless),
+            client_svc: svc(&names.base),
+            pdb: hub
+                .pdbs
+                .get(&ObjectRef::new(&names.base).within(ns))
+                .map(|o| (*o).clone()),
+            pods,
+            healthy_nodes,
+        }))
+    }
+
+    /// The live objects of `id`, read from the API server.
+    async fn live_from_api(&self, id: &ServiceId) -> Result<Option<Live>, KubeError> {
         let names = Names::of(id);
         let stss: Api<StatefulSet> = self.api();
         let Some(sts) = get_opt(&stss, &names.base, "statefulset").await? else {
             return Ok(None);
         };
-        if !owned_by(&sts, id) {
-            return Ok(None);
-        }
         let cms: Api<ConfigMap> = self.api();
         let svcs: Api<Service> = self.api();
         let pdbs: Api<PodDisruptionBudget> = self.api();
@@ -269,83 +370,32 @@ impl KubeReplicator {
                 .list(&all)
                 .map_err(|e| KubeError::client("list nodes", e)),
         )?;
-
-        let mut missing_parts = Vec::new();
-        for (part, present) in [
-            ("config", cm.as_ref().is_some_and(|o| owned_by(o, id))),
-            (
-                "headless-service",
-                headless.as_ref().is_some_and(|o| owned_by(o, id)),
-            ),
-            (
-                "service",
-                client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
-            ),
-            (
-                "disruption-budget",
-                pdb.as_ref().is_some_and(|o| owned_by(o, id)),
-            ),
-        ] {
-            if !present {
-                missing_parts.push(part.to_owned());
-            }
-        }
-
-        let template = parse::template_of(&sts, cm.as_ref())?;
-        let desired = parse::sts_replicas(&sts);
-
-        let healthy_nodes: BTreeSet<String> = node_list
+        let healthy_nodes = node_list
             .items
             .iter()
             .filter(|n| !parse::node_failed(n))
             .filter_map(|n| n.metadata.name.clone())
             .collect();
-        let failed_nodes: BTreeSet<String> = pod_list
-            .items
-            .iter()
-            .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
-            .filter(|n| !healthy_nodes.contains(n))
-            .collect();
-
-        let mut by_ordinal: BTreeMap<u32, ObservedReplica> = BTreeMap::new();
-        for pod in &pod_list.items {
-            let Some(name) = pod.metadata.name.as_deref() else {
-                continue;
-            };
-            match parse::ordinal(&names.base, name) {
-                Some(i) if i < desired => {
-                    by_ordinal.insert(i, parse::replica_of(pod, &failed_nodes));
-                }
-                _ => {}
-            }
-        }
-        let replicas: Vec<ObservedReplica> = (0..desired)
-            .map(|i| {
-                by_ordinal.remove(&i).unwrap_or_else(|| ObservedReplica {
-                    // Not created (yet): counts as not ready.
-                    name: format!("{}-{i}", names.base),
-                    image_digest: None,
-                    ready: false,
-                    failed: false,
-                })
-            })
-            .collect();
-        let ready_replicas = replicas.iter().filter(|r| r.ready && !r.failed).count() as u32;
-        let applied_version = sts
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_RECORD_VERSION))
-            .and_then(|v| v.parse().ok());
-        Ok(Some(ObservedState {
-            id: id.clone(),
-            applied_version,
-            desired_replicas: desired,
-            ready_replicas,
-            template,
-            replicas,
-            missing_parts,
+        Ok(Some(Live {
+            sts,
+            cm,
+            headless,
+            client_svc,
+            pdb,
+            pods: pod_list.items,
+            healthy_nodes,
         }))
+    }
+
+    async fn observe_inner(&self, id: &ServiceId) -> Result<Option<ObservedState>, KubeError> {
+        let live = match self.live_from_cache(id).await {
+            Some(live) => live,
+            None => self.live_from_api(id).await?,
+        };
+        match live {
+            Some(live) if owned_by(&live.sts, id) => observed_of(id, &live).map(Some),
+            _ => Ok(None),
+        }
     }
 
     async fn remove_inner(&self, id: &ServiceId) -> Result<(), KubeError> {
@@ -411,6 +461,97 @@ impl KubeReplicator {
             })
             .await
     }
+}
+
+/// How long the first `observe` waits for the watch cache to sync before falling
+/// back to reading the API server.
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(15);
+
+/// The live objects of one service.
+struct Live {
+    sts: StatefulSet,
+    cm: Option<ConfigMap>,
+    headless: Option<Service>,
+    client_svc: Option<Service>,
+    pdb: Option<PodDisruptionBudget>,
+    pods: Vec<Pod>,
+    healthy_nodes: BTreeSet<String>,
+}
+
+/// Recomputes what matters from the live objects (never from annotations alone).
+fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> {
+    let names = Names::of(id);
+    let mut missing_parts = Vec::new();
+    for (part, present) in [
+        ("config", live.cm.as_ref().is_some_and(|o| owned_by(o, id))),
+        (
+            "headless-service",
+            live.headless.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+        (
+            "service",
+            live.client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+        (
+            "disruption-budget",
+            live.pdb.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+    ] {
+        if !present {
+            missing_parts.push(part.to_owned());
+        }
+    }
+
+    let template = parse::template_of(&live.sts, live.cm.as_ref())?;
+    let desired = parse::sts_replicas(&live.sts);
+
+    let failed_nodes: BTreeSet<String> = live
+        .pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .filter(|n| !live.healthy_nodes.contains(n))
+        .collect();
+
+    let mut by_ordinal: BTreeMap<u32, ObservedReplica> = BTreeMap::new();
+    for pod in &live.pods {
+        let Some(name) = pod.metadata.name.as_deref() else {
+            continue;
+        };
+        match parse::ordinal(&names.base, name) {
+            Some(i) if i < desired => {
+                by_ordinal.insert(i, parse::replica_of(pod, &failed_nodes));
+            }
+            _ => {}
+        }
+    }
+    let replicas: Vec<ObservedReplica> = (0..desired)
+        .map(|i| {
+            by_ordinal.remove(&i).unwrap_or_else(|| ObservedReplica {
+                // Not created (yet): counts as not ready.
+                name: format!("{}-{i}", names.base),
+                image_digest: None,
+                ready: false,
+                failed: false,
+            })
+        })
+        .collect();
+    let ready_replicas = replicas.iter().filter(|r| r.ready && !r.failed).count() as u32;
+    let applied_version = live
+        .sts
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_RECORD_VERSION))
+        .and_then(|v| v.parse().ok());
+    Ok(ObservedState {
+        id: id.clone(),
+        applied_version,
+        desired_replicas: desired,
+        ready_replicas,
+        template,
+        replicas,
+        missing_parts,
+    })
 }
 
 /// Whether a live object carries the service-id label of `id` (objects of the same

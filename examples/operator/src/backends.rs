@@ -2,7 +2,8 @@
 //! composes (the operator is an example: it may depend on every backend; backends
 //! never depend on each other).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,8 +29,22 @@ pub trait Backends: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Supervisor>;
 }
 
-fn replicator(client: &Client, namespace: &str) -> Arc<KubeReplicator> {
-    Arc::new(KubeReplicator::new(client.clone(), namespace))
+/// One [`KubeReplicator`] per workload namespace, shared by every resource whose
+/// workload lives there, so that all of them read one watch cache (one watch per
+/// kind and namespace, not per resource). Clones share the pool.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicatorPool {
+    map: Arc<Mutex<HashMap<String, Arc<KubeReplicator>>>>,
+}
+
+impl ReplicatorPool {
+    /// The replicator of `namespace`, made with `client` on first use.
+    pub fn get(&self, client: &Client, namespace: &str) -> Arc<KubeReplicator> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(namespace.to_owned())
+            .or_insert_with(|| Arc::new(KubeReplicator::new(client.clone(), namespace)))
+            .clone()
+    }
 }
 
 /// The real backends: the on-chain registry (`br2k-chain`) at the resource's
@@ -39,6 +54,8 @@ fn replicator(client: &Client, namespace: &str) -> Arc<KubeReplicator> {
 pub struct ChainOciBackends {
     /// Treat loopback OCI registries (127.0.0.1, localhost) as plain HTTP.
     pub insecure_loopback: bool,
+    /// The shared replicators.
+    pub replicators: ReplicatorPool,
 }
 
 async fn oci_auth(client: &Client, ns: &str, spec: &Br2kServiceSpec) -> Result<br2k_oci::Auth> {
@@ -100,7 +117,7 @@ impl Backends for ChainOciBackends {
         let auth = oci_auth(client, cr_namespace, spec).await?;
         let mut b = Supervisor::builder()
             .registry(registry)
-            .replicator(replicator(client, namespace));
+            .replicator(self.replicators.get(client, namespace));
         for host in &spec.oci_registries {
             let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");
             let cfg = br2k_oci::OciConfig::new(host.clone())
@@ -123,6 +140,8 @@ pub struct SharedBackends {
     pub registry: Arc<dyn Registry>,
     /// The image stores, primary first.
     pub stores: Vec<Arc<dyn ImageStore>>,
+    /// The shared replicators.
+    pub replicators: ReplicatorPool,
 }
 
 #[async_trait]
@@ -136,7 +155,7 @@ impl Backends for SharedBackends {
     ) -> Result<Supervisor> {
         let mut b = Supervisor::builder()
             .registry(self.registry.clone())
-            .replicator(replicator(client, namespace));
+            .replicator(self.replicators.get(client, namespace));
         for s in &self.stores {
             b = b.image_store(s.clone());
         }

@@ -59,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(metrics.clone().serve(listener));
     let backends = Arc::new(ChainOciBackends {
         insecure_loopback: args.iter().any(|a| a == "--insecure-loopback-registries"),
+        replicators: Default::default(),
     });
     let ctx = Context::new(
         client.clone(),

@@ -256,6 +256,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         memory: SharedBackends {
             registry: registry.clone() as Arc<dyn Registry>,
             stores: vec![store.clone() as Arc<dyn ImageStore>],
+            replicators: Default::default(),
         },
         real: ChainOciBackends::default(),
     });
