@@ -7,9 +7,12 @@ use br2k_core::artifact::{MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use br2k_core::{Digest, Repository};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, LOCATION};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, LOCATION, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode};
 
+use crate::auth::{BearerChallenge, TokenAuth};
 use crate::config::{Auth, OciConfig};
 use crate::error::OciError;
 use crate::index::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST};
@@ -92,12 +95,44 @@ pub(crate) struct FetchedManifest {
     pub content_type: Option<String>,
 }
 
+/// The access a request needs, as token scopes (what Distribution checks).
+#[derive(Clone, Copy)]
+enum Need<'a> {
+    /// `/v2/` itself: any valid token.
+    Base,
+    /// GET, HEAD.
+    Pull(&'a Repository),
+    /// POST, PUT, PATCH.
+    Push(&'a Repository),
+    /// A cross-repository mount: push on the target, pull on the source.
+    Mount(&'a Repository, &'a Repository),
+    /// DELETE.
+    Delete(&'a Repository),
+}
+
+impl Need<'_> {
+    fn scopes(self) -> Vec<String> {
+        let s = |r: &Repository, a: &str| format!("repository:{r}:{a}");
+        match self {
+            Need::Base => vec![],
+            Need::Pull(r) => vec![s(r, "pull")],
+            Need::Push(r) => vec![s(r, "pull,push")],
+            Need::Mount(r, from) => vec![s(r, "pull,push"), s(from, "pull")],
+            Need::Delete(r) => vec![s(r, "delete")],
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Http {
     client: reqwest::Client,
     origin: String,
     registry: String,
+    /// The configured `Authorization` (basic, or a static bearer token).
     auth: Option<HeaderValue>,
+    /// Bearer tokens from the registry's token server, once it asks for them;
+    /// `None` with a static bearer token.
+    tokens: Option<Arc<TokenAuth>>,
     counts: Arc<Counters>,
 }
 
@@ -106,6 +141,7 @@ impl std::fmt::Debug for Http {
         f.debug_struct("Http")
             .field("origin", &self.origin)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("tokens", &self.tokens)
             .finish()
     }
 }
@@ -122,21 +158,35 @@ impl Http {
                 source: e,
             })?;
         let scheme = if cfg.insecure { "http" } else { "https" };
-        let auth = match &cfg.auth {
-            Auth::Anonymous => None,
+        let (auth, basic) = match &cfg.auth {
+            Auth::Anonymous => (None, None),
             Auth::Basic { username, password } => {
                 use base64::Engine as _;
                 let raw = format!("{username}:{}", password.expose());
                 let enc = base64::engine::general_purpose::STANDARD.encode(raw);
-                Some(header_secret(&format!("Basic {enc}"))?)
+                let h = header_secret(&format!("Basic {enc}"))?;
+                (Some(h.clone()), Some((username.clone(), h)))
             }
-            Auth::Bearer(token) => Some(header_secret(&format!("Bearer {}", token.expose()))?),
+            Auth::Bearer(token) => (
+                Some(header_secret(&format!("Bearer {}", token.expose()))?),
+                None,
+            ),
+        };
+        let tokens = match &cfg.auth {
+            Auth::Bearer(_) => None,
+            _ => Some(Arc::new(TokenAuth::new(
+                client.clone(),
+                cfg.registry.clone(),
+                cfg.insecure,
+                basic,
+            ))),
         };
         Ok(Self {
             client,
             origin: format!("{scheme}://{}", cfg.registry),
             registry: cfg.registry.clone(),
             auth,
+            tokens,
             counts: Arc::new(Counters::default()),
         })
     }
@@ -150,20 +200,66 @@ impl Http {
     }
 
     fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
-        let mut rb = self.client.request(method, url);
-        if let Some(a) = &self.auth {
-            rb = rb.header(AUTHORIZATION, a.clone());
-        }
-        rb
+        self.client.request(method, url)
     }
 
+    /// The `Authorization` for a request needing `scopes`: a bearer token once the
+    /// registry has asked for tokens, else the configured credentials.
+    async fn authorization(&self, scopes: &[String]) -> Result<Option<HeaderValue>, OciError> {
+        match &self.tokens {
+            Some(t) if t.active() => Ok(Some(t.token(scopes).await?)),
+            _ => Ok(self.auth.clone()),
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: &Method,
+        mut rb: reqwest::RequestBuilder,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Response, OciError> {
+        if let Some(a) = auth {
+            rb = rb.header(AUTHORIZATION, a.clone());
+        }
+        self.counts.bump(method);
+        rb.send().await.map_err(|e| self.conn(e))
+    }
+
+    /// Sends a request with the access it needs. A `401` with a Bearer challenge gets
+    /// a token from the challenge's realm and the request is sent once more (when its
+    /// body can be replayed; a streamed body cannot, but it follows a request of the
+    /// same scope, whose token is then cached).
     async fn send(
         &self,
         method: Method,
+        need: Need<'_>,
         rb: reqwest::RequestBuilder,
     ) -> Result<Response, OciError> {
-        self.counts.bump(&method);
-        rb.send().await.map_err(|e| self.conn(e))
+        let scopes = need.scopes();
+        let auth = self.authorization(&scopes).await?;
+        let replay = self.tokens.as_ref().and_then(|_| rb.try_clone());
+        let resp = self.send_once(&method, rb, auth.as_ref()).await?;
+        let Some(tokens) = &self.tokens else {
+            return Ok(resp);
+        };
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let values = resp.headers().get_all(WWW_AUTHENTICATE);
+        let challenge = BearerChallenge::find(values.iter().filter_map(|v| v.to_str().ok()))
+            .map_err(|source| OciError::Challenge {
+                registry: self.registry.clone(),
+                source,
+            })?;
+        let Some(challenge) = challenge else {
+            return Ok(resp);
+        };
+        tokens.learn(&challenge)?;
+        let Some(replay) = replay else {
+            return Ok(resp);
+        };
+        let token = tokens.refresh(&scopes, &challenge, auth.as_ref()).await?;
+        self.send_once(&method, replay, Some(&token)).await
     }
 
     pub(crate) fn conn(&self, source: reqwest::Error) -> OciError {
@@ -187,7 +283,7 @@ impl Http {
     pub(crate) async fn ping(&self) -> Result<(), OciError> {
         let url = self.url("");
         let resp = self
-            .send(Method::GET, self.request(Method::GET, &url))
+            .send(Method::GET, Need::Base, self.request(Method::GET, &url))
             .await?;
         if resp.status().is_success() {
             Ok(())
@@ -206,7 +302,7 @@ impl Http {
         let rb = self
             .request(Method::HEAD, &url)
             .header(ACCEPT, MANIFEST_ACCEPT);
-        let resp = self.send(Method::HEAD, rb).await?;
+        let resp = self.send(Method::HEAD, Need::Pull(repo), rb).await?;
         match resp.status() {
             s if s.is_success() => Ok(Some(digest_header(&resp))),
             StatusCode::NOT_FOUND => Ok(None),
@@ -225,7 +321,7 @@ impl Http {
         let rb = self
             .request(Method::GET, &url)
             .header(ACCEPT, MANIFEST_ACCEPT);
-        let resp = self.send(Method::GET, rb).await?;
+        let resp = self.send(Method::GET, Need::Pull(repo), rb).await?;
         if !resp.status().is_success() {
             return Err(self
                 .fail(format!("GET manifest {repo}:{reference}"), resp)
@@ -287,7 +383,7 @@ impl Http {
             .request(Method::PUT, &url)
             .header(CONTENT_TYPE, mt)
             .body(bytes);
-        let resp = self.send(Method::PUT, rb).await?;
+        let resp = self.send(Method::PUT, Need::Push(repo), rb).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -304,7 +400,11 @@ impl Http {
     ) -> Result<bool, OciError> {
         let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self
-            .send(Method::HEAD, self.request(Method::HEAD, &url))
+            .send(
+                Method::HEAD,
+                Need::Pull(repo),
+                self.request(Method::HEAD, &url),
+            )
             .await?;
         match resp.status() {
             s if s.is_success() => Ok(true),
@@ -321,7 +421,11 @@ impl Http {
     ) -> Result<Response, OciError> {
         let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self
-            .send(Method::GET, self.request(Method::GET, &url))
+            .send(
+                Method::GET,
+                Need::Pull(repo),
+                self.request(Method::GET, &url),
+            )
             .await?;
         if resp.status().is_success() {
             Ok(resp)
@@ -402,7 +506,11 @@ impl Http {
         if let Some((d, from)) = mount {
             rb = rb.query(&[("mount", d.to_string()), ("from", from.to_string())]);
         }
-        let resp = self.send(Method::POST, rb).await?;
+        let need = match mount {
+            Some((_, from)) => Need::Mount(repo, from),
+            None => Need::Push(repo),
+        };
+        let resp = self.send(Method::POST, need, rb).await?;
         match resp.status() {
             StatusCode::CREATED if mount.is_some() => Ok(None),
             StatusCode::ACCEPTED => Ok(Some(self.location(&resp)?)),
@@ -413,6 +521,7 @@ impl Http {
     /// Finishes an upload session with the whole body in one PUT.
     pub(crate) async fn finish_upload(
         &self,
+        repo: &Repository,
         location: &str,
         digest: &Digest,
         size: u64,
@@ -424,7 +533,7 @@ impl Http {
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, size)
             .body(body);
-        let resp = self.send(Method::PUT, rb).await?;
+        let resp = self.send(Method::PUT, Need::Push(repo), rb).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -444,7 +553,7 @@ impl Http {
             .await?
             .expect("no mount requested");
         let size = data.len() as u64;
-        self.finish_upload(&loc, digest, size, reqwest::Body::from(data))
+        self.finish_upload(repo, &loc, digest, size, reqwest::Body::from(data))
             .await
     }
 
@@ -455,7 +564,11 @@ impl Http {
     ) -> Result<(), OciError> {
         let url = self.url(&format!("{repo}/manifests/{digest}"));
         let resp = self
-            .send(Method::DELETE, self.request(Method::DELETE, &url))
+            .send(
+                Method::DELETE,
+                Need::Delete(repo),
+                self.request(Method::DELETE, &url),
+            )
             .await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             Ok(())
@@ -473,7 +586,11 @@ impl Http {
     ) -> Result<(), OciError> {
         let url = self.url(&format!("{repo}/blobs/{digest}"));
         let resp = self
-            .send(Method::DELETE, self.request(Method::DELETE, &url))
+            .send(
+                Method::DELETE,
+                Need::Delete(repo),
+                self.request(Method::DELETE, &url),
+            )
             .await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             Ok(())
@@ -485,7 +602,7 @@ impl Http {
     }
 }
 
-fn header_secret(value: &str) -> Result<HeaderValue, OciError> {
+pub(crate) fn header_secret(value: &str) -> Result<HeaderValue, OciError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| {
         br2k_core::ValidationError::malformed(
             "credentials",
@@ -503,12 +620,12 @@ fn digest_header(resp: &Response) -> Option<Digest> {
         .and_then(|s| Digest::parse(s).ok())
 }
 
-enum ReadError {
+pub(crate) enum ReadError {
     TooLarge,
     Http(reqwest::Error),
 }
 
-async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, ReadError> {
+pub(crate) async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, ReadError> {
     let mut buf = BytesMut::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {

@@ -38,6 +38,15 @@ pub(crate) enum OciError {
         what: String,
         source: std::io::Error,
     },
+    /// A `WWW-Authenticate` challenge that cannot be parsed.
+    #[error("{registry}: {source}")]
+    Challenge {
+        registry: String,
+        source: crate::auth::ChallengeError,
+    },
+    /// Token authentication cannot proceed (bad token answer, insecure realm).
+    #[error("{registry}: token authentication: {reason}")]
+    Auth { registry: String, reason: String },
     /// A protocol violation by the registry (missing headers...).
     #[error("{registry}: protocol error: {reason}")]
     Protocol { registry: String, reason: String },
@@ -80,6 +89,14 @@ pub(crate) fn to_core(e: OciError) -> Error {
                 ValidationError::malformed(what, source).into()
             }
         }
+        OciError::Challenge { registry, source } => {
+            Error::backend("oci", format!("{registry}: {source}"), false)
+        }
+        OciError::Auth { registry, reason } => Error::backend(
+            "oci",
+            format!("{registry}: token authentication: {reason}"),
+            false,
+        ),
         OciError::Protocol { registry, reason } => {
             Error::backend("oci", format!("{registry}: {reason}"), true)
         }

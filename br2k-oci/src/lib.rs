@@ -9,6 +9,7 @@
 //! - [`ImageBuilder`]: packs files into a reproducible single-layer image without a
 //!   container engine.
 
+pub mod auth;
 mod builder;
 mod client;
 mod config;

@@ -399,7 +399,7 @@ impl OciImageStore {
         let (body, verdict) = verified_body(resp.bytes_stream(), d.digest, d.size, what);
         let res = target
             .http
-            .finish_upload(&location, &d.digest, d.size, body)
+            .finish_upload(target_repo, &location, &d.digest, d.size, body)
             .await;
         if let Some(e) = verdict.lock().expect("verdict lock").take() {
             return Err(e.into());
@@ -431,7 +431,7 @@ impl OciImageStore {
         let (body, verdict) = verified_body(src, d.digest, d.size, what);
         let res = self
             .http
-            .finish_upload(&location, &d.digest, d.size, body)
+            .finish_upload(repo, &location, &d.digest, d.size, body)
             .await;
         if let Some(e) = verdict.lock().expect("verdict lock").take() {
             return Err(e.into());
