@@ -38,7 +38,39 @@ impl Registry {
         Self::spawn_with(Some(lines))
     }
 
+    /// A registry delegating authentication to a token server (`auth: token:`): it
+    /// trusts tokens of `issuer` for `service` signed by the key of the PEM
+    /// certificate(s) in `root_cert_bundle`, and sends clients to `realm`.
+    pub fn spawn_with_token_auth(
+        realm: &str,
+        service: &str,
+        issuer: &str,
+        root_cert_bundle: &std::path::Path,
+    ) -> Self {
+        Self::spawn_with_auth(|_| {
+            format!(
+                "auth:\n  token:\n    realm: \"{realm}\"\n    service: \"{service}\"\n    issuer: \"{issuer}\"\n    rootcertbundle: {}\n",
+                root_cert_bundle.display()
+            )
+        })
+    }
+
     fn spawn_with(htpasswd: Option<&str>) -> Self {
+        Self::spawn_with_auth(|root| match htpasswd {
+            Some(lines) => {
+                let path = root.join("htpasswd");
+                std::fs::write(&path, lines).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: br2k\n    path: {}\n",
+                    path.display()
+                )
+            }
+            None => String::new(),
+        })
+    }
+
+    /// A registry whose config ends with the `auth:` section `auth(root)` returns.
+    fn spawn_with_auth(auth: impl FnOnce(&std::path::Path) -> String) -> Self {
         let root = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let config = root.path().join("config.yml");
@@ -46,14 +78,7 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             root.path().join("data").display()
         );
-        if let Some(lines) = htpasswd {
-            let path = root.path().join("htpasswd");
-            std::fs::write(&path, lines).unwrap();
-            text.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: br2k\n    path: {}\n",
-                path.display()
-            ));
-        }
+        text.push_str(&auth(root.path()));
         std::fs::write(&config, text).unwrap();
         let mut r = Self {
             addr,
