@@ -879,6 +879,25 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_realm_only_for_insecure_registries() {
+        let ch = BearerChallenge::find([r#"Bearer realm="http://auth.example/token",service="s""#])
+            .unwrap()
+            .unwrap();
+        let secure = TokenAuth::new(reqwest::Client::new(), "r".into(), false, None);
+        let err = secure.learn(&ch).unwrap_err();
+        assert!(matches!(err, OciError::Auth { .. }), "{err}");
+        assert!(!secure.active());
+        let insecure = TokenAuth::new(reqwest::Client::new(), "r".into(), true, None);
+        insecure.learn(&ch).unwrap();
+        assert!(insecure.active());
+        let https = BearerChallenge::find([r#"Bearer realm="https://auth.example/token""#])
+            .unwrap()
+            .unwrap();
+        secure.learn(&https).unwrap();
+        assert!(secure.active());
+    }
+
+    #[test]
     fn debug_shows_no_credentials() {
         let basic = HeaderValue::from_static("Basic c2VjcmV0LXVzZXI6aHVudGVyMg==");
         let t = TokenAuth::new(

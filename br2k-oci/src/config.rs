@@ -50,20 +50,25 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// How requests authenticate.
+/// How requests authenticate (see the crate documentation, "Authentication").
+///
+/// With `Anonymous` and `Basic`, registry token authentication (a `401` with a
+/// `Bearer realm=...` challenge) is handled automatically.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Auth {
-    /// No credentials.
+    /// No credentials (anonymous tokens where the registry uses a token server).
     #[default]
     Anonymous,
-    /// HTTP basic authentication.
+    /// A user name and password: HTTP basic authentication to the registry, or to
+    /// its token server when the registry asks for bearer tokens.
     Basic {
         /// User name.
         username: String,
         /// Password.
         password: Secret,
     },
-    /// A static bearer token (`Authorization: Bearer ...`).
+    /// A static bearer token (`Authorization: Bearer ...`), sent as is on every
+    /// request and never refreshed.
     Bearer(Secret),
 }
 

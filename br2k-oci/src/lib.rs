@@ -8,6 +8,45 @@
 //!   and [`MirroredImageStore::repair`].
 //! - [`ImageBuilder`]: packs files into a reproducible single-layer image without a
 //!   container engine.
+//!
+//! # Authentication
+//!
+//! [`OciConfig::with_auth`] (or [`OciConfig::with_auth_from_env`]) picks one of:
+//!
+//! - [`Auth::Anonymous`]: no credentials. Against a registry that uses token
+//!   authentication the store still fetches anonymous tokens (enough for public
+//!   repositories and for `GET /v2/`).
+//! - [`Auth::Basic`]: a user name and password. Sent as HTTP basic auth to registries
+//!   that check it themselves (htpasswd); to registries that delegate to a token
+//!   server, only the token server sees them.
+//! - [`Auth::Bearer`]: a static token, sent as `Authorization: Bearer <token>` on every
+//!   request, never refreshed (the caller owns its lifetime).
+//!
+//! **Registry token authentication** (the Docker Registry token specification, used
+//! by Docker Hub, GHCR, Harbor, GitLab, `docker-registry` with `auth: token`) needs no
+//! setting: with `Anonymous` or `Basic`, a `401` whose `WWW-Authenticate` is
+//! `Bearer realm="...",service="...",scope="..."` makes the store `GET` a token from
+//! the realm (`service`, one `scope` parameter per scope, `account` and basic
+//! credentials when configured), read `token` or `access_token` from the JSON answer,
+//! and send the request once more with `Authorization: Bearer <token>`. From then on
+//! each request asks for the scopes Distribution checks (`repository:<name>:pull` for
+//! GET/HEAD, `pull,push` for uploads and manifest PUTs, plus `pull` on the source of a
+//! cross-repository mount, `delete` for DELETE), so a token is fetched ahead of the
+//! request, not after a `401`. Tokens are cached per scope until `expires_in` (60 s
+//! when absent) runs out, less a margin (a tenth, at most 10 s); a token the registry
+//! rejects anyway (`401` again) is replaced once. A streamed blob upload cannot be
+//! replayed, but it always follows the `POST` of the same scope, whose token is then
+//! cached. A plain-HTTP realm is accepted only for a registry configured insecure,
+//! so credentials never go out unencrypted by surprise. Challenges are parsed by
+//! [`auth::parse_challenges`] (quoted values with commas and escapes, several
+//! challenges and scopes, unknown parameters); a malformed one is an
+//! [`auth::ChallengeError`], surfaced as a non-retryable backend error. A refused
+//! token request (wrong password) and a token without the needed access are
+//! `permission_denied`.
+//!
+//! Passwords and tokens are kept in [`Secret`] and sensitive header values: `Debug`
+//! of the config and the store shows `<redacted>` and the number of cached tokens,
+//! never their values, and nothing logs them.
 
 pub mod auth;
 mod builder;
