@@ -318,7 +318,7 @@ impl fmt::Display for Challenge {
 /// A `Bearer` challenge of a token-authenticating registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BearerChallenge {
-    /// The token endpoint (an absolute http(s) URL).
+    /// The token endpoint: an absolute http(s) URL, normalized.
     pub realm: String,
     /// The `service` to name in the token request.
     pub service: Option<String>,
@@ -357,10 +357,12 @@ impl BearerChallenge {
             }
         }
         let realm = realm.ok_or(ChallengeError::MissingRealm)?;
-        match reqwest::Url::parse(&realm) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        // Kept in the normalized form that was checked (URL parsing is lenient:
+        // `https:host/t` is `https://host/t`).
+        let realm = match reqwest::Url::parse(&realm) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u.into(),
             _ => return Err(ChallengeError::BadRealm { realm }),
-        }
+        };
         Ok(Self {
             realm,
             service,
@@ -783,6 +785,13 @@ mod tests {
             Err(Expected { .. })
         ));
         let b = |h: &str| BearerChallenge::find([h]);
+        assert_eq!(
+            b(r#"Bearer realm="https:auth.example/t""#)
+                .unwrap()
+                .unwrap()
+                .realm,
+            "https://auth.example/t"
+        );
         assert_eq!(b(r#"Bearer service="s""#), Err(MissingRealm));
         assert_eq!(b("Bearer abc=="), Err(MissingRealm));
         assert_eq!(
