@@ -27,8 +27,8 @@ const SERVICE: &str = "br2k-test-registry";
 const ISSUER: &str = "br2k-test-token-issuer";
 const USER: &str = "tester";
 
-/// What the token server handed out.
-#[derive(Clone, Debug)]
+/// What the token server handed out (`Debug` leaves the token out).
+#[derive(Clone)]
 struct Issued {
     token: String,
     /// The authenticated user, or "" for anonymous.
@@ -37,6 +37,16 @@ struct Issued {
     scopes: Vec<String>,
     /// Whether the token was issued already expired.
     stale: bool,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("subject", &self.subject)
+            .field("scopes", &self.scopes)
+            .field("stale", &self.stale)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Issuer {
@@ -413,6 +423,24 @@ async fn token_auth_push_pull_copy_with_credentials() {
     ] {
         assert!(scopes.contains(&&want), "{want} not in {scopes:?}");
     }
+    // One token per scope, although blobs move 6 at a time: parallel requests wait
+    // for the one fetch. Also when the first requests go out before the registry has
+    // asked for tokens (a new store, no ping): they all get a 401 and share one token.
+    let no_duplicates = |issued: &[Issued]| {
+        let mut seen: Vec<&Vec<String>> = issued.iter().map(|i| &i.scopes).collect();
+        seen.sort();
+        let n = seen.len();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "a scope fetched twice: {issued:?}");
+    };
+    no_duplicates(&issued);
+    let cold = s.user();
+    let before = s.issued().len();
+    let wide = sample_image(rand::random(), 8, 5_000);
+    let repo_cold = fresh_repo("token-cold");
+    cold.push(&repo_cold, &wide, Some("v1")).await.unwrap();
+    assert_eq!(cold.pull(&repo_cold, &wide.digest).await.unwrap(), wide);
+    no_duplicates(&s.issued()[before..]);
 
     // Copy within the token registry (cross-repository mount: push on the target,
     // pull on the source), from it to an open registry and back (streamed uploads).
