@@ -7,7 +7,9 @@ use br2k_oci::auth::{BearerChallenge, parse_challenges};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     let bearer = BearerChallenge::find([s]);
     match parse_challenges(s) {
         Ok(challenges) => {
