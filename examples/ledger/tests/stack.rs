@@ -1041,3 +1041,67 @@ async fn inflight_settlement_is_resolved_by_key_after_leader_kill() {
         assert_eq!(local, json!({"treasury": 93}));
     }
 }
+
+/// A leader paused (SIGSTOP) past its lease is replaced; once resumed it is fenced:
+/// its writes are redirected, never applied, and all replicas stay equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn paused_leader_is_fenced_after_resuming() {
+    let w = World::new("ledger-paused", 1000, None);
+    let rs: Vec<Replica> = (1..=3).map(|s| w.spawn(s)).collect();
+    let urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
+    let c = http();
+    wait_leader(&c, &urls, Duration::from_secs(60)).await;
+    must(
+        &c,
+        &urls,
+        "/deposit",
+        None,
+        json!({"account": "alice", "amount": 100}),
+    )
+    .await;
+    let old = wait_leader(&c, &urls, Duration::from_secs(60)).await;
+    rs[old].signal("-STOP");
+    let survivors: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != old)
+        .map(|(_, u)| u.clone())
+        .collect();
+    wait_leader(&c, &survivors, Duration::from_secs(60)).await;
+    for i in 0..10 {
+        must(
+            &c,
+            &survivors,
+            "/transfer",
+            Some(&format!("z-{i}")),
+            json!({"from": "alice", "to": "bob", "amount": 1}),
+        )
+        .await;
+    }
+    rs[old].signal("-CONT");
+    // Straight to the deposed leader, without following redirects.
+    let body = json!({"from": "alice", "to": "bob", "amount": 5}).to_string();
+    let r = c
+        .post(format!("{}/transfer", urls[old]))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    assert!(
+        s == 307 || s == 503,
+        "deposed leader answered {s}: {:?}",
+        r.text().await
+    );
+    let expected = json!({"alice": 90, "bob": 10});
+    for local in converged(&c, &urls).await {
+        assert_eq!(
+            local,
+            expected,
+            "{}",
+            dump_logs(&rs.iter().collect::<Vec<_>>())
+        );
+    }
+}
