@@ -9,8 +9,15 @@
 use std::time::{Duration, Instant};
 
 use alloy::node_bindings::Anvil;
+use alloy::providers::{Provider, ProviderBuilder};
 use br2k_chain::{ChainConfig, ChainRegistry};
 use br2k_core::{Digest, ImageRef, Registry, ServiceId, ServiceSpec};
+
+/// Accounts registering services concurrently during setup (the writes of one
+/// handle are serialized, one nonce sequence, so parallelism needs accounts).
+const WRITERS: usize = 100;
+/// Publishes timed for the latency median.
+const PUBLISHES: u64 = 50;
 
 fn spec(i: u64) -> ServiceSpec {
     let image = ImageRef::parse(&format!(
@@ -44,6 +51,8 @@ async fn main() {
     let anvil = Anvil::at(bin)
         .arg("--host")
         .arg("127.0.0.1")
+        .arg("--accounts")
+        .arg(WRITERS.to_string())
         .try_spawn()
         .expect("spawn anvil");
     let cfg = |i: usize| {
@@ -53,7 +62,7 @@ async fn main() {
     let owner = ChainRegistry::deploy(cfg(0)).await.expect("deploy");
     let writers: Vec<ChainRegistry> = {
         let mut v = Vec::new();
-        for i in 0..8 {
+        for i in 0..WRITERS {
             v.push(owner.with_signer(cfg(i)).await.expect("writer"));
         }
         v
@@ -63,13 +72,13 @@ async fn main() {
     let pid = ServiceId::new("publish-latency").expect("id");
     owner.register(&pid, &spec(0)).await.expect("register");
     let mut lat = Vec::new();
-    for i in 1..=50u64 {
+    for i in 1..=PUBLISHES {
         let t = Instant::now();
         owner.publish(&pid, &spec(i)).await.expect("publish");
         lat.push(t.elapsed());
     }
     println!(
-        "publish to 1 confirmation (anvil automine, incl. read-back): median {:?} over 50",
+        "publish to 1 confirmation (anvil automine, incl. read-back): median {:?} over {PUBLISHES}",
         median(lat)
     );
 
@@ -77,23 +86,34 @@ async fn main() {
     let ids: Vec<ServiceId> = (0..max)
         .map(|i| ServiceId::new(format!("svc-{i}")).expect("id"))
         .collect();
+    // Setup only: with automine every registration is its own block and anvil's cost
+    // per block grows with the state, so 10,000 blocks take quadratic time. Mine a
+    // block every second instead, with one registration in flight per writer, so
+    // each block holds ~100 of them.
+    let rpc = ProviderBuilder::new().connect_http(anvil.endpoint_url());
+    rpc.raw_request::<_, serde_json::Value>("evm_setAutomine".into(), (false,))
+        .await
+        .expect("evm_setAutomine");
+    rpc.raw_request::<_, serde_json::Value>("evm_setIntervalMining".into(), (1,))
+        .await
+        .expect("evm_setIntervalMining");
     let t = Instant::now();
-    let chunks: Vec<Vec<(usize, ServiceId)>> = (0..writers.len())
-        .map(|w| {
-            ids.iter()
-                .enumerate()
-                .filter(|(i, _)| i % writers.len() == w)
-                .map(|(i, id)| (i, id.clone()))
-                .collect()
-        })
-        .collect();
     let tasks: Vec<_> = writers
         .into_iter()
-        .zip(chunks)
-        .map(|(w, chunk)| {
+        .enumerate()
+        .map(|(w, writer)| {
+            let mine: Vec<(usize, ServiceId)> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % WRITERS == w)
+                .map(|(i, id)| (i, id.clone()))
+                .collect();
             tokio::spawn(async move {
-                for (i, id) in chunk {
-                    w.register(&id, &spec(i as u64)).await.expect("register");
+                for (i, id) in mine {
+                    writer
+                        .register(&id, &spec(i as u64))
+                        .await
+                        .expect("register");
                 }
             })
         })
@@ -101,6 +121,12 @@ async fn main() {
     for task in tasks {
         task.await.expect("writer task");
     }
+    rpc.raw_request::<_, serde_json::Value>("evm_setIntervalMining".into(), (0,))
+        .await
+        .expect("evm_setIntervalMining");
+    rpc.raw_request::<_, serde_json::Value>("evm_setAutomine".into(), (true,))
+        .await
+        .expect("evm_setAutomine");
     println!("registered {max} services in {:?}", t.elapsed());
 
     println!("\n| N | path | median time | round trips | per record |");
