@@ -94,6 +94,23 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// CPU seconds (user + system) of process `pid` ("self" for this one) and of its
+/// reaped children, from `/proc/<pid>/stat` (clock ticks of 10 ms).
+fn cpu(pid: &str) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime is field 14 overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let tick = 0.01;
+    if f.len() < 15 {
+        return (0.0, 0.0);
+    }
+    ((f[11] + f[12]) * tick, (f[13] + f[14]) * tick)
+}
+
 fn skopeo(src: &str, dst: &str) -> Duration {
     let t = Instant::now();
     let out = Command::new("skopeo")
@@ -149,7 +166,6 @@ async fn main() {
     .unwrap();
     let repo = Repository::new("bench/app").unwrap();
     src.push(&repo, &image, Some("v1")).await.unwrap();
-    drop(image);
     let digest = src.resolve(&repo, "v1").await.unwrap();
 
     println!("br2k blob concurrency {concurrency}");
@@ -161,6 +177,9 @@ async fn main() {
         "run", "tool", "seconds", "MB/s"
     );
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    // CPU seconds per cold run: (client, source registry, target registry).
+    let (mut cpu_ours, mut cpu_theirs) = (Vec::new(), Vec::new());
+    let src_pid = source.child.id().to_string();
     let mut last_target = None;
     for run in 0..runs {
         let order = if run % 2 == 0 {
@@ -170,6 +189,8 @@ async fn main() {
         };
         for tool in order {
             let target = Reg::spawn();
+            let dst_pid = target.child.id().to_string();
+            let before = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
             let secs = if tool == "br2k" {
                 let dst = OciImageStore::new(
                     OciConfig::new(&target.addr)
@@ -181,6 +202,12 @@ async fn main() {
                 let t = Instant::now();
                 let report = src.copy_image(&repo, &digest, &dst).await.unwrap();
                 let e = t.elapsed().as_secs_f64();
+                let after = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
+                cpu_ours.push((
+                    after.0.0 - before.0.0,
+                    after.1 - before.1,
+                    after.2 - before.2,
+                ));
                 assert_eq!(report.blobs_copied, 6);
                 dst.verify(&repo, &digest).await.unwrap();
                 ours.push(e);
@@ -192,6 +219,12 @@ async fn main() {
                     &format!("docker://{}/{repo}:v1", target.addr),
                 )
                 .as_secs_f64();
+                let after = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
+                cpu_theirs.push((
+                    after.0.1 - before.0.1,
+                    after.1 - before.1,
+                    after.2 - before.2,
+                ));
                 let check = OciImageStore::insecure(&target.addr).unwrap();
                 check.verify(&repo, &digest).await.unwrap();
                 theirs.push(e);
@@ -212,6 +245,38 @@ async fn main() {
         "cold mirror medians over {runs} runs: br2k {mo:.3} s, skopeo {mt:.3} s, speed-up x{:.2}",
         mt / mo
     );
+
+    for (tool, v) in [("br2k", &cpu_ours), ("skopeo", &cpu_theirs)] {
+        let mut client: Vec<f64> = v.iter().map(|c| c.0).collect();
+        let mut a: Vec<f64> = v.iter().map(|c| c.1).collect();
+        let mut b: Vec<f64> = v.iter().map(|c| c.2).collect();
+        println!(
+            "CPU seconds per cold run (medians), {tool}: client {:.2}, source registry {:.2}, target registry {:.2}",
+            median(&mut client),
+            median(&mut a),
+            median(&mut b)
+        );
+    }
+
+    // Lower bounds: reading + hashing everything from A alone, and uploading from
+    // memory into an empty registry alone.
+    let (mut reads, mut uploads) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        src.verify(&repo, &digest).await.unwrap();
+        reads.push(t.elapsed().as_secs_f64());
+        let empty = Reg::spawn();
+        let up = OciImageStore::insecure(&empty.addr).unwrap();
+        let t = Instant::now();
+        up.push(&repo, &image, None).await.unwrap();
+        uploads.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "phases alone (medians): read+hash from A {:.3} s, upload from memory to empty B {:.3} s",
+        median(&mut reads),
+        median(&mut uploads)
+    );
+    drop(image);
 
     let (_target, dst) = last_target.expect("at least one run");
     let (sb, db) = (src.request_counts(), dst.request_counts());
