@@ -13,7 +13,7 @@
 //! the leadership's term and `last` with the expected value, so a deposed leader's
 //! append writes nothing and is refused with [`br2k_core::Error::Conflict`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::ops::RangeInclusive;
@@ -209,6 +209,44 @@ fn encode_chunk(term: u64, entries: &[Bytes]) -> Vec<u8> {
         out.extend_from_slice(e);
     }
     out
+}
+
+/// Sends the held chunks' entries from `next` up to `last` in order. `Some(false)`
+/// when an entry in that range is not held (the caller reads it instead), `None`
+/// when the receiver is gone.
+async fn emit_held(
+    held: &mut BTreeMap<u64, (u64, Vec<Bytes>)>,
+    next: &mut u64,
+    last: u64,
+    tx: &mpsc::Sender<Result<Entry>>,
+) -> Option<bool> {
+    while *next <= last {
+        let Some((&start, _)) = held.range(..=*next).next_back() else {
+            return Some(false);
+        };
+        let (term, data) = held.remove(&start).expect("held chunk");
+        if start + data.len() as u64 <= *next {
+            continue; // Wholly before `next`: already delivered.
+        }
+        for (i, d) in data.into_iter().enumerate() {
+            let index = start + i as u64;
+            if index < *next || index > last {
+                continue;
+            }
+            let entry = Entry {
+                index,
+                term,
+                data: d,
+            };
+            if tx.send(Ok(entry)).await.is_err() {
+                return None;
+            }
+            *next = index + 1;
+        }
+    }
+    // Chunks wholly at or below `last` are delivered; later ones stay held.
+    held.retain(|&start, _| start > last);
+    Some(true)
 }
 
 fn decode_chunk(key: &[u8], value: &[u8]) -> std::result::Result<(u64, Vec<Bytes>), EtcdError> {
@@ -1105,13 +1143,25 @@ impl EtcdLog {
             let Some(rev) = catch_up(&mut next).await? else {
                 return Ok(());
             };
+            // Watch the whole log (`first`, `last` and the entry chunks): the events
+            // carry the committed chunks, so following costs no read per append. A
+            // chunk is held until `last` covers it (large appends stage chunks past
+            // `last`); anything the events do not explain falls back to a read.
             let mut wc = self.inner.session.client.watch_client();
-            let key = self.inner.keys.last.clone();
+            let log_prefix = format!("{}log/", self.inner.keys.namespace_prefix);
             let mut stream = timed(self.inner.cfg.request_timeout, "watch", async {
-                wc.watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))
-                    .await
+                wc.watch(
+                    log_prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(rev + 1),
+                    ),
+                )
+                .await
             })
             .await?;
+            let mut held: BTreeMap<u64, (u64, Vec<Bytes>)> = BTreeMap::new();
             loop {
                 let msg = tokio::select! {
                     _ = tx.closed() => return Ok(()),
@@ -1124,17 +1174,33 @@ impl EtcdLog {
                         break;
                     }
                     Ok(Some(resp)) => {
-                        let mut target = None;
+                        let mut resync = false;
                         for ev in resp.events() {
-                            if ev.event_type() == EventType::Put
-                                && let Some(kv) = ev.kv()
+                            let Some(kv) = ev.kv() else { continue };
+                            let key = kv.key();
+                            if key.starts_with(self.inner.keys.entry_prefix.as_bytes()) {
+                                let start = self.inner.keys.entry_index(key)?;
+                                if ev.event_type() == EventType::Put {
+                                    held.insert(start, decode_chunk(key, kv.value())?);
+                                } else {
+                                    held.remove(&start);
+                                }
+                            } else if key == self.inner.keys.last.as_bytes()
+                                && ev.event_type() == EventType::Put
                             {
-                                target = Some(parse_index(kv.key(), kv.value())?);
+                                let last = parse_index(key, kv.value())?;
+                                match emit_held(&mut held, &mut next, last, tx).await {
+                                    Some(true) => {}
+                                    Some(false) => resync = true,
+                                    None => return Ok(()),
+                                }
                             }
                         }
-                        if target.is_some_and(|t| t >= next) && catch_up(&mut next).await?.is_none()
-                        {
-                            return Ok(());
+                        if resync {
+                            held.clear();
+                            if catch_up(&mut next).await?.is_none() {
+                                return Ok(());
+                            }
                         }
                     }
                     Ok(None) => return Err(Error::unavailable("etcd watch ended")),
@@ -1148,6 +1214,32 @@ impl EtcdLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn held_chunks_are_emitted_in_order_up_to_last() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut held = BTreeMap::new();
+        held.insert(1, (7, vec![b("a"), b("b")]));
+        held.insert(3, (7, vec![b("c")]));
+        held.insert(4, (7, vec![b("staged")])); // past `last`: stays held
+        let mut next = 2; // entry 1 was delivered by a read
+        assert_eq!(emit_held(&mut held, &mut next, 3, &tx).await, Some(true));
+        let got: Vec<(u64, Bytes)> = (0..2)
+            .map(|_| rx.try_recv().unwrap().unwrap())
+            .map(|e| (e.index, e.data))
+            .collect();
+        assert_eq!(got, vec![(2, b("b")), (3, b("c"))]);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(next, 4);
+        assert_eq!(held.keys().copied().collect::<Vec<_>>(), vec![4]);
+        // A committed entry that no event carried: the caller must read.
+        let mut next = 5;
+        assert_eq!(emit_held(&mut held, &mut next, 5, &tx).await, Some(false));
+        drop(rx);
+        let mut held = BTreeMap::from([(5, (7, vec![b("x")]))]);
+        assert_eq!(emit_held(&mut held, &mut next, 5, &tx).await, None);
+    }
 
     #[test]
     fn chunks_round_trip_and_respect_the_budget() {

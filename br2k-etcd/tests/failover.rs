@@ -105,9 +105,18 @@ async fn survives_a_member_failure_and_a_lost_quorum() {
     append_retrying(&a, &mut lead, "all-up").await;
     acked.push("all-up".into());
     // Every acknowledged entry is in the log, in order; the follower saw the log.
-    let log: Vec<String> = b
-        .read(1, 10_000)
-        .await
+    // A member just restarted may still refuse requests for a moment: retry reads.
+    let mut read = b.read(1, 10_000).await;
+    for _ in 0..50 {
+        match &read {
+            Err(e) if e.is_retryable() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                read = b.read(1, 10_000).await;
+            }
+            _ => break,
+        }
+    }
+    let log: Vec<String> = read
         .unwrap()
         .iter()
         .map(|e| String::from_utf8(e.data.to_vec()).unwrap())
