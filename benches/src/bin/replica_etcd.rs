@@ -12,12 +12,14 @@
 //!    4th replica joining from the checkpoint (time to restore and replay).
 //!
 //! `cargo run --release -p br2k-benches --bin replica_etcd [-- --runs 3 --secs 3]`
-//! prints each run and the medians. Snapshots go to an in-memory image store.
+//! prints each run and the medians. Snapshots are OCI artifacts in the stack's primary
+//! registry (`--memory-snapshots`: an in-memory image store instead).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use br2k_core::ImageStore;
 use br2k_core::log::ReplicatedLog;
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{CounterCommand, Counters};
@@ -124,10 +126,22 @@ async fn raw_level(ns: &str, clients: usize, secs: Duration) -> Level {
     .await
 }
 
+/// Where snapshots go: the stack's primary OCI registry (`BR2K_OCI_REGISTRIES`), or
+/// an in-memory store with `--memory-snapshots`.
+fn snapshot_store() -> Result<Arc<dyn ImageStore>> {
+    if std::env::args().any(|a| a == "--memory-snapshots") {
+        return Ok(Arc::new(InMemoryImageStore::new("mem.local")));
+    }
+    let registries = std::env::var("BR2K_OCI_REGISTRIES")
+        .expect("BR2K_OCI_REGISTRIES (source .stack/env) or --memory-snapshots");
+    let primary = registries.split(',').next().unwrap_or_default().trim();
+    Ok(Arc::new(br2k_oci::OciImageStore::insecure(primary)?))
+}
+
 struct Cluster {
     ns: String,
     registry: InMemoryRegistry,
-    store: InMemoryImageStore,
+    store: Arc<dyn ImageStore>,
     id: ServiceId,
 }
 
@@ -148,7 +162,7 @@ impl Cluster {
         Ok(Self {
             ns,
             registry: owner.as_account("replica"),
-            store: InMemoryImageStore::new("mem.local"),
+            store: snapshot_store()?,
             id,
         })
     }
@@ -163,7 +177,7 @@ impl Cluster {
             Counters::default(),
             Arc::new(log),
             Arc::new(self.registry.clone()),
-            Arc::new(self.store.clone()),
+            self.store.clone(),
             None,
         )
         .await
