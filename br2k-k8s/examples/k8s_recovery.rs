@@ -21,7 +21,7 @@ use br2k_k8s::{KubeReplicator, Names};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Toleration};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Toleration};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -181,6 +181,221 @@ fn proc_stat() -> (u64, f64) {
     (rss_kb, ticks as f64 / 100.0)
 }
 
+/// Creates namespace `ns`, labelled as a test namespace.
+async fn create_namespace(client: &Client, ns: &str) -> Result<(), Box<dyn std::error::Error>> {
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
+            )?,
+        )
+        .await?;
+    Ok(())
+}
+
+/// A replicator for namespace `ns` whose pods tolerate kwok's fake nodes.
+fn kwok_replicator(client: &Client, ns: &str) -> KubeReplicator {
+    KubeReplicator::builder(ns)
+        .with_toleration(Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        })
+        .build(client.clone())
+}
+
+const POOL_KEY: &str = "br2k.io/pool";
+
+/// Creates `count` fake kwok nodes labelled `br2k.io/pool=<pool>` (tainted with it when
+/// `tainted`, so only pods tolerating it land there) and waits until they are Ready.
+/// kwok initializes nodes created without a status with a large capacity (the default
+/// cluster nodes hold 110 pods each).
+async fn fake_nodes(
+    client: &Client,
+    pool: &str,
+    count: usize,
+    tainted: bool,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let names: Vec<String> = (0..count).map(|i| format!("br2k-{pool}-{i}")).collect();
+    let taints = if tainted {
+        json!([{"key": POOL_KEY, "value": pool, "effect": "NoSchedule"}])
+    } else {
+        json!([])
+    };
+    for name in &names {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {
+                        "name": name,
+                        "labels": {"br2k.io/test": "true", POOL_KEY: pool,
+                                   "kubernetes.io/hostname": name, "type": "kwok"},
+                        "annotations": {"kwok.x-k8s.io/node": "fake"}
+                    },
+                    "spec": {"taints": taints}
+                }))?,
+            )
+            .await?;
+    }
+    for name in &names {
+        while !nodes
+            .get(name)
+            .await
+            .map(|n| !br2k_k8s::parse::node_failed(&n))
+            .unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(names)
+}
+
+/// The node NotReady class, on a private pool of 3 fake nodes (labelled and tainted
+/// `br2k.io/pool=<pool>`, so no other workload is touched) in namespace `<ns>-node`
+/// with its own supervisor: per trial, kwok's `node-not-ready` chaos stage fails the
+/// node running replica `i % 3`; the clock starts when the API server shows the node
+/// NotReady; the node is healed (label removed, Ready again) before the next trial.
+async fn node_class(
+    client: &Client,
+    base_ns: &str,
+    trials: usize,
+) -> Result<Vec<Phases>, Box<dyn std::error::Error>> {
+    const CHAOS: &str = "node-not-ready.stage.kwok.x-k8s.io";
+    let ns = format!("{base_ns}-node");
+    let pool = format!("bench-{base_ns}");
+    create_namespace(client, &ns).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let names = fake_nodes(client, &pool, 3, true).await?;
+    let node_ready = |name: String| {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .get(&name)
+                .await
+                .map(|n| !br2k_k8s::parse::node_failed(&n))
+                .unwrap_or(false)
+        }
+    };
+    let rep = KubeReplicator::builder(&ns)
+        .with_toleration(Toleration {
+            key: Some(POOL_KEY.into()),
+            operator: Some("Equal".into()),
+            value: Some(pool.clone()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        })
+        .with_toleration(Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        })
+        .with_node_selector(POOL_KEY, pool.clone())
+        .build(client.clone());
+    let registry = Arc::new(InMemoryRegistry::new("bench-node"));
+    let sup = Arc::new(
+        Supervisor::builder()
+            .registry(registry.clone() as Arc<dyn Registry>)
+            .replicator(Arc::new(rep.clone()))
+            .resync(Duration::from_secs(30))
+            .build()?,
+    );
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let runner = tokio::spawn(sup.clone().run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    let id = ServiceId::new("bench-node")?;
+    registry
+        .register(&id, &sample_spec("registry.test:5000"))
+        .await?;
+    let record = registry.resume(&id).await?;
+    let mut changes = rep.changes().await?;
+    let mut events = sup.subscribe();
+    wait_recovered(&rep, &mut changes, &record, Instant::now(), false).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let base = Names::of(&id).base;
+    let mut v = Vec::new();
+    for i in 0..trials {
+        let victim = format!("{base}-{}", i % 3);
+        let Some(node) = pods.get(&victim).await?.spec.and_then(|s| s.node_name) else {
+            return Err(format!("{victim} not scheduled").into());
+        };
+        drain(&mut changes, &mut events);
+        nodes
+            .patch(
+                &node,
+                &intruder(),
+                &Patch::Merge(json!({"metadata": {"labels": {CHAOS: "true"}}})),
+            )
+            .await?;
+        while node_ready(node.clone()).await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t = Instant::now();
+        let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+        supervisor_phases(&mut ph, &mut events, t);
+        v.push(ph);
+        nodes
+            .patch(
+                &node,
+                &intruder(),
+                &Patch::Merge(json!({"metadata": {"labels": {CHAOS: null}}})),
+            )
+            .await?;
+        while !node_ready(node.clone()).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = runner.await;
+    for name in &names {
+        let _ = nodes.delete(name, &DeleteParams::default()).await;
+    }
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await?;
+    Ok(v)
+}
+
+/// The floor of the deleted class: what Kubernetes itself needs to bring a new
+/// 3-replica StatefulSet (with its Services, PDB and ConfigMap) from one apply to all
+/// replicas Ready, in namespace `<ns>-fresh` with no supervisor. Each trial applies a
+/// fresh service and removes it afterwards.
+async fn fresh_floor(
+    client: &Client,
+    base_ns: &str,
+    trials: usize,
+) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
+    let ns = format!("{base_ns}-fresh");
+    create_namespace(client, &ns).await?;
+    let rep = kwok_replicator(client, &ns);
+    let registry = InMemoryRegistry::new("bench-fresh");
+    let mut changes = rep.changes().await?;
+    let mut v = Vec::new();
+    for i in 0..trials {
+        let id = ServiceId::new(format!("fresh-{i}"))?;
+        registry
+            .register(&id, &sample_spec("registry.test:5000"))
+            .await?;
+        let record = registry.resume(&id).await?;
+        while changes.next().now_or_never().flatten().is_some() {}
+        let t = Instant::now();
+        rep.apply(&record).await?;
+        v.push(
+            wait_recovered(&rep, &mut changes, &record, t, false)
+                .await
+                .ready,
+        );
+        rep.remove(&id).await?;
+    }
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await?;
+    Ok(v)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     br2k_k8s::install_crypto_provider();
@@ -194,21 +409,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .as_millis()
             & 0xffffff
     );
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
-            )?,
-        )
-        .await?;
-    let rep = KubeReplicator::builder(&ns)
-        .with_toleration(Toleration {
-            key: Some("kwok.x-k8s.io/node".into()),
-            operator: Some("Exists".into()),
-            ..Toleration::default()
-        })
-        .build(client.clone());
+    create_namespace(&client, &ns).await?;
+    let rep = kwok_replicator(&client, &ns);
     let registry = Arc::new(InMemoryRegistry::new("bench"));
     let sup = Arc::new(
         Supervisor::builder()
@@ -223,6 +425,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }));
 
     if services > 0 {
+        // Room for every pod: 3 extra fake nodes without the 110-pod limit.
+        let big = fake_nodes(&client, &format!("big-{ns}"), 3, false).await?;
         let (rss0, _) = proc_stat();
         let spec = {
             let mut s = sample_spec("registry.test:5000");
@@ -244,14 +448,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let deployed = start.elapsed();
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        // Settled: no recovery for 30 s (every pod came up Ready), at most 15 min.
+        let mut last = (sup.metrics().recoveries, Instant::now());
+        while last.1.elapsed() < Duration::from_secs(30)
+            && start.elapsed() < Duration::from_secs(900)
+        {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let r = sup.metrics().recoveries;
+            if r != last.0 {
+                last = (r, Instant::now());
+            }
+        }
+        let settled = start.elapsed();
+        let before = sup.metrics();
         let (rss1, cpu1) = proc_stat();
         tokio::time::sleep(Duration::from_secs(60)).await;
         let (rss2, cpu2) = proc_stat();
+        let idle = sup.metrics();
+        println!("settled (no recovery for 30 s) after: {settled:?}");
+        println!(
+            "during the idle minute: reconciles {} recoveries {}",
+            idle.reconciles - before.reconciles,
+            idle.recoveries - before.recoveries
+        );
         println!("services supervised:          {services}");
         println!("all workloads applied in:     {deployed:?}");
         println!(
-            "RSS before / after / +60 s:   {} / {} / {} MiB",
+            "RSS at start / settled / +60 s idle: {} / {} / {} MiB",
             rss0 / 1024,
             rss1 / 1024,
             rss2 / 1024
@@ -265,6 +488,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "reconciles: {} recoveries: {} errors: {}",
             m.reconciles, m.recoveries, m.errors
         );
+        let nodes: Api<Node> = Api::all(client.clone());
+        for name in &big {
+            let _ = nodes.delete(name, &DeleteParams::default()).await;
+        }
     } else {
         let spec = sample_spec("registry.test:5000");
         let id = ServiceId::new("bench")?;
@@ -291,6 +518,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
             floor.push(t.elapsed());
         }
+
+        let fresh = fresh_floor(&client, &ns, trials).await?;
 
         let other = record
             .spec
@@ -361,9 +590,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             results.push((class, v));
         }
+        if !std::env::args().any(|a| a == "--no-node") {
+            results.push(("node_not_ready", node_class(&client, &ns, trials).await?));
+        }
         println!("| drift class            | trials |  p50 (ms) |  p99 (ms) |  max (ms) |");
         println!("|------------------------|--------|-----------|-----------|-----------|");
         row("floor: one SSA", floor);
+        row("floor: new sts → Ready", fresh);
         for (c, v) in &results {
             row(c, v.iter().map(|p| p.ready).collect());
         }

@@ -562,21 +562,7 @@ impl Http {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), OciError> {
-        let url = self.url(&format!("{repo}/manifests/{digest}"));
-        let resp = self
-            .send(
-                Method::DELETE,
-                Need::Delete(repo),
-                self.request(Method::DELETE, &url),
-            )
-            .await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(self
-                .fail(format!("DELETE manifest {repo}@{digest}"), resp)
-                .await)
-        }
+        self.delete(repo, "manifests", digest).await
     }
 
     pub(crate) async fn delete_blob(
@@ -584,7 +570,12 @@ impl Http {
         repo: &Repository,
         digest: &Digest,
     ) -> Result<(), OciError> {
-        let url = self.url(&format!("{repo}/blobs/{digest}"));
+        self.delete(repo, "blobs", digest).await
+    }
+
+    /// DELETE `<repo>/<kind>/<digest>`; already absent counts as deleted.
+    async fn delete(&self, repo: &Repository, kind: &str, digest: &Digest) -> Result<(), OciError> {
+        let url = self.url(&format!("{repo}/{kind}/{digest}"));
         let resp = self
             .send(
                 Method::DELETE,
@@ -595,8 +586,9 @@ impl Http {
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             Ok(())
         } else {
+            let what = kind.trim_end_matches('s');
             Err(self
-                .fail(format!("DELETE blob {repo}@{digest}"), resp)
+                .fail(format!("DELETE {what} {repo}@{digest}"), resp)
                 .await)
         }
     }
