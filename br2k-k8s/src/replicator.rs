@@ -43,8 +43,10 @@ pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
 /// `br2k.io/record-version` and the annotation `br2k.io/spec-hash`. The ConfigMap is
 /// the owner of every other object, so deleting it cascades.
 ///
-/// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`]);
-/// [`Replicator::changes`] is fed by one shared watcher per kind for the namespace.
+/// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`])
+/// as held by the shared watch cache, so right after an `apply` it can lag by one watch
+/// delivery (milliseconds); [`Replicator::changes`] is fed by the same watchers, one
+/// per kind for the namespace.
 /// Clones share the client and the watchers.
 #[derive(Clone)]
 pub struct KubeReplicator {

@@ -374,8 +374,20 @@ async fn autoscaler_changes_inside_the_bounds_are_left_alone() {
         }
     );
     r.apply(&rec).await.expect("apply");
-    let obs = r.observe(&rec.id).await.expect("observe").expect("live");
-    assert_eq!(obs.desired_replicas, 5);
+    // `observe` reads the watch cache, which can lag the apply by one watch delivery.
+    let obs = wait_for(TIMEOUT, "clamped to 5 replicas", || async {
+        let o = r
+            .observe(&rec.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("gone")?;
+        if o.desired_replicas == 5 {
+            Ok(o)
+        } else {
+            Err(format!("{} desired", o.desired_replicas))
+        }
+    })
+    .await;
     let d = diagnose(&rec, Some(&obs), &[]);
     assert!(
         !d.findings
