@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -529,6 +530,9 @@ async fn histories_under_leader_crashes_are_linearizable() {
         total += history.len();
         unknown += history.iter().filter(|o| o.ret.is_none()).count();
         check_counter_history(&history).unwrap_or_else(|e| panic!("run {run}: {e}\n{history:#?}"));
+        // The same history through an existing checker (stateright's tester).
+        check_with_consistency_model(&history)
+            .unwrap_or_else(|e| panic!("run {run}: {e}\n{history:#?}"));
         checked += 1;
         for (r, _) in live.lock().unwrap().drain(..) {
             drop(r);
@@ -544,4 +548,97 @@ async fn histories_under_leader_crashes_are_linearizable() {
         unknown * 10 < total,
         "too many operations without an answer: {unknown} of {total}"
     );
+}
+
+/// A counter as a sequential specification for `consistency_model` (stateright's
+/// linearizability tester): adds return the new value, reads the current one.
+#[derive(Clone, Debug, Default)]
+struct CounterSpec(i64);
+
+impl consistency_model::SequentialSpec for CounterSpec {
+    type Op = Option<i64>;
+    type Ret = i64;
+    fn invoke(&mut self, op: &Option<i64>) -> i64 {
+        self.0 += op.unwrap_or(0);
+        self.0
+    }
+}
+
+/// Checks a counter history with `consistency_model::LinearizabilityTester`, counter
+/// by counter. Events are fed in time order (invocations before returns at equal
+/// times, the permissive choice); operations are spread over "threads" that are
+/// sequential in real time, and every operation with an unknown outcome gets a
+/// thread of its own (it stays in flight: it may or may not have taken effect).
+fn check_with_consistency_model(ops: &[CounterOp]) -> Result<(), String> {
+    use consistency_model::{ConsistencyTester, LinearizabilityTester};
+    let mut by_counter: BTreeMap<&str, Vec<&CounterOp>> = BTreeMap::new();
+    for op in ops {
+        by_counter.entry(&op.counter).or_default().push(op);
+    }
+    for (counter, mut ops) in by_counter {
+        ops.sort_by_key(|o| o.call);
+        // Threads: each holds operations that do not overlap in time.
+        let mut free_at: Vec<u64> = Vec::new();
+        let mut events: Vec<(u64, bool, usize, &CounterOp)> = Vec::new();
+        for op in ops {
+            let thread = match op.ret {
+                Some((t, _)) => match free_at.iter().position(|&f| f < op.call) {
+                    Some(i) => {
+                        free_at[i] = t;
+                        i
+                    }
+                    None => {
+                        free_at.push(t);
+                        free_at.len() - 1
+                    }
+                },
+                None => {
+                    free_at.push(u64::MAX);
+                    free_at.len() - 1
+                }
+            };
+            events.push((op.call, false, thread, op));
+            if let Some((t, _)) = op.ret {
+                events.push((t, true, thread, op));
+            }
+        }
+        events.sort_by_key(|(t, is_return, _, _)| (*t, *is_return));
+        let mut tester = LinearizabilityTester::new(CounterSpec::default());
+        for (_, is_return, thread, op) in events {
+            if is_return {
+                let (_, seen) = op.ret.expect("a return");
+                tester.on_return(thread, seen)?;
+            } else {
+                tester.on_invoke(thread, op.add)?;
+            }
+        }
+        if !tester.is_consistent() {
+            return Err(format!("{counter}: not linearizable (consistency_model)"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn consistency_model_cross_check_accepts_and_refuses() {
+    let op = |add: Option<i64>, call: u64, ret: Option<(u64, i64)>| CounterOp {
+        counter: "c".into(),
+        add,
+        call,
+        ret,
+    };
+    // Concurrent adds in either order, a later read of the sum, an unknown add.
+    let good = vec![
+        op(Some(1), 0, Some((10, 2))),
+        op(Some(1), 1, Some((5, 1))),
+        op(Some(5), 2, None),
+        op(None, 11, Some((12, 2))),
+    ];
+    assert_eq!(check_with_consistency_model(&good), Ok(()));
+    // A read after a completed add that misses it (stale read).
+    let stale = vec![op(Some(1), 0, Some((1, 1))), op(None, 2, Some((3, 0)))];
+    assert!(check_with_consistency_model(&stale).is_err());
+    // Both checkers agree.
+    assert!(check_counter_history(&good).is_ok());
+    assert!(check_counter_history(&stale).is_err());
 }
