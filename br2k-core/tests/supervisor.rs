@@ -659,3 +659,23 @@ async fn unknown_service_workload_is_removed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn event_buffer_must_hold_an_event() {
+    let registry: Arc<dyn Registry> = Arc::new(InMemoryRegistry::new("owner"));
+    let replicator: Arc<dyn Replicator> = Arc::new(InMemoryReplicator::new());
+    let build = |n: usize| {
+        Supervisor::builder()
+            .registry(registry.clone())
+            .replicator(replicator.clone())
+            .event_buffer(n)
+            .build()
+    };
+    assert_eq!(build(0).unwrap_err().kind(), "invalid_input");
+    let sup = build(16).unwrap();
+    let mut events = sup.subscribe();
+    assert!(matches!(
+        events.try_recv(),
+        Err(broadcast::error::TryRecvError::Empty)
+    ));
+}

@@ -27,8 +27,8 @@ use crate::registry::Registry;
 use crate::replicator::Replicator;
 use crate::store::ImageStore;
 
-/// Events buffered per subscriber; a slower subscriber loses the oldest.
-const EVENT_BUFFER: usize = 4096;
+/// Events buffered per subscriber by default; a slower subscriber loses the oldest.
+const EVENT_BUFFER: usize = 1024;
 
 /// Locks `m`; every critical section here is a plain map update, so a poisoned lock
 /// still holds consistent data.
@@ -73,6 +73,7 @@ pub(super) struct Config {
     pub backoff_max: Duration,
     pub concurrency: usize,
     pub verify_ttl: Duration,
+    pub event_buffer: usize,
 }
 
 impl Default for Config {
@@ -83,6 +84,7 @@ impl Default for Config {
             backoff_max: Duration::from_secs(60),
             concurrency: 8,
             verify_ttl: Duration::from_secs(300),
+            event_buffer: EVENT_BUFFER,
         }
     }
 }
@@ -147,6 +149,15 @@ impl SupervisorBuilder {
         self
     }
 
+    /// Events kept for subscribers of [`Supervisor::subscribe`] (default 1,024); a
+    /// slower subscriber loses the oldest. The buffer is allocated when the
+    /// supervisor is built, so hosts running many supervisors without subscribers
+    /// (one per resource) should keep it small.
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.config.event_buffer = events;
+        self
+    }
+
     /// How long a successful verification of an image in a store is trusted before
     /// its bytes are pulled and verified again (default 5 min). Presence (`has`) is
     /// checked on every diagnosis regardless.
@@ -174,6 +185,10 @@ impl SupervisorBuilder {
         if c.resync.is_zero() {
             return Err(bad("resync period must not be zero"));
         }
+        if c.event_buffer == 0 {
+            return Err(bad("event buffer must hold at least 1 event"));
+        }
+        let event_buffer = c.event_buffer;
         Ok(Supervisor {
             registry,
             replicator,
@@ -184,7 +199,7 @@ impl SupervisorBuilder {
             verified: Mutex::default(),
             services: Mutex::default(),
             queue: Queue::default(),
-            events: broadcast::channel(EVENT_BUFFER).0,
+            events: broadcast::channel(event_buffer).0,
             metrics: Mutex::default(),
             change_events: AtomicU64::new(0),
         })

@@ -15,6 +15,10 @@ use kube::{Api, Client};
 
 use crate::crd::Br2kServiceSpec;
 
+/// Supervisor events kept per resource (the controller does not subscribe; a
+/// supervisor per resource with the default buffer costs ~1 MiB each).
+const OPERATOR_EVENT_BUFFER: usize = 16;
+
 /// Builds the supervisor of one resource.
 #[async_trait]
 pub trait Backends: Send + Sync + std::fmt::Debug + 'static {
@@ -116,6 +120,8 @@ impl Backends for ChainOciBackends {
             Arc::new(br2k_chain::ChainRegistry::connect(config).await?);
         let auth = oci_auth(client, cr_namespace, spec).await?;
         let mut b = Supervisor::builder()
+            // The controller calls `reconcile` and never subscribes to events.
+            .event_buffer(OPERATOR_EVENT_BUFFER)
             .registry(registry)
             .replicator(self.replicators.get(client, namespace));
         for host in &spec.oci_registries {
@@ -154,6 +160,8 @@ impl Backends for SharedBackends {
         _spec: &Br2kServiceSpec,
     ) -> Result<Supervisor> {
         let mut b = Supervisor::builder()
+            // The controller calls `reconcile` and never subscribes to events.
+            .event_buffer(OPERATOR_EVENT_BUFFER)
             .registry(self.registry.clone())
             .replicator(self.replicators.get(client, namespace));
         for s in &self.stores {
