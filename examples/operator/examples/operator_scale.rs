@@ -24,8 +24,7 @@ use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::core::DynamicObject;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -50,37 +49,6 @@ fn proc_stat() -> (u64, f64) {
     (rss_kb, ticks as f64 / 100.0)
 }
 
-/// Server-side applies every document of a YAML text as the admin.
-async fn apply_yaml(client: &Client, text: &str) -> Result<(), Error> {
-    use kube::core::{ApiResource, GroupVersionKind};
-    use serde::Deserialize;
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc)?;
-        if v.is_null() {
-            continue;
-        }
-        let obj: DynamicObject = serde_json::from_value(v.clone())?;
-        let types = obj.types.clone().ok_or("apiVersion and kind")?;
-        let (group, version) = match types.api_version.split_once('/') {
-            Some((g, v)) => (g.to_owned(), v.to_owned()),
-            None => (String::new(), types.api_version.clone()),
-        };
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, &types.kind));
-        let api: Api<DynamicObject> = match &obj.metadata.namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-            None => Api::all_with(client.clone(), &ar),
-        };
-        let name = obj.metadata.name.clone().ok_or("name")?;
-        api.patch(
-            &name,
-            &PatchParams::apply("br2k-bench").force(),
-            &Patch::Apply(&v),
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     br2k_k8s::install_crypto_provider();
@@ -93,16 +61,10 @@ async fn main() -> Result<(), Error> {
         .unwrap_or(1000);
     let client = Client::try_default().await?;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
-    apply_yaml(
-        &client,
-        &std::fs::read_to_string(format!("{root}/crd.yaml"))?,
-    )
-    .await?;
-    apply_yaml(
-        &client,
-        &std::fs::read_to_string(format!("{root}/rbac.yaml"))?,
-    )
-    .await?;
+    for file in ["crd.yaml", "rbac.yaml"] {
+        let text = std::fs::read_to_string(format!("{root}/{file}"))?;
+        br2k_operator::manifests::apply(&client, &text, "br2k-bench").await?;
+    }
     let crs_all: Api<Br2kService> = Api::all(client.clone());
     while crs_all.list(&ListParams::default().limit(1)).await.is_err() {
         tokio::time::sleep(Duration::from_millis(200)).await;

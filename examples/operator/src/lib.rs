@@ -7,6 +7,7 @@ pub mod backends;
 pub mod controller;
 pub mod crd;
 pub mod lease;
+pub mod manifests;
 pub mod metrics;
 
 use std::sync::Arc;

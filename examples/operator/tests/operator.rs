@@ -23,7 +23,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, Config};
 use serde_json::json;
 use tokio::sync::watch;
@@ -61,32 +60,9 @@ where
 
 /// Server-side applies every document of a YAML file as the admin.
 async fn apply_yaml(client: &Client, text: &str) {
-    use serde::Deserialize;
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let v = serde_json::Value::deserialize(doc).expect("yaml");
-        if v.is_null() {
-            continue;
-        }
-        let obj: DynamicObject = serde_json::from_value(v.clone()).expect("object");
-        let types = obj.types.clone().expect("apiVersion and kind");
-        let (group, version) = match types.api_version.split_once('/') {
-            Some((g, v)) => (g.to_owned(), v.to_owned()),
-            None => (String::new(), types.api_version.clone()),
-        };
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, &types.kind));
-        let api: Api<DynamicObject> = match &obj.metadata.namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-            None => Api::all_with(client.clone(), &ar),
-        };
-        let name = obj.metadata.name.clone().expect("name");
-        api.patch(
-            &name,
-            &PatchParams::apply("br2k-test").force(),
-            &Patch::Apply(&v),
-        )
+    br2k_operator::manifests::apply(client, text, "br2k-test")
         .await
-        .unwrap_or_else(|e| panic!("apply {} {name}: {e}", types.kind));
-    }
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Routes resources naming the contract `memory` to in-process backends, others to
