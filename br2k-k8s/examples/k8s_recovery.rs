@@ -17,7 +17,7 @@ use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
 use br2k_core::supervisor::{Supervisor, SupervisorEvent};
 use br2k_core::{Registry, Replicator, ServiceId, ServiceRecord, WorkloadTemplate};
-use br2k_k8s::{KubeReplicator, Names};
+use br2k_k8s::{KubeReplicator, KubeReplicatorBuilder, Names};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -196,13 +196,52 @@ async fn create_namespace(client: &Client, ns: &str) -> Result<(), Box<dyn std::
 
 /// A replicator for namespace `ns` whose pods tolerate kwok's fake nodes.
 fn kwok_replicator(client: &Client, ns: &str) -> KubeReplicator {
-    KubeReplicator::builder(ns)
-        .with_toleration(Toleration {
-            key: Some("kwok.x-k8s.io/node".into()),
-            operator: Some("Exists".into()),
-            ..Toleration::default()
+    kwok_builder(ns).build(client.clone())
+}
+
+/// A replicator builder for namespace `ns` whose pods tolerate kwok's fake nodes.
+fn kwok_builder(ns: &str) -> KubeReplicatorBuilder {
+    KubeReplicator::builder(ns).with_toleration(Toleration {
+        key: Some("kwok.x-k8s.io/node".into()),
+        operator: Some("Exists".into()),
+        ..Toleration::default()
+    })
+}
+
+/// A supervisor running `Supervisor::run` over an in-memory registry and `rep`.
+struct Supervised {
+    registry: Arc<InMemoryRegistry>,
+    sup: Arc<Supervisor>,
+    stop: watch::Sender<bool>,
+    runner: tokio::task::JoinHandle<()>,
+}
+
+impl Supervised {
+    fn start(rep: &KubeReplicator, name: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let registry = Arc::new(InMemoryRegistry::new(name));
+        let sup = Arc::new(
+            Supervisor::builder()
+                .registry(registry.clone() as Arc<dyn Registry>)
+                .replicator(Arc::new(rep.clone()))
+                .resync(Duration::from_secs(30))
+                .build()?,
+        );
+        let (stop, mut stop_rx) = watch::channel(false);
+        let runner = tokio::spawn(sup.clone().run(async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+        Ok(Self {
+            registry,
+            sup,
+            stop,
+            runner,
         })
-        .build(client.clone())
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.runner.await;
+    }
 }
 
 const POOL_KEY: &str = "br2k.io/pool";
@@ -279,7 +318,7 @@ async fn node_class(
                 .unwrap_or(false)
         }
     };
-    let rep = KubeReplicator::builder(&ns)
+    let rep = kwok_builder(&ns)
         .with_toleration(Toleration {
             key: Some(POOL_KEY.into()),
             operator: Some("Equal".into()),
@@ -287,25 +326,10 @@ async fn node_class(
             effect: Some("NoSchedule".into()),
             ..Toleration::default()
         })
-        .with_toleration(Toleration {
-            key: Some("kwok.x-k8s.io/node".into()),
-            operator: Some("Exists".into()),
-            ..Toleration::default()
-        })
         .with_node_selector(POOL_KEY, pool.clone())
         .build(client.clone());
-    let registry = Arc::new(InMemoryRegistry::new("bench-node"));
-    let sup = Arc::new(
-        Supervisor::builder()
-            .registry(registry.clone() as Arc<dyn Registry>)
-            .replicator(Arc::new(rep.clone()))
-            .resync(Duration::from_secs(30))
-            .build()?,
-    );
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let runner = tokio::spawn(sup.clone().run(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    let supervised = Supervised::start(&rep, "bench-node")?;
+    let (registry, sup) = (supervised.registry.clone(), supervised.sup.clone());
     let id = ServiceId::new("bench-node")?;
     registry
         .register(&id, &sample_spec("registry.test:5000"))
@@ -348,8 +372,7 @@ async fn node_class(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = runner.await;
+    supervised.stop().await;
     for name in &names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
     }
@@ -411,18 +434,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     create_namespace(&client, &ns).await?;
     let rep = kwok_replicator(&client, &ns);
-    let registry = Arc::new(InMemoryRegistry::new("bench"));
-    let sup = Arc::new(
-        Supervisor::builder()
-            .registry(registry.clone() as Arc<dyn Registry>)
-            .replicator(Arc::new(rep.clone()))
-            .resync(Duration::from_secs(30))
-            .build()?,
-    );
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let runner = tokio::spawn(sup.clone().run(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
+    let supervised = Supervised::start(&rep, "bench")?;
+    let (registry, sup) = (supervised.registry.clone(), supervised.sup.clone());
 
     if services > 0 {
         // Room for every pod: 3 extra fake nodes without the 110-pod limit.
@@ -632,8 +645,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             m.reconciles, m.recoveries, m.recoveries_by_finding
         );
     }
-    let _ = stop_tx.send(true);
-    let _ = runner.await;
+    supervised.stop().await;
     Api::<Namespace>::all(client)
         .delete(&ns, &DeleteParams::background())
         .await?;
