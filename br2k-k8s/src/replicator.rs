@@ -41,7 +41,9 @@ pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
 /// Object names derive from the service id (see [`Names`]); every object carries the
 /// labels `app.kubernetes.io/managed-by=br2k`, `br2k.io/service-id` and
 /// `br2k.io/record-version` and the annotation `br2k.io/spec-hash`. The ConfigMap is
-/// the owner of every other object, so deleting it cascades.
+/// the owner of every other object, so deleting it cascades. Replica pods get the
+/// ConfigMap as a second owner too (see [`KubeReplicatorBuilder::guard_pods`]): a
+/// deleted StatefulSet leaves them running and the re-applied one adopts them.
 ///
 /// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`])
 /// as held by the shared watch cache, so right after an `apply` it can lag by one watch
@@ -57,6 +59,7 @@ struct Inner {
     client: Client,
     namespace: String,
     placement: Placement,
+    guard_pods: bool,
     hub: OnceCell<WatchHub>,
     cache_usable: OnceCell<bool>,
 }
@@ -75,6 +78,7 @@ impl fmt::Debug for KubeReplicator {
 pub struct KubeReplicatorBuilder {
     namespace: String,
     placement: Placement,
+    guard_pods: bool,
 }
 
 impl KubeReplicatorBuilder {
@@ -92,6 +96,16 @@ impl KubeReplicatorBuilder {
         self
     }
 
+    /// Whether replica pods get a second owner reference to the service's ConfigMap
+    /// (default `true`). With it, deleting a StatefulSet leaves its pods running: the
+    /// garbage collector keeps a dependent while any owner exists, and the StatefulSet
+    /// br2k re-applies adopts the running pods instead of recreating them. Removing
+    /// the service still deletes them. Needs `patch` on pods.
+    pub fn guard_pods(mut self, on: bool) -> Self {
+        self.guard_pods = on;
+        self
+    }
+
     /// Builds the replicator on `client`.
     pub fn build(self, client: Client) -> KubeReplicator {
         KubeReplicator {
@@ -99,6 +113,7 @@ impl KubeReplicatorBuilder {
                 client,
                 namespace: self.namespace,
                 placement: self.placement,
+                guard_pods: self.guard_pods,
                 hub: OnceCell::new(),
                 cache_usable: OnceCell::new(),
             }),
@@ -150,6 +165,7 @@ impl KubeReplicator {
         KubeReplicatorBuilder {
             namespace: namespace.into(),
             placement: Placement::default(),
+            guard_pods: true,
         }
     }
 
@@ -459,7 +475,11 @@ impl KubeReplicator {
         self.inner
             .hub
             .get_or_init(|| async {
-                WatchHub::start(self.inner.client.clone(), &self.inner.namespace)
+                WatchHub::start(
+                    self.inner.client.clone(),
+                    &self.inner.namespace,
+                    self.inner.guard_pods,
+                )
             })
             .await
     }

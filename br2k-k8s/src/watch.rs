@@ -1,6 +1,8 @@
 //! One shared watcher per kind, caching the objects in reflector stores (read by
-//! `observe`) and feeding a broadcast of changed service ids.
+//! `observe`) and feeding a broadcast of changed service ids; plus the pod guard that
+//! keeps replicas alive when their StatefulSet is deleted.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 
 use br2k_core::ServiceId;
@@ -8,14 +10,15 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::reflector::{self, Store};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR};
+use crate::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR, Names};
 
 /// Change notifications buffered per subscriber; a slower subscriber loses the oldest
 /// and is expected to resync (the supervisor also observes periodically).
@@ -104,8 +107,10 @@ where
 }
 
 impl WatchHub {
-    /// Starts the watchers (needs a Tokio runtime).
-    pub fn start(client: Client, namespace: &str) -> Self {
+    /// Starts the watchers (needs a Tokio runtime); with `guard_pods`, also the pod
+    /// guard, which gives each replica pod a second owner reference to its service's
+    /// ConfigMap so that deleting the StatefulSet does not delete the replicas.
+    pub fn start(client: Client, namespace: &str, guard_pods: bool) -> Self {
         let (tx, _) = broadcast::channel(BUFFER);
         let managed = || watcher::Config::default().labels(MANAGED_SELECTOR);
         fn own<K: Resource>(o: &K, _: bool) -> Vec<ServiceId> {
@@ -117,11 +122,17 @@ impl WatchHub {
             tx.clone(),
             own,
         );
+        let (guard_tx, guard_rx) = mpsc::unbounded_channel();
         let (pods, t2) = spawn(
             Api::<Pod>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
-            own,
+            move |p: &Pod, deleted| {
+                if guard_pods {
+                    let _ = guard_tx.send(GuardEvent::of(p, deleted));
+                }
+                own(p, deleted)
+            },
         );
         let (svcs, t3) = spawn(
             Api::<Service>::namespaced(client.clone(), namespace),
@@ -144,6 +155,12 @@ impl WatchHub {
         // A failed or deleted node: every service with a pod there looks again at
         // once (instead of when the node controller updates the pods).
         let pod_cache = pods.clone();
+        let t7 = tokio::spawn(guard_pods_task(
+            Api::<Pod>::namespaced(client.clone(), namespace),
+            cms.clone(),
+            namespace.to_owned(),
+            guard_rx,
+        ));
         let (nodes, t6) = spawn(
             Api::<Node>::all(client),
             watcher::Config::default(),
@@ -157,7 +174,7 @@ impl WatchHub {
         );
         Self {
             tx,
-            tasks: vec![t1, t2, t3, t4, t5, t6],
+            tasks: vec![t1, t2, t3, t4, t5, t6, t7],
             stss,
             pods,
             svcs,
@@ -187,6 +204,98 @@ impl WatchHub {
     /// A new subscriber receiving changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceId> {
         self.tx.subscribe()
+    }
+}
+
+/// A pod event for the pod guard.
+#[derive(Debug)]
+enum GuardEvent {
+    /// A live pod lacking the ConfigMap owner reference: (uid, name, service id).
+    Unguarded(String, String, ServiceId),
+    /// A pod that is guarded already, or deleted: forget its uid.
+    Done(String),
+    /// Nothing to do.
+    Skip,
+}
+
+impl GuardEvent {
+    fn of(pod: &Pod, deleted: bool) -> Self {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return Self::Skip;
+        };
+        let refs = pod.metadata.owner_references.as_deref().unwrap_or_default();
+        let guarded = refs.iter().any(|r| r.kind == "ConfigMap");
+        if deleted || guarded || pod.metadata.deletion_timestamp.is_some() {
+            return Self::Done(uid);
+        }
+        let by_statefulset = refs
+            .iter()
+            .any(|r| r.controller == Some(true) && r.kind == "StatefulSet");
+        match (by_statefulset, service_id(pod), pod.metadata.name.clone()) {
+            (true, Some(id), Some(name)) => Self::Unguarded(uid, name, id),
+            _ => Self::Skip,
+        }
+    }
+}
+
+/// The pod guard: gives every replica pod a second, non-controller owner reference to
+/// its service's ConfigMap (the root of the service's objects).
+///
+/// The garbage collector deletes a dependent only when all of its owners are gone, so
+/// when somebody deletes the StatefulSet the replicas keep running (the collector just
+/// drops the dangling reference), and the StatefulSet br2k re-applies adopts them at
+/// once instead of recreating every pod. Removing the service (deleting the ConfigMap)
+/// still removes the pods. One strategic-merge patch per new pod; errors (e.g. no
+/// `patch` permission on pods) are logged and leave the pod as the StatefulSet made it.
+async fn guard_pods_task(
+    pods: Api<Pod>,
+    cms: Store<ConfigMap>,
+    namespace: String,
+    mut events: mpsc::UnboundedReceiver<GuardEvent>,
+) {
+    // Pods patched already, until their guarded or deleted state is seen.
+    let mut sent: HashSet<String> = HashSet::new();
+    while let Some(event) = events.recv().await {
+        let (uid, name, id) = match event {
+            GuardEvent::Unguarded(uid, name, id) => (uid, name, id),
+            GuardEvent::Done(uid) => {
+                sent.remove(&uid);
+                continue;
+            }
+            GuardEvent::Skip => continue,
+        };
+        if sent.contains(&uid) {
+            continue;
+        }
+        let config = Names::of(&id).config;
+        let Some(cm) = cms.get(&ObjectRef::new(&config).within(&namespace)) else {
+            continue;
+        };
+        let Some(cm_uid) = cm.metadata.uid.clone() else {
+            continue;
+        };
+        let patch = serde_json::json!({"metadata": {
+            // The pod's uid is immutable: a replacement pod of the same name makes
+            // the patch fail instead of guarding a pod this event did not describe.
+            "uid": uid,
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "ConfigMap", "name": config, "uid": cm_uid,
+            }],
+        }});
+        match pods
+            .patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+        {
+            Ok(_) => {
+                sent.insert(uid);
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                // No permission: do not retry this pod on each of its events.
+                tracing::warn!(pod = %name, error = %e, "br2k pod guard: may not patch pods");
+                sent.insert(uid);
+            }
+            Err(e) => tracing::debug!(pod = %name, error = %e, "br2k pod guard: patch failed"),
+        }
     }
 }
 

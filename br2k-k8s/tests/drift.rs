@@ -99,15 +99,95 @@ async fn start(prefix: &str) -> (TestNs, KubeReplicator, ServiceRecord) {
 #[ignore = "needs stack"]
 async fn deleted_statefulset_is_recreated() {
     let (ns, r, rec) = start("del").await;
+    let names = Names::of(&rec.id);
     let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    stss.delete(&Names::of(&rec.id).base, &DeleteParams::background())
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    // The pod guard gives every replica a second owner: the service's ConfigMap.
+    let guarded = guarded_pod_uids(&pods, &rec, &names.config).await;
+    assert_eq!(guarded.len(), rec.spec.replicas as usize);
+
+    stss.delete(&names.base, &DeleteParams::background())
         .await
         .expect("delete");
     let f = wait_finding(&r, &rec, |f| matches!(f, Finding::MissingWorkload { .. })).await;
     assert_eq!(f, Finding::MissingWorkload { parts: vec![] });
     heal(&r, &rec).await;
     wait_matches(&r, &rec, TIMEOUT).await;
+    // The recreated StatefulSet adopts the running replicas: same pods, not new ones.
+    let sts_uid = stss.get(&names.base).await.expect("sts").metadata.uid;
+    wait_for(TIMEOUT, "replicas adopted", || async {
+        let after = pod_uids(&pods, &rec).await;
+        if after.keys().ne(guarded.keys()) {
+            return Err(format!("pods replaced: {:?}", after.keys()));
+        }
+        let adopted = after
+            .values()
+            .filter(|p| {
+                p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && Some(&o.uid) == sts_uid.as_ref())
+            })
+            .count();
+        if adopted == after.len() {
+            Ok(())
+        } else {
+            Err(format!("{adopted} adopted"))
+        }
+    })
+    .await;
+
+    // Removing the service still removes the guarded pods (the last owner is gone).
+    r.remove(&rec.id).await.expect("remove");
+    wait_for(TIMEOUT, "pods removed", || async {
+        let left = pod_uids(&pods, &rec).await;
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} pods left", left.len()))
+        }
+    })
+    .await;
     ns.cleanup().await;
+}
+
+/// The service's pods by uid.
+async fn pod_uids(pods: &Api<Pod>, rec: &ServiceRecord) -> std::collections::BTreeMap<String, Pod> {
+    let lp = ListParams::default().labels(&format!("br2k.io/service-id={}", rec.id));
+    pods.list(&lp)
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| Some((p.metadata.uid.clone()?, p)))
+        .collect()
+}
+
+/// Waits until every replica pod has a non-controller owner reference to `config`.
+async fn guarded_pod_uids(
+    pods: &Api<Pod>,
+    rec: &ServiceRecord,
+    config: &str,
+) -> std::collections::BTreeMap<String, Pod> {
+    wait_for(TIMEOUT, "pods guarded", || async {
+        let all = pod_uids(pods, rec).await;
+        let guarded = all
+            .values()
+            .filter(|p| {
+                p.metadata.owner_references.iter().flatten().any(|o| {
+                    o.kind == "ConfigMap" && o.name == config && o.controller != Some(true)
+                })
+            })
+            .count();
+        if all.len() == rec.spec.replicas as usize && guarded == all.len() {
+            Ok(all)
+        } else {
+            Err(format!("{guarded} of {} pods guarded", all.len()))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
