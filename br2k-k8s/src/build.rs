@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use br2k_core::{Probe, ProbeCheck, ServiceRecord, ServiceSpec, ServiceState};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
 };
@@ -179,13 +181,26 @@ pub fn replicas_to_apply(record: &ServiceRecord, live: Option<u32>) -> u32 {
     }
 }
 
+/// How the StatefulSet controller may update running pods after a template change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    /// Roll every pod to the template (`partition: 0`): the record changed.
+    Roll,
+    /// Update no pod (`partition` = replicas): the pods run the record, so a template
+    /// change can only be tampering, which br2k reverts; no pod is restarted for it,
+    /// and a pod that is recreated meanwhile gets the current (recorded) revision.
+    Frozen,
+}
+
 /// The StatefulSet: stable identities, pods spread across nodes, image pinned by
-/// digest, parallel pod management for fast recovery.
+/// digest, parallel pod management for fast recovery, rolling updates gated by
+/// `rollout`.
 pub fn stateful_set(
     record: &ServiceRecord,
     names: &Names,
     ns: &str,
     replicas: u32,
+    rollout: Rollout,
     placement: &Placement,
 ) -> StatefulSet {
     let selector = LabelSelector {
@@ -232,6 +247,16 @@ pub fn stateful_set(
             selector,
             service_name: Some(names.headless.clone()),
             pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    partition: Some(match rollout {
+                        Rollout::Roll => 0,
+                        Rollout::Frozen => replicas as i32,
+                    }),
+                    ..RollingUpdateStatefulSetStrategy::default()
+                }),
+            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -382,10 +407,28 @@ mod tests {
     }
 
     #[test]
+    fn rollout_sets_the_partition() {
+        let r = record();
+        let names = Names::of(&r.id);
+        let partition = |rollout| {
+            let sts = stateful_set(&r, &names, "ns", 3, rollout, &Placement::default());
+            let v = serde_json::to_value(&sts).unwrap();
+            assert_eq!(v["spec"]["updateStrategy"]["type"], "RollingUpdate");
+            v["spec"]["updateStrategy"]["rollingUpdate"]["partition"].clone()
+        };
+        assert_eq!(
+            partition(Rollout::Roll),
+            0,
+            "every pod follows the template"
+        );
+        assert_eq!(partition(Rollout::Frozen), 3, "no pod follows the template");
+    }
+
+    #[test]
     fn statefulset_spreads_pins_and_carries_labels() {
         let r = record();
         let names = Names::of(&r.id);
-        let sts = stateful_set(&r, &names, "ns", 3, &Placement::default());
+        let sts = stateful_set(&r, &names, "ns", 3, Rollout::Roll, &Placement::default());
         let v = serde_json::to_value(&sts).unwrap();
         assert_eq!(v["kind"], "StatefulSet");
         assert_eq!(v["spec"]["podManagementPolicy"], "Parallel");

@@ -11,7 +11,7 @@ use br2k_core::{
     ValidationError, WorkloadTemplate,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, Probe as KProbe};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, PodSpec, Probe as KProbe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::names::CONTAINER;
@@ -128,6 +128,15 @@ pub fn template_of(
         .as_ref()
         .and_then(|s| s.template.spec.as_ref())
         .ok_or_else(|| malformed("statefulset", "no pod template"))?;
+    template_of_pod(pod, config)
+}
+
+/// Rebuilds the template a pod runs from its spec (as [`template_of`] does for the
+/// StatefulSet's pod template).
+pub fn template_of_pod(
+    pod: &PodSpec,
+    config: Option<&ConfigMap>,
+) -> Result<WorkloadTemplate, ValidationError> {
     let c = main_container(&pod.containers)
         .ok_or_else(|| malformed("statefulset", "pod template has no container"))?;
     let image = ImageRef::parse(c.image.as_deref().unwrap_or_default())?;
@@ -359,7 +368,14 @@ mod tests {
         let names = Names::of(&record.id);
         let mut cm = build::config_map(record, &names, "ns");
         cm.metadata.uid = Some("uid-1".into());
-        let mut sts = build::stateful_set(record, &names, "ns", 3, &Placement::default());
+        let mut sts = build::stateful_set(
+            record,
+            &names,
+            "ns",
+            3,
+            build::Rollout::Roll,
+            &Placement::default(),
+        );
         build::set_owner(&mut sts.metadata, build::owner_reference(&cm));
         (sts, cm)
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use br2k_core::{ObservedReplica, ObservedState, Replicator, Result, ServiceId, ServiceRecord};
+use br2k_core::{
+    ObservedReplica, ObservedState, Replicator, Result, ServiceId, ServiceRecord, WorkloadTemplate,
+};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryFutureExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -22,7 +24,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::build::{self, Placement};
+use crate::build::{self, Placement, Rollout};
 use crate::error::{KubeError, is_not_found, to_core};
 use crate::names::{
     LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER, Names, selector_string,
@@ -44,6 +46,11 @@ pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
 /// the owner of every other object, so deleting it cascades. Replica pods get the
 /// ConfigMap as a second owner too (see [`KubeReplicatorBuilder::guard_pods`]): a
 /// deleted StatefulSet leaves them running and the re-applied one adopts them.
+///
+/// Rolling updates are gated: `apply` lets the StatefulSet controller roll the pods
+/// (`partition: 0`) only when some replica does not run the record's template yet (a
+/// new record version); when every replica runs it, the StatefulSet is applied frozen
+/// (`partition` = replicas), so a template changed behind br2k's back reaches no pod.
 ///
 /// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`])
 /// as held by the shared watch cache, so right after an `apply` it can lag by one watch
@@ -96,11 +103,17 @@ impl KubeReplicatorBuilder {
         self
     }
 
-    /// Whether replica pods get a second owner reference to the service's ConfigMap
-    /// (default `true`). With it, deleting a StatefulSet leaves its pods running: the
-    /// garbage collector keeps a dependent while any owner exists, and the StatefulSet
-    /// br2k re-applies adopts the running pods instead of recreating them. Removing
-    /// the service still deletes them. Needs `patch` on pods.
+    /// Whether the watch hub guards the running replicas (default `true`):
+    ///
+    /// - Replica pods get a second owner reference to the service's ConfigMap. Deleting
+    ///   the StatefulSet then leaves them running (the garbage collector keeps a
+    ///   dependent while any owner exists; the hub drops the dangling controller
+    ///   reference at once), and the StatefulSet br2k re-applies adopts them instead
+    ///   of recreating them. Removing the service still deletes them. Needs `patch`
+    ///   on pods.
+    /// - After a roll to a new record version completes, the StatefulSet is frozen
+    ///   again (`partition` = replicas, see [`crate::build::Rollout`]), so a tampered
+    ///   template restarts no pod before br2k reverts it.
     pub fn guard_pods(mut self, on: bool) -> Self {
         self.guard_pods = on;
         self
@@ -223,9 +236,11 @@ impl KubeReplicator {
             None
         };
         let replicas = build::replicas_to_apply(record, live);
+        let rollout = self.rollout_for(record, &names).await;
 
         let dependents = |owner: Option<OwnerReference>| {
-            let mut sts = build::stateful_set(record, &names, ns, replicas, &self.inner.placement);
+            let mut sts =
+                build::stateful_set(record, &names, ns, replicas, rollout, &self.inner.placement);
             build::set_owner(&mut sts.metadata, owner.clone());
             let mut headless = build::headless_service(record, &names, ns);
             build::set_owner(&mut headless.metadata, owner.clone());
@@ -291,6 +306,37 @@ impl KubeReplicator {
         }
     }
 
+    /// [`Rollout::Frozen`] when the watch cache shows replicas and every live replica
+    /// already runs the record's template (so a differing live template is tampering,
+    /// and no pod needs to change); [`Rollout::Roll`] otherwise, including when the
+    /// cache is not usable. After a roll completes, the watch hub freezes the
+    /// StatefulSet again.
+    async fn rollout_for(&self, record: &ServiceRecord, names: &Names) -> Rollout {
+        let Some(hub) = self.cache().await else {
+            return Rollout::Roll;
+        };
+        let cm = hub
+            .cms
+            .get(&ObjectRef::new(&names.config).within(self.namespace()));
+        let want = WorkloadTemplate::from_spec(&record.spec);
+        let pods: Vec<_> = hub
+            .pods_of(&record.id)
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        let runs_record = |p: &Pod| {
+            p.spec
+                .as_ref()
+                .and_then(|s| parse::template_of_pod(s, cm.as_deref()).ok())
+                .is_some_and(|t| t == want)
+        };
+        if !pods.is_empty() && pods.iter().all(|p| runs_record(p)) {
+            Rollout::Frozen
+        } else {
+            Rollout::Roll
+        }
+    }
+
     /// The synced watch cache, or `None` when it is not usable.
     async fn cache(&self) -> Option<&WatchHub> {
         let hub = self.hub().await;
@@ -320,19 +366,7 @@ impl KubeReplicator {
         let Some(sts) = hub.stss.get(&ObjectRef::new(&names.base).within(ns)) else {
             return Some(None);
         };
-        let selector = crate::names::selector_labels(id);
-        let pods = hub
-            .pods
-            .state_filter(|p| {
-                p.metadata.labels.as_ref().is_some_and(|l| {
-                    selector
-                        .iter()
-                        .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
-                })
-            })
-            .into_iter()
-            .map(|p| (*p).clone())
-            .collect();
+        let pods = hub.pods_of(id).into_iter().map(|p| (*p).clone()).collect();
         let healthy_nodes = hub
             .nodes
             .state()

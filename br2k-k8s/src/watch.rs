@@ -116,13 +116,30 @@ impl WatchHub {
         fn own<K: Resource>(o: &K, _: bool) -> Vec<ServiceId> {
             service_id(o).into_iter().collect()
         }
+        let (guard_tx, guard_rx) = mpsc::unbounded_channel();
+        let sts_guard_tx = guard_tx.clone();
         let (stss, t1) = spawn(
             Api::<StatefulSet>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
-            own,
+            move |sts: &StatefulSet, deleted| {
+                if guard_pods
+                    && !deleted
+                    && roll_finished(sts)
+                    && let Some(name) = sts.metadata.name.clone()
+                {
+                    let _ = sts_guard_tx.send(GuardEvent::RollFinished(name));
+                }
+                if let (true, Some(uid), Some(id)) = (
+                    guard_pods && deleted,
+                    sts.metadata.uid.clone(),
+                    service_id(sts),
+                ) {
+                    let _ = sts_guard_tx.send(GuardEvent::OwnerDeleted(uid, id));
+                }
+                own(sts, deleted)
+            },
         );
-        let (guard_tx, guard_rx) = mpsc::unbounded_channel();
         let (pods, t2) = spawn(
             Api::<Pod>::namespaced(client.clone(), namespace),
             managed(),
@@ -157,6 +174,8 @@ impl WatchHub {
         let pod_cache = pods.clone();
         let t7 = tokio::spawn(guard_pods_task(
             Api::<Pod>::namespaced(client.clone(), namespace),
+            Api::<StatefulSet>::namespaced(client.clone(), namespace),
+            pods.clone(),
             cms.clone(),
             namespace.to_owned(),
             guard_rx,
@@ -201,6 +220,18 @@ impl WatchHub {
         tokio::time::timeout(timeout, all).await.unwrap_or(false)
     }
 
+    /// The cached pods of service `id` (by its selector labels).
+    pub(crate) fn pods_of(&self, id: &ServiceId) -> Vec<std::sync::Arc<Pod>> {
+        let selector = crate::names::selector_labels(id);
+        self.pods.state_filter(|p| {
+            p.metadata.labels.as_ref().is_some_and(|l| {
+                selector
+                    .iter()
+                    .all(|(k, v)| l.get(k).is_some_and(|x| x == v))
+            })
+        })
+    }
+
     /// A new subscriber receiving changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceId> {
         self.tx.subscribe()
@@ -214,6 +245,10 @@ enum GuardEvent {
     Unguarded(String, String, ServiceId),
     /// A pod that is guarded already, or deleted: forget its uid.
     Done(String),
+    /// A StatefulSet finished rolling its pods to the template: freeze it again.
+    RollFinished(String),
+    /// A StatefulSet was deleted: (its uid, service id).
+    OwnerDeleted(String, ServiceId),
     /// Nothing to do.
     Skip,
 }
@@ -247,8 +282,15 @@ impl GuardEvent {
 /// once instead of recreating every pod. Removing the service (deleting the ConfigMap)
 /// still removes the pods. One strategic-merge patch per new pod; errors (e.g. no
 /// `patch` permission on pods) are logged and leave the pod as the StatefulSet made it.
+///
+/// When a StatefulSet is deleted, the guard also drops its dangling controller
+/// reference from the guarded pods at once (the garbage collector would, hundreds of
+/// milliseconds later): a pod still naming the old controller cannot be adopted, and
+/// the new StatefulSet would back off on creating a pod whose name is taken.
 async fn guard_pods_task(
-    pods: Api<Pod>,
+    api: Api<Pod>,
+    stss_api: Api<StatefulSet>,
+    pods: Store<Pod>,
     cms: Store<ConfigMap>,
     namespace: String,
     mut events: mpsc::UnboundedReceiver<GuardEvent>,
@@ -260,6 +302,14 @@ async fn guard_pods_task(
             GuardEvent::Unguarded(uid, name, id) => (uid, name, id),
             GuardEvent::Done(uid) => {
                 sent.remove(&uid);
+                continue;
+            }
+            GuardEvent::RollFinished(sts) => {
+                freeze(&stss_api, &sts).await;
+                continue;
+            }
+            GuardEvent::OwnerDeleted(owner, id) => {
+                release_pods(&api, &pods, &owner, &id).await;
                 continue;
             }
             GuardEvent::Skip => continue,
@@ -282,7 +332,7 @@ async fn guard_pods_task(
                 "apiVersion": "v1", "kind": "ConfigMap", "name": config, "uid": cm_uid,
             }],
         }});
-        match pods
+        match api
             .patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
             .await
         {
@@ -297,6 +347,87 @@ async fn guard_pods_task(
             Err(e) => tracing::debug!(pod = %name, error = %e, "br2k pod guard: patch failed"),
         }
     }
+}
+
+/// Whether `sts` rolled every pod to its template (br2k applied it with
+/// `partition: 0`) and all of them are Ready: time to freeze it again.
+fn roll_finished(sts: &StatefulSet) -> bool {
+    let (Some(spec), Some(st)) = (sts.spec.as_ref(), sts.status.as_ref()) else {
+        return false;
+    };
+    let replicas = spec.replicas.unwrap_or(1);
+    let partition = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.partition)
+        .unwrap_or(0);
+    replicas > 0
+        && partition < replicas
+        && st.observed_generation.is_some()
+        && st.observed_generation >= sts.metadata.generation
+        && st.current_revision.is_some()
+        && st.current_revision == st.update_revision
+        && st.updated_replicas == Some(replicas)
+        && st.ready_replicas == Some(replicas)
+}
+
+/// Sets the partition of `sts` to its replica count, so the controller updates no pod
+/// after a template change (see [`crate::build::Rollout::Frozen`]). Written under
+/// its own field manager; br2k's next apply takes the field back.
+async fn freeze(api: &Api<StatefulSet>, name: &str) {
+    let Ok(Some(sts)) = api.get_opt(name).await else {
+        return;
+    };
+    if !roll_finished(&sts) {
+        return;
+    }
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": sts.metadata.resource_version},
+        "spec": {"updateStrategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"partition": replicas},
+        }},
+    });
+    let params = PatchParams {
+        field_manager: Some(FREEZE_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    if let Err(e) = api.patch(name, &params, &Patch::Merge(patch)).await {
+        tracing::debug!(statefulset = %name, error = %e, "br2k: freeze failed");
+    }
+}
+
+/// Field manager of the partition write that freezes a StatefulSet after a roll.
+const FREEZE_MANAGER: &str = "br2k-freeze";
+
+/// Removes the controller reference to the deleted StatefulSet `owner` from the
+/// guarded pods of `id`, so that its replacement can adopt them.
+async fn release_pods(api: &Api<Pod>, pods: &Store<Pod>, owner: &str, id: &ServiceId) {
+    let held = pods.state_filter(|p| {
+        let refs = p.metadata.owner_references.as_deref().unwrap_or_default();
+        service_id(p).as_ref() == Some(id)
+            && p.metadata.deletion_timestamp.is_none()
+            && refs.iter().any(|r| r.kind == "ConfigMap")
+            && refs.iter().any(|r| r.uid == owner)
+    });
+    let patches = held.iter().filter_map(|p| {
+        let name = p.metadata.name.clone()?;
+        let patch = serde_json::json!({"metadata": {
+            "uid": p.metadata.uid,
+            "ownerReferences": [{"$patch": "delete", "uid": owner}],
+        }});
+        Some(async move {
+            if let Err(e) = api
+                .patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                .await
+            {
+                tracing::debug!(pod = %name, error = %e, "br2k pod guard: release failed");
+            }
+        })
+    });
+    futures::future::join_all(patches).await;
 }
 
 impl Drop for WatchHub {

@@ -215,6 +215,10 @@ async fn deleted_service_part_is_restored() {
 async fn changed_image_is_restored() {
     let (ns, r, rec) = start("img").await;
     let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    // After the first roll the StatefulSet is frozen: no pod follows a tampered template.
+    wait_frozen(&stss, &Names::of(&rec.id).base).await;
+    let before = pod_uids(&pods, &rec).await;
     let other = rec.spec.image.with_digest(Digest::of(b"intruder image"));
     stss.patch(
         &Names::of(&rec.id).base,
@@ -234,7 +238,83 @@ async fn changed_image_is_restored() {
         }
     );
     heal(&r, &rec).await;
+    // Reverted without restarting a replica: the same pods, on the recorded revision.
+    wait_rolled_out(&stss, &Names::of(&rec.id).base).await;
+    let after = pod_uids(&pods, &rec).await;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
     ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn new_record_version_rolls_out_and_is_frozen_again() {
+    let (ns, r, rec) = start("roll").await;
+    let name = Names::of(&rec.id).base;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_frozen(&stss, &name).await;
+    let before = pod_uids(&pods, &rec).await;
+
+    // Version 2 with another image: an intended change, so every replica rolls to it.
+    let mut spec = rec.spec.clone();
+    spec.image = spec.image.with_digest(Digest::of(b"release 2"));
+    let mut v2 = sample_record(&rec.id, spec);
+    v2.version = 2;
+    v2.latest_version = 2;
+    r.apply(&v2).await.expect("apply v2");
+    wait_matches(&r, &v2, TIMEOUT).await;
+    wait_rolled_out(&stss, &name).await;
+    let after = pod_uids(&pods, &rec).await;
+    assert!(
+        after.keys().all(|uid| !before.contains_key(uid)),
+        "every replica restarted on the new image"
+    );
+    // Then the StatefulSet is frozen again.
+    wait_frozen(&stss, &name).await;
+    ns.cleanup().await;
+}
+
+/// Waits until the StatefulSet's partition equals its replica count (frozen).
+async fn wait_frozen(stss: &Api<StatefulSet>, name: &str) {
+    wait_for(TIMEOUT, "statefulset frozen", || async {
+        let sts = stss.get(name).await.map_err(|e| e.to_string())?;
+        let spec = sts.spec.unwrap_or_default();
+        let partition = spec
+            .update_strategy
+            .and_then(|u| u.rolling_update)
+            .and_then(|r| r.partition);
+        if partition.is_some() && partition == spec.replicas {
+            Ok(())
+        } else {
+            Err(format!(
+                "partition {partition:?}, replicas {:?}",
+                spec.replicas
+            ))
+        }
+    })
+    .await
+}
+
+/// Waits until the StatefulSet controller has seen the current spec and no replica
+/// waits for an update (current revision = update revision), all Ready.
+async fn wait_rolled_out(stss: &Api<StatefulSet>, name: &str) {
+    wait_for(TIMEOUT, "rollout complete", || async {
+        let sts = stss.get(name).await.map_err(|e| e.to_string())?;
+        let want = sts.spec.as_ref().and_then(|s| s.replicas);
+        let st = sts.status.clone().unwrap_or_default();
+        if st.observed_generation >= sts.metadata.generation
+            && st.current_revision == st.update_revision
+            && st.ready_replicas == want
+        {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -267,6 +347,9 @@ async fn edited_template_and_config_are_restored() {
     let (ns, r, rec) = start("tmpl").await;
     let names = Names::of(&rec.id);
     let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_frozen(&stss, &names.base).await;
+    let before = pod_uids(&pods, &rec).await;
     stss.patch(
         &names.base,
         &intruder(),
@@ -284,6 +367,12 @@ async fn edited_template_and_config_are_restored() {
         }
     );
     heal(&r, &rec).await;
+    wait_rolled_out(&stss, &names.base).await;
+    let after = pod_uids(&pods, &rec).await;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
 
     // The environment lives in the ConfigMap: tampering with it is template drift too.
     let cms: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
