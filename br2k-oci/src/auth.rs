@@ -10,7 +10,7 @@
 //!
 //! This module holds the challenge parser ([`parse_challenges`],
 //! [`BearerChallenge`]), public so that it can be fuzzed, and the crate-private token
-//! cache used by the HTTP client.
+//! cache used by the registry transport (which hands its tokens to `oci_client`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -562,13 +562,13 @@ impl TokenAuth {
         self.fetch(&key, &norm).await
     }
 
-    /// A new token after `rejected` was refused with challenge `ch`: for the request's
-    /// scopes together with those the challenge asks for. When another task already
-    /// replaced the rejected token, that one is used.
+    /// A new token after `rejected` was refused: for the request's scopes together with
+    /// `extra` (those a challenge asks for, when the refusal carried one). When another
+    /// task already replaced the rejected token, that one is used.
     pub(crate) async fn refresh(
         &self,
         scopes: &[String],
-        ch: &BearerChallenge,
+        extra: &[String],
         rejected: Option<&HeaderValue>,
     ) -> Result<HeaderValue, OciError> {
         let key = normalize_scopes(scopes.iter().map(String::as_str)).join(" ");
@@ -582,7 +582,7 @@ impl TokenAuth {
             scopes
                 .iter()
                 .map(String::as_str)
-                .chain(ch.scopes.iter().map(String::as_str)),
+                .chain(extra.iter().map(String::as_str)),
         );
         self.fetch(&key, &all).await
     }
@@ -611,9 +611,9 @@ impl TokenAuth {
                 .query(&[("account", user)])
                 .header(AUTHORIZATION, header.clone());
         }
-        let conn = |source| OciError::Connect {
+        let conn = |source: reqwest::Error| OciError::Connect {
             registry: realm_host.clone(),
-            source,
+            source: Box::new(source),
         };
         let resp = rb.send().await.map_err(conn)?;
         let status = resp.status();

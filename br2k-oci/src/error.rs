@@ -1,6 +1,7 @@
 //! The private error of the OCI backend and its one mapping to [`br2k_core::Error`].
 
 use br2k_core::{Error, ValidationError};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +10,14 @@ pub(crate) enum OciError {
     #[error("{registry}: connection failed: {source}")]
     Connect {
         registry: String,
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An `oci_client` operation failed (classified by [`classify`]).
+    #[error("{registry}: {what}: {source}")]
+    Client {
+        registry: String,
+        what: String,
+        source: OciDistributionError,
     },
     /// The registry answered with an unexpected HTTP status.
     #[error("{registry}: {what}: HTTP {status}: {body}")]
@@ -47,32 +55,154 @@ pub(crate) enum OciError {
     /// Token authentication cannot proceed (bad token answer, insecure realm).
     #[error("{registry}: token authentication: {reason}")]
     Auth { registry: String, reason: String },
-    /// A protocol violation by the registry (missing headers...).
-    #[error("{registry}: protocol error: {reason}")]
-    Protocol { registry: String, reason: String },
+}
+
+impl OciError {
+    /// Whether the registry refused the request's credentials (HTTP 401), so that a
+    /// fresh token may help.
+    pub(crate) fn is_unauthorized(&self) -> bool {
+        match self {
+            OciError::Status { status, .. } => *status == 401,
+            OciError::Client { source, .. } => matches!(classify(source), Class::Status(401)),
+            _ => false,
+        }
+    }
+}
+
+/// What an [`OciDistributionError`] means for br2k.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// An HTTP status (known or implied by the registry's error code).
+    Status(u16),
+    /// The registry's error envelope names no status br2k knows: not retryable.
+    Refused,
+    /// The connection failed or broke (connect, timeout, reset, body).
+    Connection,
+    /// Bytes that do not match their digest.
+    Tampered,
+    /// A malformed answer or input (JSON, media type, schema version, empty push).
+    Invalid,
+    /// The registry broke the protocol (missing `Location`, unexpected 2xx).
+    Protocol,
+    /// Anything else (URL building, client setup): not retryable.
+    Other,
+}
+
+/// The io error carries a digest verification failure of oci-client's verifying stream.
+pub(crate) fn is_digest_io(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<DigestError>().is_some())
+}
+
+/// Classifies an oci-client error. Distribution answers 4xx with an error envelope
+/// (oci-client keeps the envelope, not the status): its codes imply the status.
+pub(crate) fn classify(e: &OciDistributionError) -> Class {
+    use OciDistributionError as E;
+    match e {
+        E::RequestError(r) => match r.status() {
+            Some(s) => Class::Status(s.as_u16()),
+            None if r.is_builder() => Class::Other,
+            None => Class::Connection,
+        },
+        E::ServerError { code, .. } => Class::Status(*code),
+        E::UnauthorizedError { .. } => Class::Status(401),
+        E::AuthenticationFailure(_) => Class::Status(401),
+        E::RegistryError { envelope, .. } => {
+            let code = envelope.errors.first().map(|x| &x.code);
+            match code {
+                Some(
+                    OciErrorCode::BlobUnknown
+                    | OciErrorCode::BlobUploadUnknown
+                    | OciErrorCode::ManifestUnknown
+                    | OciErrorCode::ManifestBlobUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::NotFound,
+                ) => Class::Status(404),
+                Some(OciErrorCode::Unauthorized) => Class::Status(401),
+                Some(OciErrorCode::Denied) => Class::Status(403),
+                Some(OciErrorCode::Toomanyrequests) => Class::Status(429),
+                Some(
+                    OciErrorCode::DigestInvalid
+                    | OciErrorCode::ManifestInvalid
+                    | OciErrorCode::ManifestUnverified
+                    | OciErrorCode::NameInvalid
+                    | OciErrorCode::SizeInvalid
+                    | OciErrorCode::TagInvalid
+                    | OciErrorCode::BlobUploadInvalid,
+                ) => Class::Status(400),
+                _ => Class::Refused,
+            }
+        }
+        E::DigestError(DigestError::VerificationError { .. }) => Class::Tampered,
+        E::DigestError(_) => Class::Invalid,
+        E::IoError(io) if is_digest_io(io) => Class::Tampered,
+        E::IoError(_) => Class::Connection,
+        E::JsonError(_)
+        | E::ManifestEncodingError(_)
+        | E::ManifestParsingError(_)
+        | E::VersionedParsingError(_)
+        | E::UnsupportedMediaTypeError(_)
+        | E::UnsupportedSchemaVersionError(_)
+        | E::IncompatibleLayerMediaTypeError(_)
+        | E::PushNoDataError
+        | E::PushLayerNoDataError
+        | E::PullNoLayersError => Class::Invalid,
+        E::SpecViolationError(_)
+        | E::RegistryNoLocationError
+        | E::RegistryNoDigestError
+        | E::HeaderValueError(_)
+        | E::RegistryTokenDecodeError(_) => Class::Protocol,
+        E::ImageManifestNotFoundError(_) => Class::Status(404),
+        _ => Class::Other,
+    }
+}
+
+fn status_error(msg: String, status: u16) -> Error {
+    match status {
+        404 => Error::not_found(msg),
+        401 | 403 => Error::permission_denied(msg),
+        408 | 429 | 500..=599 => Error::unavailable(msg),
+        400 | 413 | 415 | 422 => ValidationError::malformed("registry request", msg).into(),
+        _ => Error::backend("oci", msg, false),
+    }
 }
 
 /// The one mapping from backend errors to core errors.
 pub(crate) fn to_core(e: OciError) -> Error {
     match e {
         OciError::Connect { registry, source } => {
-            Error::unavailable(format!("{registry}: {}", describe(&source)))
+            Error::unavailable(format!("{registry}: {}", describe(&*source)))
+        }
+        OciError::Client {
+            registry,
+            what,
+            source,
+        } => {
+            let msg = format!("{registry}: {what}: {}", short(&describe(&source)));
+            match classify(&source) {
+                Class::Status(s) => status_error(msg, s),
+                Class::Connection => Error::unavailable(msg),
+                Class::Tampered => match source {
+                    OciDistributionError::DigestError(DigestError::VerificationError {
+                        expected,
+                        actual,
+                    }) => Error::tampered(format!("{registry}: {what}"), expected, actual),
+                    _ => Error::tampered(msg, "content matching its digest", "other bytes"),
+                },
+                Class::Invalid => ValidationError::malformed("registry answer", msg).into(),
+                Class::Protocol => Error::backend("oci", msg, true),
+                Class::Refused | Class::Other => Error::backend("oci", msg, false),
+            }
         }
         OciError::Status {
             registry,
             what,
             status,
             body,
-        } => {
-            let msg = format!("{registry}: {what}: HTTP {status}: {}", short(&body));
-            match status {
-                404 => Error::not_found(msg),
-                401 | 403 => Error::permission_denied(msg),
-                408 | 429 | 500..=599 => Error::unavailable(msg),
-                400 | 413 | 415 | 422 => ValidationError::malformed("registry request", msg).into(),
-                _ => Error::backend("oci", msg, false),
-            }
-        }
+        } => status_error(
+            format!("{registry}: {what}: HTTP {status}: {}", short(&body)),
+            status,
+        ),
         OciError::Tampered {
             what,
             expected,
@@ -97,9 +227,6 @@ pub(crate) fn to_core(e: OciError) -> Error {
             format!("{registry}: token authentication: {reason}"),
             false,
         ),
-        OciError::Protocol { registry, reason } => {
-            Error::backend("oci", format!("{registry}: {reason}"), true)
-        }
     }
 }
 
@@ -109,8 +236,7 @@ impl From<OciError> for Error {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error as _;
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

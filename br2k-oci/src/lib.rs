@@ -9,6 +9,20 @@
 //! - [`ImageBuilder`]: packs files into a reproducible single-layer image without a
 //!   container engine.
 //!
+//! # Transport
+//!
+//! Registry requests go through the [`oci_client`] crate (`oci_client::Client`, one
+//! per store, monolithic push): blob `HEAD` (skip what the target has), blob `GET`
+//! (streamed), blob upload (`POST`, then one `PUT` whose body streams from the source
+//! download through br2k's hashing and verifying wrapper, never a whole blob in
+//! memory), cross-repository mount and manifest `PUT`. A minimal reqwest path remains
+//! for what oci-client cannot do or does in a way br2k cannot use: `DELETE` (oci-client
+//! has none), manifest `GET` (read with the
+//! [`MAX_MANIFEST_BYTES`](br2k_core::artifact::MAX_MANIFEST_BYTES) bound enforced while
+//! reading; oci-client reads bodies whole), manifest `HEAD` and `GET /v2/` (see the
+//! `client` module for why), and the requests to a token server.
+//! [`OciImageStore::request_counts`] counts requests per operation br2k issues.
+//!
 //! # Authentication
 //!
 //! [`OciConfig::with_auth`] (or [`OciConfig::with_auth_from_env`]) picks one of:
@@ -28,15 +42,20 @@
 //! `Bearer realm="...",service="...",scope="..."` makes the store `GET` a token from
 //! the realm (`service`, one `scope` parameter per scope, `account` and basic
 //! credentials when configured), read `token` or `access_token` from the JSON answer,
-//! and send the request once more with `Authorization: Bearer <token>`. From then on
+//! and send the request once more with `Authorization: Bearer <token>` (for requests
+//! made by oci-client, which does not report the challenge, the store learns it from a
+//! `GET /v2/` after the `401`). From then on
 //! each request asks for the scopes Distribution checks (`repository:<name>:pull` for
 //! GET/HEAD, `pull,push` for uploads and manifest PUTs, plus `pull` on the source of a
 //! cross-repository mount, `delete` for DELETE), so a token is fetched ahead of the
 //! request, not after a `401`. Tokens are cached per scope until `expires_in` (60 s
 //! when absent) runs out, less a margin (a tenth, at most 10 s); a token the registry
-//! rejects anyway (`401` again) is replaced once. A streamed blob upload cannot be
-//! replayed, but it always follows the `POST` of the same scope, whose token is then
-//! cached. A plain-HTTP realm is accepted only for a registry configured insecure,
+//! rejects anyway (`401` again) is replaced once. br2k's tokens are handed to
+//! oci-client through its token cache (`oci_client::Client::tokens`) before each of
+//! its calls, for the repository and operation the call looks up, so oci-client
+//! does not fetch tokens of its own while br2k's are valid (it would, with the same
+//! credentials, only for a token it considers expired before br2k does). A streamed
+//! blob copy refused with `401` is started once more from the source download. A plain-HTTP realm is accepted only for a registry configured insecure,
 //! so credentials never go out unencrypted by surprise. Challenges are parsed by
 //! [`auth::parse_challenges`] (quoted values with commas and escapes, several
 //! challenges and scopes, unknown parameters); a malformed one is an

@@ -10,9 +10,9 @@ use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use sha2::{Digest as _, Sha256};
 
-use crate::client::{Http, RequestCounts};
+use crate::client::{Http, Need, RequestCounts};
 use crate::config::OciConfig;
-use crate::error::OciError;
+use crate::error::{OciError, is_digest_io};
 use crate::index::{ImageIndex, ManifestDoc, parse_manifest_doc};
 
 /// An [`ImageStore`] backed by one OCI (Distribution) registry.
@@ -70,7 +70,14 @@ impl OciImageStore {
         &self.cfg
     }
 
-    /// HTTP requests sent so far by this store (and its clones), by method.
+    /// Requests sent so far by this store (and its clones) to its registry, by HTTP
+    /// method, counted per operation issued: a blob `HEAD`, a blob `GET`, a mount
+    /// (`POST`), an upload (one `POST` and one `PUT`: oci-client's monolithic push), a
+    /// manifest `PUT`, `GET`, `HEAD` or `DELETE`, `GET /v2/` (ping, and once after a
+    /// `401` to learn a token realm), each again when retried after a `401`.
+    /// Requests to a token server are not counted, nor the `GET /v2/` and token
+    /// requests oci-client would make on its own should a handed-over token expire
+    /// in its cache first (br2k hands over a fresh one before each call).
     pub fn request_counts(&self) -> RequestCounts {
         self.http.counts()
     }
@@ -215,12 +222,16 @@ impl OciImageStore {
 
     /// Streams blob `d` through a hasher and checks its digest and size.
     pub async fn verify_blob(&self, repo: &Repository, d: &Descriptor) -> Result<()> {
-        let resp = self.http.get_blob(repo, &d.digest).await?;
+        let mut body = self.http.get_blob(repo, &d.digest).await?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
-        let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| self.http.conn(e))?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                // oci-client's own digest check at the end: br2k's below says more.
+                Err(e) if is_digest_io(&e) => break,
+                Err(e) => return Err(self.http.conn(e).into()),
+            };
             n += chunk.len() as u64;
             if n > d.size {
                 break;
@@ -378,34 +389,32 @@ impl OciImageStore {
             return Ok(BlobOutcome::Skipped);
         }
         let same_registry = self.cfg.registry == target.cfg.registry && repo != target_repo;
-        let (location, resp) = if same_registry {
-            let Some(location) = target
-                .http
-                .start_upload(target_repo, Some((&d.digest, repo)))
-                .await?
-            else {
-                return Ok(BlobOutcome::Mounted);
-            };
-            (location, self.http.get_blob(repo, &d.digest).await?)
-        } else {
-            // Open the upload session and the download at the same time.
-            let (location, resp) = futures::try_join!(
-                target.http.start_upload(target_repo, None),
-                self.http.get_blob(repo, &d.digest)
-            )?;
-            (location.expect("no mount requested"), resp)
-        };
-        let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
-        let (body, verdict) = verified_body(resp.bytes_stream(), d.digest, d.size, what);
-        let res = target
-            .http
-            .finish_upload(target_repo, &location, &d.digest, d.size, body)
-            .await;
-        if let Some(e) = verdict.lock().expect("verdict lock").take() {
-            return Err(e.into());
+        if same_registry && target.http.mount(target_repo, &d.digest, repo).await? {
+            return Ok(BlobOutcome::Mounted);
         }
-        res?;
-        Ok(BlobOutcome::Copied(d.size))
+        let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
+        let mut retried = false;
+        loop {
+            let src = self.http.get_blob(repo, &d.digest).await?;
+            let (body, verdict) = verified_body(src, d.digest, d.size, what.clone());
+            let res = target
+                .http
+                .upload_stream(target_repo, &d.digest, d.size, body)
+                .await;
+            if let Some(e) = verdict.lock().expect("verdict lock").take() {
+                return Err(e.into());
+            }
+            match res {
+                Ok(()) => return Ok(BlobOutcome::Copied(d.size)),
+                // A refused token: a new one, and the blob once more from the source.
+                Err(e)
+                    if !retried && target.http.retry_after(&e, Need::Push(target_repo)).await? =>
+                {
+                    retried = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Uploads a blob from a byte stream, hashing it on the way; used by layouts.
@@ -423,16 +432,8 @@ impl OciImageStore {
         if self.http.head_blob(repo, &d.digest).await? {
             return Ok(false);
         }
-        let location = self
-            .http
-            .start_upload(repo, None)
-            .await?
-            .expect("no mount requested");
         let (body, verdict) = verified_body(src, d.digest, d.size, what);
-        let res = self
-            .http
-            .finish_upload(repo, &location, &d.digest, d.size, body)
-            .await;
+        let res = self.http.upload_stream(repo, &d.digest, d.size, body).await;
         if let Some(e) = verdict.lock().expect("verdict lock").take() {
             return Err(e.into());
         }
@@ -480,10 +481,19 @@ fn add(r: &mut CopyReport, o: &CopyReport) {
 
 type Verdict = Arc<Mutex<Option<OciError>>>;
 
-/// Wraps a byte stream into a request body that hashes and counts on the way; on a
+/// Wraps a byte stream into an upload body that hashes and counts on the way; on a
 /// size or digest mismatch the body fails (aborting the upload) and the verdict holds
-/// the `Tampered` error.
-fn verified_body<S, E>(src: S, digest: Digest, size: u64, what: String) -> (reqwest::Body, Verdict)
+/// the `Tampered` error. The source's own digest error (oci-client's verifying
+/// download stream) counts as its end: the checks here then report the mismatch.
+fn verified_body<S, E>(
+    src: S,
+    digest: Digest,
+    size: u64,
+    what: String,
+) -> (
+    impl Stream<Item = std::result::Result<Bytes, std::io::Error>> + Send + 'static,
+    Verdict,
+)
 where
     S: Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
@@ -516,7 +526,11 @@ where
                     St { done: true, ..st },
                 ))
             };
-            match st.src.next().await {
+            let next = match st.src.next().await {
+                Some(Err(e)) if source_digest_error(&e) => None,
+                other => other,
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     st.n += chunk.len() as u64;
                     if st.n > size {
@@ -581,7 +595,14 @@ where
             }
         }
     });
-    (reqwest::Body::wrap_stream(body), verdict)
+    (body, verdict)
+}
+
+/// Whether a source stream error is oci-client's digest verification failure.
+fn source_digest_error<E: std::error::Error + 'static>(e: &E) -> bool {
+    (e as &dyn std::error::Error)
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(is_digest_io)
 }
 
 #[async_trait]

@@ -371,13 +371,32 @@ async fn interrupted_copy_resumes_without_resending_finished_blobs() {
     assert_eq!(delta.post, report.blobs_copied);
     assert_eq!(dst.pull(&repo, &img.digest).await.unwrap(), img);
 
-    // Re-mirroring the unchanged image only HEADs the target.
+    // Re-mirroring the unchanged image only HEADs the target: counted by the store
+    // and by the target registry's own access log (which also sees any request
+    // oci-client would make on its own, such as `GET /v2/`).
     let before = dst.request_counts();
+    let served_before = b.served_since(0, 0).len();
+    let served_a_before = a.served_since(0, 0).len();
     let report = src1.copy_image(&repo, &img.digest, &dst).await.unwrap();
     let delta = dst.request_counts().since(&before);
     assert_eq!(delta.non_head(), 0, "{delta:?}");
     assert_eq!(delta.head, layers as u64 + 2);
     assert_eq!((report.blobs_copied, report.manifest_written), (0, false));
+    let served = b.served_since(served_before, layers + 2);
+    assert_eq!(served.len(), layers + 2, "{served:?}");
+    assert!(served.iter().all(|(m, _)| m == "HEAD"), "{served:?}");
+    let manifest_path = format!("/v2/{repo}/manifests/{}", img.digest);
+    assert!(
+        served.iter().any(|(_, p)| *p == manifest_path),
+        "{served:?}"
+    );
+    // And the source registry served the manifest once, the only request there.
+    let served_a = a.served_since(served_a_before, 1);
+    assert_eq!(
+        served_a,
+        [("GET".to_owned(), manifest_path)],
+        "{served_a:?}"
+    );
 }
 
 #[tokio::test]

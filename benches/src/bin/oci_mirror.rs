@@ -19,6 +19,8 @@ use rand::RngCore;
 struct Reg {
     addr: String,
     _dir: tempdir::Dir,
+    /// The registry's stdout and stderr: its access log, one line per request.
+    log: PathBuf,
     child: Child,
 }
 
@@ -54,11 +56,13 @@ impl Reg {
         .unwrap();
         let bin = std::env::var("BR2K_REGISTRY_BIN")
             .unwrap_or_else(|_| "/usr/bin/docker-registry".into());
+        let log = dir.join("registry.log");
+        let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .arg("serve")
             .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
             .spawn()
             .expect("spawn docker-registry");
         let start = Instant::now();
@@ -72,9 +76,41 @@ impl Reg {
         Reg {
             addr,
             _dir: tempdir::Dir(PathBuf::from(&dir)),
+            log,
             child,
         }
     }
+
+    /// Methods of the requests served so far, from the registry's access log.
+    fn served(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once(" \"")?;
+                let (req, _) = rest.split_once('"')?;
+                let mut it = req.split(' ');
+                let (method, _path, proto) = (it.next()?, it.next()?, it.next()?);
+                proto.starts_with("HTTP/").then(|| method.to_owned())
+            })
+            .collect()
+    }
+}
+
+/// Requests per method in `methods`, in the order of the table below.
+fn by_method(methods: &[String]) -> [usize; 6] {
+    let mut n = [0; 6];
+    for m in methods {
+        let i = match m.as_str() {
+            "GET" => 0,
+            "HEAD" => 1,
+            "PUT" => 2,
+            "POST" => 3,
+            "PATCH" => 4,
+            _ => 5,
+        };
+        n[i] += 1;
+    }
+    n
 }
 
 impl Drop for Reg {
@@ -278,14 +314,22 @@ async fn main() {
     );
     drop(image);
 
-    let (_target, dst) = last_target.expect("at least one run");
+    let (target, dst) = last_target.expect("at least one run");
     let (sb, db) = (src.request_counts(), dst.request_counts());
+    // The access log line follows the response: let earlier lines land first.
+    std::thread::sleep(Duration::from_millis(300));
+    let (sl, dl) = (source.served().len(), target.served().len());
     let t = Instant::now();
     let report = src.copy_image(&repo, &digest, &dst).await.unwrap();
     let e = t.elapsed().as_secs_f64();
     let (sd, dd) = (
         src.request_counts().since(&sb),
         dst.request_counts().since(&db),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (s_log, d_log) = (
+        by_method(&source.served()[sl..]),
+        by_method(&target.served()[dl..]),
     );
     println!();
     println!(
@@ -296,13 +340,27 @@ async fn main() {
         report.manifest_written
     );
     println!(
-        "{:<8} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
-        "side", "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"
+        "{:<22} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+        "side (counted by)", "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"
     );
-    for (side, c) in [("source", sd), ("target", dd)] {
+    for (side, c) in [("source (br2k)", sd), ("target (br2k)", dd)] {
         println!(
-            "{:<8} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+            "{:<22} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
             side, c.get, c.head, c.put, c.post, c.patch, c.delete
         );
     }
+    for (side, c) in [
+        ("source (registry log)", s_log),
+        ("target (registry log)", d_log),
+    ] {
+        println!(
+            "{:<22} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+            side, c[0], c[1], c[2], c[3], c[4], c[5]
+        );
+    }
+    let target_non_head = d_log[0] + d_log[2] + d_log[3] + d_log[4] + d_log[5];
+    assert_eq!(
+        target_non_head, 0,
+        "re-mirror sent more than HEADs to the target"
+    );
 }

@@ -13,6 +13,8 @@ pub struct Registry {
     pub addr: String,
     pub root: tempfile::TempDir,
     config: PathBuf,
+    /// The registry's own output: its access log (one line per request served).
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -80,10 +82,12 @@ impl Registry {
         );
         text.push_str(&auth(root.path()));
         std::fs::write(&config, text).unwrap();
+        let log = root.path().join("registry.log");
         let mut r = Self {
             addr,
             root,
             config,
+            log,
             child: None,
         };
         r.start();
@@ -92,11 +96,16 @@ impl Registry {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(registry_bin())
             .arg("serve")
             .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
             .spawn()
             .expect("spawn docker-registry (apt-get install docker-registry)");
         self.child = Some(child);
@@ -130,6 +139,39 @@ impl Registry {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// The requests this registry has served so far, from its own access log:
+    /// `(method, path)` in order.
+    pub fn served(&self) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                // Combined log format: ... "METHOD /path HTTP/1.1" status ...
+                let (_, rest) = l.split_once(" \"")?;
+                let (req, _) = rest.split_once('"')?;
+                let mut it = req.split(' ');
+                let (method, path, proto) = (it.next()?, it.next()?, it.next()?);
+                proto
+                    .starts_with("HTTP/")
+                    .then(|| (method.to_owned(), path.to_owned()))
+            })
+            .collect()
+    }
+
+    /// The requests served after the first `since` ones, once at least `expect` have
+    /// arrived (the access log line follows the response) and no more for 200 ms.
+    pub fn served_since(&self, since: usize, expect: usize) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = self.served().len();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.served().len();
+            if (now >= since + expect && now == seen) || Instant::now() > deadline {
+                return self.served().split_off(since.min(now));
+            }
+            seen = now;
+        }
     }
 
     pub fn store(&self) -> OciImageStore {
