@@ -1,7 +1,10 @@
 //! `k8s_recovery`: time to recover per drift class on the real control plane.
 //!
 //! For each class: inject the drift with a foreign field manager, then measure until
-//! `observe` shows the recorded state again with every replica Ready. Recovery is the
+//! `observe` shows the recorded state again with every replica Ready **and** the
+//! StatefulSet controller agrees (`kubectl rollout status` checks on a StatefulSet newer
+//! than the injected one: generation observed, replicas Ready, no pending update).
+//! `--classes a,b` runs only those classes; `--no-node` skips the node class. Recovery is the
 //! core `Supervisor::run` loop (event-driven through the replicator's shared
 //! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
 //! plain server-side apply of the StatefulSet (a changed annotation), round trip.
@@ -66,7 +69,60 @@ fn spec_ok(o: &br2k_core::ObservedState, r: &ServiceRecord) -> bool {
         && o.missing_parts.is_empty()
 }
 
-/// Waits until `observe` shows the record with every replica Ready. `observe` reads
+/// What proves that the injected drift happened before a trial counts as recovered.
+#[derive(Debug, Clone)]
+enum Gate {
+    /// Nothing (set-up and floor runs).
+    None,
+    /// The watch cache must first have shown the drift (a failed pod or node: the
+    /// failure stays until br2k acts).
+    Seen,
+    /// The StatefulSet read from the API server must be newer than the one before the
+    /// injection: another uid (re-created) or a generation at least 2 higher (the
+    /// injected change and br2k's revert). Independent of how fast the cache saw it.
+    Sts {
+        uid: Option<String>,
+        generation: i64,
+    },
+}
+
+impl Gate {
+    /// The gate for a StatefulSet change, from the object before the injection.
+    fn sts(before: &StatefulSet) -> Self {
+        Gate::Sts {
+            uid: before.metadata.uid.clone(),
+            generation: before.metadata.generation.unwrap_or(0),
+        }
+    }
+}
+
+/// Whether the StatefulSet controller itself reports the rollout complete, with the
+/// checks of `kubectl rollout status`: it has seen the current spec, at least the
+/// desired number of replicas is Ready (for a re-created StatefulSet: the pods are
+/// adopted), and no replica waits for an update (current revision = update revision);
+/// and the object passes `gate`.
+async fn rollout_complete(stss: &Api<StatefulSet>, name: &str, gate: &Gate) -> bool {
+    let Ok(sts) = stss.get(name).await else {
+        return false;
+    };
+    if let Gate::Sts { uid, generation } = gate {
+        let newer =
+            sts.metadata.uid != *uid || sts.metadata.generation.unwrap_or(0) >= generation + 2;
+        if !newer {
+            return false;
+        }
+    }
+    let want = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    sts.status.as_ref().is_some_and(|st| {
+        st.observed_generation.is_some()
+            && st.observed_generation >= sts.metadata.generation
+            && st.ready_replicas.unwrap_or(0) >= want
+            && st.current_revision == st.update_revision
+    })
+}
+
+/// Waits until `observe` shows the record with every replica Ready and the
+/// StatefulSet controller agrees (see [`rollout_complete`]). `observe` reads
 /// the replicator's watch cache (the supervisor's view); it runs after each watch
 /// event (coalesced) and at least every 50 ms. With `drifted`, the cache must first
 /// have shown the injected drift (so a cache not yet updated by the injection does
@@ -76,10 +132,12 @@ async fn wait_recovered(
     changes: &mut BoxStream<'static, ServiceId>,
     r: &ServiceRecord,
     since: Instant,
-    drifted: bool,
+    gate: Gate,
 ) -> Phases {
     let mut ph = Phases::default();
-    let mut seen_drift = !drifted;
+    let mut seen_drift = !matches!(gate, Gate::Seen);
+    let stss: Api<StatefulSet> = Api::namespaced(rep.client().clone(), rep.namespace());
+    let name = Names::of(&r.id).base;
     loop {
         match rep.observe(&r.id).await {
             Ok(Some(o)) => {
@@ -89,7 +147,7 @@ async fn wait_recovered(
                 if seen_drift && ph.spec_restored.is_none() && spec_ok(&o, r) {
                     ph.spec_restored = Some(since.elapsed());
                 }
-                if seen_drift && matches(&o, r) {
+                if seen_drift && matches(&o, r) && rollout_complete(&stss, &name, &gate).await {
                     ph.ready = since.elapsed();
                     return ph;
                 }
@@ -337,7 +395,7 @@ async fn node_class(
     let record = registry.resume(&id).await?;
     let mut changes = rep.changes().await?;
     let mut events = sup.subscribe();
-    wait_recovered(&rep, &mut changes, &record, Instant::now(), false).await;
+    wait_recovered(&rep, &mut changes, &record, Instant::now(), Gate::None).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let base = Names::of(&id).base;
     let mut v = Vec::new();
@@ -358,7 +416,7 @@ async fn node_class(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let t = Instant::now();
-        let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+        let mut ph = wait_recovered(&rep, &mut changes, &record, t, Gate::Seen).await;
         supervisor_phases(&mut ph, &mut events, t);
         v.push(ph);
         nodes
@@ -407,7 +465,7 @@ async fn fresh_floor(
         let t = Instant::now();
         rep.apply(&record).await?;
         v.push(
-            wait_recovered(&rep, &mut changes, &record, t, false)
+            wait_recovered(&rep, &mut changes, &record, t, Gate::None)
                 .await
                 .ready,
         );
@@ -512,7 +570,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let record = registry.resume(&id).await?;
         let mut changes = rep.changes().await?;
         let mut events = sup.subscribe();
-        wait_recovered(&rep, &mut changes, &record, Instant::now(), false).await;
+        wait_recovered(&rep, &mut changes, &record, Instant::now(), Gate::None).await;
         let names = Names::of(&id);
         let stss: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -545,11 +603,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "template_tampered",
             "pod_failed",
         ];
+        // `--classes a,b` runs only those drift classes (default: all).
+        let only: Option<Vec<String>> = std::env::args()
+            .skip_while(|a| a != "--classes")
+            .nth(1)
+            .map(|v| v.split(',').map(str::to_owned).collect());
         let mut results = Vec::new();
-        for class in classes {
+        for class in classes
+            .into_iter()
+            .filter(|c| only.as_ref().is_none_or(|o| o.iter().any(|x| x == c)))
+        {
             let mut v = Vec::new();
             for i in 0..trials {
                 drain(&mut changes, &mut events);
+                let gate = Gate::sts(&stss.get(&names.base).await?);
                 let t = Instant::now();
                 match class {
                     "statefulset_deleted" => {
@@ -591,13 +658,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         let t = Instant::now();
-                        let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+                        let mut ph =
+                            wait_recovered(&rep, &mut changes, &record, t, Gate::Seen).await;
                         supervisor_phases(&mut ph, &mut events, t);
                         v.push(ph);
                         continue;
                     }
                 }
-                let mut ph = wait_recovered(&rep, &mut changes, &record, t, true).await;
+                let mut ph = wait_recovered(&rep, &mut changes, &record, t, gate).await;
                 supervisor_phases(&mut ph, &mut events, t);
                 v.push(ph);
             }
