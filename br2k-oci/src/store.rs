@@ -222,7 +222,7 @@ impl OciImageStore {
 
     /// Streams blob `d` through a hasher and checks its digest and size.
     pub async fn verify_blob(&self, repo: &Repository, d: &Descriptor) -> Result<()> {
-        let mut body = self.http.get_blob(repo, &d.digest).await?;
+        let mut body = self.http.get_blob(repo, &d.digest, d.size).await?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
@@ -395,7 +395,7 @@ impl OciImageStore {
         let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
         let mut retried = false;
         loop {
-            let src = self.http.get_blob(repo, &d.digest).await?;
+            let src = self.http.get_blob(repo, &d.digest, d.size).await?;
             let (body, verdict) = verified_body(src, d.digest, d.size, what.clone());
             let res = target
                 .http
