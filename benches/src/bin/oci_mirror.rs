@@ -217,6 +217,9 @@ async fn main() {
     let (mut cpu_ours, mut cpu_theirs) = (Vec::new(), Vec::new());
     let src_pid = source.child.id().to_string();
     let mut last_target = None;
+    // Requests the target registry served in the last cold run of each tool, from its
+    // access log (before the verification reads).
+    let mut cold_log: [(&str, [usize; 6]); 2] = [("br2k", [0; 6]), ("skopeo", [0; 6])];
     for run in 0..runs {
         let order = if run % 2 == 0 {
             ["br2k", "skopeo"]
@@ -245,6 +248,8 @@ async fn main() {
                     after.2 - before.2,
                 ));
                 assert_eq!(report.blobs_copied, 6);
+                std::thread::sleep(Duration::from_millis(100));
+                cold_log[0].1 = by_method(&target.served());
                 dst.verify(&repo, &digest).await.unwrap();
                 ours.push(e);
                 last_target = Some((target, dst));
@@ -261,6 +266,8 @@ async fn main() {
                     after.1 - before.1,
                     after.2 - before.2,
                 ));
+                std::thread::sleep(Duration::from_millis(100));
+                cold_log[1].1 = by_method(&target.served());
                 let check = OciImageStore::insecure(&target.addr).unwrap();
                 check.verify(&repo, &digest).await.unwrap();
                 theirs.push(e);
@@ -291,6 +298,17 @@ async fn main() {
             median(&mut client),
             median(&mut a),
             median(&mut b)
+        );
+    }
+
+    println!(
+        "{:<24} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+        "cold run, target log", "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"
+    );
+    for (tool, c) in cold_log {
+        println!(
+            "{:<24} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
+            tool, c[0], c[1], c[2], c[3], c[4], c[5]
         );
     }
 
