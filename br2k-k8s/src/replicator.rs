@@ -272,7 +272,7 @@ impl KubeReplicator {
                     apply_obj(pdbs, &names.base, &pdb, "poddisruptionbudget"),
                     hpa_fut,
                 )
-                .map(drop)
+                .map(|(sts, ..)| sts)
             }
         };
 
@@ -286,7 +286,7 @@ impl KubeReplicator {
             .and_then(|hub| hub.cms.get(&ObjectRef::new(&names.config).within(ns)))
             .filter(|cm| owned_by(cm.as_ref(), &record.id))
             .and_then(|cm| build::owner_reference(&cm));
-        match known_owner {
+        let sts = match known_owner {
             Some(owner) => {
                 let (cm, deps) = futures::join!(
                     apply_obj(&cms, &names.config, &cm_obj, "configmap"),
@@ -294,16 +294,72 @@ impl KubeReplicator {
                 );
                 let cm = cm?;
                 if cm.metadata.uid.as_deref() == Some(owner.uid.as_str()) {
-                    deps
+                    deps?
                 } else {
-                    dependents(build::owner_reference(&cm)).await
+                    dependents(build::owner_reference(&cm)).await?
                 }
             }
             None => {
                 let cm = apply_obj(&cms, &names.config, &cm_obj, "configmap").await?;
-                dependents(build::owner_reference(&cm)).await
+                dependents(build::owner_reference(&cm)).await?
             }
+        };
+        if self.inner.guard_pods {
+            self.adopt(&record.id, &sts).await;
         }
+        Ok(())
+    }
+
+    /// Makes `sts` the controller of the guarded replica pods of `id` that have no
+    /// live controller (their StatefulSet was deleted and `sts` re-creates it), as
+    /// the StatefulSet controller would on its next sync, but at once and in parallel.
+    /// Best effort: the controller adopts whatever this misses.
+    async fn adopt(&self, id: &ServiceId, sts: &StatefulSet) {
+        let (Some(hub), Some(uid), Some(name)) = (
+            self.cache().await,
+            sts.metadata.uid.as_deref(),
+            sts.metadata.name.as_deref(),
+        ) else {
+            return;
+        };
+        let pods: Api<Pod> = self.api();
+        let orphans = hub.pods_of(id).into_iter().filter_map(|p| {
+            let refs = p.metadata.owner_references.as_deref().unwrap_or_default();
+            let guarded = refs.iter().any(|r| r.kind == "ConfigMap");
+            let controller = refs.iter().find(|r| r.controller == Some(true));
+            // Another controller uid than the live StatefulSet's: that one was deleted.
+            let stale = controller.filter(|c| c.kind == "StatefulSet" && c.uid != uid);
+            let adoptable = guarded
+                && p.metadata.deletion_timestamp.is_none()
+                && (controller.is_none() || stale.is_some());
+            adoptable.then(|| {
+                let mut refs = vec![serde_json::json!({
+                    "apiVersion": "apps/v1", "kind": "StatefulSet", "name": name, "uid": uid,
+                    // No blockOwnerDeletion: setting it may need permission on the
+                    // StatefulSet's finalizers (OwnerReferencesPermissionEnforcement).
+                    "controller": true,
+                })];
+                if let Some(old) = stale {
+                    refs.push(serde_json::json!({"$patch": "delete", "uid": old.uid}));
+                }
+                let patch = serde_json::json!({"metadata": {
+                    "uid": p.metadata.uid, "ownerReferences": refs,
+                }});
+                (p.metadata.name.clone().unwrap_or_default(), patch)
+            })
+        });
+        let patches = orphans.map(|(pod, patch)| {
+            let pods = &pods;
+            async move {
+                if let Err(e) = pods
+                    .patch(&pod, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                {
+                    tracing::debug!(pod = %pod, error = %e, "br2k: adopting a replica failed");
+                }
+            }
+        });
+        futures::future::join_all(patches).await;
     }
 
     /// [`Rollout::Frozen`] when the watch cache shows replicas and every live replica
