@@ -124,9 +124,9 @@ async fn rollout_complete(stss: &Api<StatefulSet>, name: &str, gate: &Gate) -> b
 /// Waits until `observe` shows the record with every replica Ready and the
 /// StatefulSet controller agrees (see [`rollout_complete`]). `observe` reads
 /// the replicator's watch cache (the supervisor's view); it runs after each watch
-/// event (coalesced) and at least every 50 ms. With `drifted`, the cache must first
-/// have shown the injected drift (so a cache not yet updated by the injection does
-/// not count as recovered).
+/// event (coalesced) and at least every 50 ms. `gate` says what proves the injected
+/// drift happened first (so a cache not yet updated by the injection does not count
+/// as recovered); see [`Gate`].
 async fn wait_recovered(
     rep: &KubeReplicator,
     changes: &mut BoxStream<'static, ServiceId>,
@@ -135,7 +135,8 @@ async fn wait_recovered(
     gate: Gate,
 ) -> Phases {
     let mut ph = Phases::default();
-    let mut seen_drift = !matches!(gate, Gate::Seen);
+    // Whether the cache has shown the drift (the "spec restored" phase counts after it).
+    let mut seen_drift = matches!(gate, Gate::None);
     let stss: Api<StatefulSet> = Api::namespaced(rep.client().clone(), rep.namespace());
     let name = Names::of(&r.id).base;
     loop {
@@ -147,7 +148,11 @@ async fn wait_recovered(
                 if seen_drift && ph.spec_restored.is_none() && spec_ok(&o, r) {
                     ph.spec_restored = Some(since.elapsed());
                 }
-                if seen_drift && matches(&o, r) && rollout_complete(&stss, &name, &gate).await {
+                let gate_passed = match gate {
+                    Gate::Seen => seen_drift,
+                    Gate::None | Gate::Sts { .. } => true,
+                };
+                if gate_passed && matches(&o, r) && rollout_complete(&stss, &name, &gate).await {
                     ph.ready = since.elapsed();
                     return ph;
                 }
