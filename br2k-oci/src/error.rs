@@ -282,4 +282,80 @@ mod tests {
             "invalid_input"
         );
     }
+
+    fn client(source: OciDistributionError) -> Error {
+        to_core(OciError::Client {
+            registry: "r".into(),
+            what: "GET blob x".into(),
+            source,
+        })
+    }
+
+    fn envelope(code: &str) -> OciDistributionError {
+        let body = format!(r#"{{"errors":[{{"code":"{code}","message":"m"}}]}}"#);
+        OciDistributionError::RegistryError {
+            envelope: serde_json::from_str(&body).unwrap(),
+            url: "http://r/v2/x".into(),
+        }
+    }
+
+    #[test]
+    fn oci_client_errors_map_to_semantic_errors() {
+        for (code, kind) in [
+            ("BLOB_UNKNOWN", "not_found"),
+            ("MANIFEST_UNKNOWN", "not_found"),
+            ("NAME_UNKNOWN", "not_found"),
+            ("UNAUTHORIZED", "permission_denied"),
+            ("DENIED", "permission_denied"),
+            ("TOOMANYREQUESTS", "unavailable"),
+            ("DIGEST_INVALID", "invalid_input"),
+            ("MANIFEST_INVALID", "invalid_input"),
+            ("UNSUPPORTED", "backend"),
+        ] {
+            assert_eq!(client(envelope(code)).kind(), kind, "{code}");
+        }
+        let server = |code| OciDistributionError::ServerError {
+            code,
+            url: "http://r/v2/x".into(),
+            message: String::new(),
+        };
+        assert_eq!(client(server(503)).kind(), "unavailable");
+        assert_eq!(client(server(404)).kind(), "not_found");
+        assert_eq!(client(server(401)).kind(), "permission_denied");
+        let unauthorized = OciDistributionError::UnauthorizedError {
+            url: "http://r/v2/x".into(),
+        };
+        assert!(
+            OciError::Client {
+                registry: "r".into(),
+                what: "x".into(),
+                source: unauthorized,
+            }
+            .is_unauthorized()
+        );
+        let e = client(
+            DigestError::VerificationError {
+                expected: "sha256:aa".into(),
+                actual: "sha256:bb".into(),
+            }
+            .into(),
+        );
+        assert!(matches!(e, Error::Tampered { .. }), "{e}");
+        // oci-client's verifying download stream fails with an io error around it.
+        let io = std::io::Error::other(DigestError::VerificationError {
+            expected: "sha256:aa".into(),
+            actual: "sha256:bb".into(),
+        });
+        assert!(is_digest_io(&io));
+        assert_eq!(client(OciDistributionError::IoError(io)).kind(), "tampered");
+        let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!is_digest_io(&broken));
+        let e = client(OciDistributionError::IoError(broken));
+        assert_eq!(e.kind(), "unavailable");
+        assert!(e.is_retryable());
+        assert_eq!(
+            client(OciDistributionError::ManifestParsingError("x".into())).kind(),
+            "invalid_input"
+        );
+    }
 }
