@@ -20,7 +20,7 @@ use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
@@ -254,7 +254,11 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
     )
     .await
     .expect("create CR");
-    let observer = KubeReplicator::new(admin.clone(), &ns);
+    // The test's own observer must not guard pods itself: the operator does, with
+    // exactly the RBAC of deploy/.
+    let observer = KubeReplicator::builder(&ns)
+        .guard_pods(false)
+        .build(admin.clone());
     let matches = || async {
         match observer.observe(&id).await {
             Ok(Some(o))
@@ -274,6 +278,34 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         matches,
     )
     .await;
+
+    // The operator guards the replicas: each pod gets the service's ConfigMap as a
+    // second owner (needs `patch` on pods in deploy/rbac.yaml).
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let config = Names::of(&id).config;
+    let pod_selector = ListParams::default().labels(&format!("br2k.io/service-id={id}"));
+    let guarded = || async {
+        let list = pods.list(&pod_selector).await.map_err(|e| e.to_string())?;
+        let uids: BTreeMap<String, bool> = list
+            .items
+            .iter()
+            .map(|p| {
+                let guard = p
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.kind == "ConfigMap" && o.name == config);
+                (p.metadata.uid.clone().unwrap_or_default(), guard)
+            })
+            .collect();
+        if uids.len() == record.replicas as usize && uids.values().all(|g| *g) {
+            Ok(uids.into_keys().collect::<Vec<_>>())
+        } else {
+            Err(format!("{uids:?}"))
+        }
+    };
+    let pods_before = wait_for(Duration::from_secs(30), "pods guarded", guarded).await;
 
     // Drift: the StatefulSet is deleted; the leader restores it, records an Event,
     // counts the recovery and reports it in the status.
@@ -296,6 +328,9 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         "deleted StatefulSet recovered by the operator in {:?}",
         t0.elapsed()
     );
+    // The replicas kept running: the re-created StatefulSet adopted the same pods.
+    let pods_after = wait_for(Duration::from_secs(30), "pods guarded", guarded).await;
+    assert_eq!(pods_after, pods_before, "replicas were recreated");
     wait_for(Duration::from_secs(30), "recovery in status", || async {
         let o = crs.get("ledger").await.map_err(|e| e.to_string())?;
         let last = o
