@@ -437,3 +437,120 @@ impl Drop for WatchHub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{
+        RollingUpdateStatefulSetStrategy, StatefulSetSpec, StatefulSetStatus,
+        StatefulSetUpdateStrategy,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+
+    fn owner(kind: &str, uid: &str, controller: bool) -> OwnerReference {
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: kind.into(),
+            name: "x".into(),
+            uid: uid.into(),
+            controller: Some(controller),
+            block_owner_deletion: None,
+        }
+    }
+
+    fn pod(owners: Vec<OwnerReference>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("svc-0".into()),
+                uid: Some("pod-uid".into()),
+                labels: Some([(LABEL_SERVICE_ID.to_owned(), "svc".to_owned())].into()),
+                owner_references: Some(owners),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn only_live_statefulset_pods_without_the_guard_are_patched() {
+        let by_sts = pod(vec![owner("StatefulSet", "s", true)]);
+        assert!(matches!(
+            GuardEvent::of(&by_sts, false),
+            GuardEvent::Unguarded(uid, name, id) if uid == "pod-uid" && name == "svc-0" && id.as_str() == "svc"
+        ));
+        let guarded = pod(vec![
+            owner("StatefulSet", "s", true),
+            owner("ConfigMap", "c", false),
+        ]);
+        assert!(matches!(
+            GuardEvent::of(&guarded, false),
+            GuardEvent::Done(_)
+        ));
+        assert!(matches!(GuardEvent::of(&by_sts, true), GuardEvent::Done(_)));
+        let mut terminating = by_sts.clone();
+        terminating.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert!(matches!(
+            GuardEvent::of(&terminating, false),
+            GuardEvent::Done(_)
+        ));
+        let foreign = pod(vec![owner("ReplicaSet", "r", true)]);
+        assert!(matches!(GuardEvent::of(&foreign, false), GuardEvent::Skip));
+    }
+
+    fn sts(partition: i32, status: StatefulSetStatus) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(4),
+                ..ObjectMeta::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(3),
+                update_strategy: Some(StatefulSetUpdateStrategy {
+                    type_: Some("RollingUpdate".into()),
+                    rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                        partition: Some(partition),
+                        ..Default::default()
+                    }),
+                }),
+                ..StatefulSetSpec::default()
+            }),
+            status: Some(status),
+        }
+    }
+
+    fn done() -> StatefulSetStatus {
+        StatefulSetStatus {
+            observed_generation: Some(4),
+            current_revision: Some("r2".into()),
+            update_revision: Some("r2".into()),
+            updated_replicas: Some(3),
+            ready_replicas: Some(3),
+            replicas: 3,
+            ..StatefulSetStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_finished_roll_is_frozen_again_and_nothing_else() {
+        assert!(roll_finished(&sts(0, done())));
+        assert!(!roll_finished(&sts(3, done())), "already frozen");
+        let rolling = StatefulSetStatus {
+            current_revision: Some("r1".into()),
+            ..done()
+        };
+        assert!(
+            !roll_finished(&sts(0, rolling)),
+            "pods still on the old revision"
+        );
+        let unseen = StatefulSetStatus {
+            observed_generation: Some(3),
+            ..done()
+        };
+        assert!(!roll_finished(&sts(0, unseen)), "spec not seen yet");
+        let not_ready = StatefulSetStatus {
+            ready_replicas: Some(2),
+            ..done()
+        };
+        assert!(!roll_finished(&sts(0, not_ready)), "a replica not Ready");
+    }
+}
