@@ -159,12 +159,13 @@ impl Need<'_> {
     }
 
     /// The repository and operation oci-client looks its token up by.
-    fn oci_key(self) -> Option<(&'static str, RegistryOperation, String)> {
+    /// A mount shares the target's push entry: its token (push on the target, pull
+    /// on the source) also allows plain pushes, and a concurrent push replacing it
+    /// first costs the mount one `401` and a retry.
+    fn oci_key(self) -> Option<(RegistryOperation, String)> {
         match self {
-            Need::Pull(r) => Some(("pull", RegistryOperation::Pull, r.to_string())),
-            Need::Push(r) | Need::Mount(r, _) => {
-                Some(("push", RegistryOperation::Push, r.to_string()))
-            }
+            Need::Pull(r) => Some((RegistryOperation::Pull, r.to_string())),
+            Need::Push(r) | Need::Mount(r, _) => Some((RegistryOperation::Push, r.to_string())),
             Need::Base | Need::Delete(_) => None,
         }
     }
@@ -345,7 +346,7 @@ impl Http {
     /// bearer token used, if any.
     async fn prepare(&self, need: Need<'_>) -> Result<Option<HeaderValue>, OciError> {
         self.store_auth().await;
-        let Some((_, op, repo)) = need.oci_key() else {
+        let Some((op, repo)) = need.oci_key() else {
             return Ok(None);
         };
         let key = Reference::with_tag(self.registry.clone(), repo, "latest".into());
@@ -387,7 +388,7 @@ impl Http {
         if !tokens.active() && !self.discover().await? {
             return Ok(false);
         }
-        let Some((_, op, repo)) = need.oci_key() else {
+        let Some((op, repo)) = need.oci_key() else {
             return Ok(false);
         };
         self.store_auth().await;

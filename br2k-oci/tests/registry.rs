@@ -397,6 +397,11 @@ async fn interrupted_copy_resumes_without_resending_finished_blobs() {
         [("GET".to_owned(), manifest_path)],
         "{served_a:?}"
     );
+    // Nothing in this test pinged `b`, and no request of the copies, HEADs and pulls
+    // above made oci-client ask `/v2/` for credentials of this open registry.
+    let all = b.served();
+    assert!(all.len() > 2 * layers, "{all:?}");
+    assert!(!all.iter().any(|(_, p)| p == "/v2/"), "{all:?}");
 }
 
 #[tokio::test]
