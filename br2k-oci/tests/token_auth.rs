@@ -37,6 +37,8 @@ struct Issued {
     scopes: Vec<String>,
     /// Whether the token was issued already expired.
     stale: bool,
+    /// Whether the token was issued with a bad signature (but a valid `exp`).
+    forged: bool,
 }
 
 impl std::fmt::Debug for Issued {
@@ -45,6 +47,7 @@ impl std::fmt::Debug for Issued {
             .field("subject", &self.subject)
             .field("scopes", &self.scopes)
             .field("stale", &self.stale)
+            .field("forged", &self.forged)
             .finish_non_exhaustive()
     }
 }
@@ -61,6 +64,9 @@ struct Issuer {
     /// This many next tokens are issued with an `exp` long past (beyond the
     /// registry's 60 s leeway) while the answer claims the usual lifetime.
     stale_next: AtomicUsize,
+    /// This many next tokens are issued with a signature the registry rejects, and
+    /// nothing else amiss (a client cannot tell them from good ones).
+    forged_next: AtomicUsize,
     /// Answer with `access_token` instead of `token`.
     access_token_field: AtomicBool,
     issued: Mutex<Vec<Issued>>,
@@ -225,13 +231,22 @@ async fn token(
         .stale_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
+    let forged = issuer
+        .forged_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
     let exp = if stale { now() - 600 } else { now() + lifetime };
-    let jwt = issuer.jwt(&subject, &serde_json::Value::from(access), exp);
+    let mut jwt = issuer.jwt(&subject, &serde_json::Value::from(access), exp);
+    if forged {
+        let (signed, _) = jwt.rsplit_once('.').unwrap();
+        jwt = format!("{signed}.{}", URL_SAFE_NO_PAD.encode([7u8; 64]));
+    }
     issuer.issued.lock().unwrap().push(Issued {
         token: jwt.clone(),
         subject,
         scopes,
         stale,
+        forged,
     });
     let field = if issuer.access_token_field.load(Ordering::SeqCst) {
         "access_token"
@@ -265,6 +280,7 @@ async fn setup() -> Setup {
         lifetime: AtomicU64::new(300),
         omit_expires_in: AtomicBool::new(false),
         stale_next: AtomicUsize::new(0),
+        forged_next: AtomicUsize::new(0),
         access_token_field: AtomicBool::new(false),
         issued: Mutex::new(vec![]),
         refused: AtomicUsize::new(0),
@@ -583,4 +599,22 @@ async fn token_auth_refreshes_expired_tokens() {
     assert_eq!(new.iter().filter(|i| i.stale).count(), 1, "{new:?}");
     assert!(new.len() >= 2, "the stale token was replaced: {new:?}");
     assert_eq!(s.server.issuer.stale_next.load(Ordering::SeqCst), 0);
+
+    // A token refused although its `exp` is fine (a bad signature): oci-client would
+    // keep sending it from its cache; br2k's retry after the 401 fetches another one,
+    // once for all the parallel blob HEADs that were refused, and hands it over.
+    s.server.issuer.forged_next.store(1, Ordering::SeqCst);
+    let repo3 = fresh_repo("token-forged");
+    let before = s.issued().len();
+    store.push(&repo3, &img, None).await.unwrap();
+    let new: Vec<Issued> = s.issued()[before..].to_vec();
+    assert_eq!(new.iter().filter(|i| i.forged).count(), 1, "{new:?}");
+    let pull3 = vec![format!("repository:{repo3}:pull")];
+    assert!(new[0].forged && new[0].scopes == pull3, "{new:?}");
+    assert_eq!(
+        new.iter().filter(|i| i.scopes == pull3).count(),
+        2,
+        "the forged token replaced once: {new:?}"
+    );
+    assert_eq!(store.pull(&repo3, &img.digest).await.unwrap(), img);
 }
