@@ -4,7 +4,8 @@
 //! `observe` shows the recorded state again with every replica Ready **and** the
 //! StatefulSet controller agrees (`kubectl rollout status` checks on a StatefulSet newer
 //! than the injected one: generation observed, replicas Ready, no pending update).
-//! `--classes a,b` runs only those classes; `--no-node` skips the node class. Recovery is the
+//! `--classes a,b` runs only those classes; `--no-node` skips the node class; trials
+//! start `--gap-ms` apart (default 1,000, see [`gap`]). Recovery is the
 //! core `Supervisor::run` loop (event-driven through the replicator's shared
 //! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
 //! plain server-side apply of the StatefulSet (a changed annotation), round trip.
@@ -216,6 +217,14 @@ fn row(name: &str, mut v: Vec<Duration>) {
     );
 }
 
+/// Waits `--gap-ms` (default 1,000) before a trial. kube-controller-manager gives each
+/// controller a client limited to 20 requests/s (burst 30); trials back to back would
+/// spend the StatefulSet controller's burst and measure its rate limiter (~50 ms per
+/// request) instead of an isolated incident.
+async fn gap() {
+    tokio::time::sleep(Duration::from_millis(arg("--gap-ms", 1000) as u64)).await;
+}
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -409,6 +418,7 @@ async fn node_class(
         let Some(node) = pods.get(&victim).await?.spec.and_then(|s| s.node_name) else {
             return Err(format!("{victim} not scheduled").into());
         };
+        gap().await;
         drain(&mut changes, &mut events);
         nodes
             .patch(
@@ -466,6 +476,7 @@ async fn fresh_floor(
             .register(&id, &sample_spec("registry.test:5000"))
             .await?;
         let record = registry.resume(&id).await?;
+        gap().await;
         while changes.next().now_or_never().flatten().is_some() {}
         let t = Instant::now();
         rep.apply(&record).await?;
@@ -620,6 +631,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         {
             let mut v = Vec::new();
             for i in 0..trials {
+                gap().await;
                 drain(&mut changes, &mut events);
                 let gate = Gate::sts(&stss.get(&names.base).await?);
                 let t = Instant::now();
