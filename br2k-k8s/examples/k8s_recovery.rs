@@ -5,7 +5,8 @@
 //! StatefulSet controller agrees (`kubectl rollout status` checks on a StatefulSet newer
 //! than the injected one: generation observed, replicas Ready, no pending update).
 //! `--classes a,b` runs only those classes; `--no-node` skips the node class; trials
-//! start `--gap-ms` apart (default 1,000, see [`gap`]). Recovery is the
+//! start `--gap-ms` apart (default 1,000, see [`gap`]); `--no-guards` turns off the
+//! replicator's replica guards (`guard_pods(false)`) for comparison. Recovery is the
 //! core `Supervisor::run` loop (event-driven through the replicator's shared
 //! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
 //! plain server-side apply of the StatefulSet (a changed annotation), round trip.
@@ -272,12 +273,15 @@ fn kwok_replicator(client: &Client, ns: &str) -> KubeReplicator {
 }
 
 /// A replicator builder for namespace `ns` whose pods tolerate kwok's fake nodes.
+/// With `--no-guards`, without br2k's replica guards (for a side-by-side comparison).
 fn kwok_builder(ns: &str) -> KubeReplicatorBuilder {
-    KubeReplicator::builder(ns).with_toleration(Toleration {
-        key: Some("kwok.x-k8s.io/node".into()),
-        operator: Some("Exists".into()),
-        ..Toleration::default()
-    })
+    KubeReplicator::builder(ns)
+        .with_toleration(Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Exists".into()),
+            ..Toleration::default()
+        })
+        .guard_pods(!std::env::args().any(|a| a == "--no-guards"))
 }
 
 /// A supervisor running `Supervisor::run` over an in-memory registry and `rep`.

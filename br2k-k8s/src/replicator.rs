@@ -111,9 +111,13 @@ impl KubeReplicatorBuilder {
     ///   reference at once), and the StatefulSet br2k re-applies adopts them instead
     ///   of recreating them. Removing the service still deletes them. Needs `patch`
     ///   on pods.
-    /// - After a roll to a new record version completes, the StatefulSet is frozen
+    /// - Rolling updates are gated: `apply` lets the controller roll pods only for a
+    ///   new record version, and after the roll completes the StatefulSet is frozen
     ///   again (`partition` = replicas, see [`crate::build::Rollout`]), so a tampered
     ///   template restarts no pod before br2k reverts it.
+    ///
+    /// With `false`, every apply lets the controller roll (`partition: 0`) and pods
+    /// have only their StatefulSet as owner.
     pub fn guard_pods(mut self, on: bool) -> Self {
         self.guard_pods = on;
         self
@@ -236,7 +240,11 @@ impl KubeReplicator {
             None
         };
         let replicas = build::replicas_to_apply(record, live);
-        let rollout = self.rollout_for(record, &names).await;
+        let rollout = if self.inner.guard_pods {
+            self.rollout_for(record, &names).await
+        } else {
+            Rollout::Roll
+        };
 
         let dependents = |owner: Option<OwnerReference>| {
             let mut sts =
