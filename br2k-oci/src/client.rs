@@ -398,6 +398,17 @@ impl Http {
         Ok(true)
     }
 
+    /// The Bearer challenge of a `401` answer, if it has one.
+    fn challenge(&self, resp: &Response) -> Result<Option<BearerChallenge>, OciError> {
+        let values = resp.headers().get_all(WWW_AUTHENTICATE);
+        BearerChallenge::find(values.iter().filter_map(|v| v.to_str().ok())).map_err(|source| {
+            OciError::Challenge {
+                registry: self.registry.clone(),
+                source,
+            }
+        })
+    }
+
     /// `GET /v2/` without credentials: learns the token realm of a Bearer challenge.
     async fn discover(&self) -> Result<bool, OciError> {
         let url = self.url("");
@@ -407,12 +418,7 @@ impl Http {
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(false);
         }
-        let values = resp.headers().get_all(WWW_AUTHENTICATE);
-        let challenge = BearerChallenge::find(values.iter().filter_map(|v| v.to_str().ok()))
-            .map_err(|source| OciError::Challenge {
-                registry: self.registry.clone(),
-                source,
-            })?;
+        let challenge = self.challenge(&resp)?;
         match (&self.tokens, challenge) {
             (Some(t), Some(ch)) => {
                 t.learn(&ch)?;
@@ -507,12 +513,7 @@ impl Http {
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
-        let values = resp.headers().get_all(WWW_AUTHENTICATE);
-        let challenge = BearerChallenge::find(values.iter().filter_map(|v| v.to_str().ok()))
-            .map_err(|source| OciError::Challenge {
-                registry: self.registry.clone(),
-                source,
-            })?;
+        let challenge = self.challenge(&resp)?;
         let Some(challenge) = challenge else {
             return Ok(resp);
         };
