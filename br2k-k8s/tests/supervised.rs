@@ -90,6 +90,24 @@ impl Running {
         .await;
     }
 
+    /// Waits until the supervisor made no recovery for 1 s, so that a repair still
+    /// queued for the previous drift (the watch cache can lag an apply) does not undo
+    /// the next injected drift before the supervisor has diagnosed it.
+    async fn settle(&self) {
+        let quiet = Duration::from_secs(1);
+        let start = std::time::Instant::now();
+        let mut last = self.sup.metrics().recoveries;
+        let mut since = std::time::Instant::now();
+        while since.elapsed() < quiet && start.elapsed() < TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = self.sup.metrics().recoveries;
+            if n != last {
+                last = n;
+                since = std::time::Instant::now();
+            }
+        }
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -105,6 +123,7 @@ async fn supervisor_restores_every_drift_class() {
     let id = fresh_id("sup");
     let record = run.register(&id, &sample_spec("registry.test:5000")).await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
     let names = Names::of(&id);
     let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -116,6 +135,7 @@ async fn supervisor_restores_every_drift_class() {
         .expect("delete");
     run.wait_recovery("missing_workload", before).await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
 
     // Image changed.
     let other = record
@@ -134,6 +154,7 @@ async fn supervisor_restores_every_drift_class() {
     .expect("change image");
     run.wait_recovery("image_drifted", before).await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
 
     // Scaled.
     let before = run.recoveries("replicas_drifted");
@@ -146,6 +167,7 @@ async fn supervisor_restores_every_drift_class() {
     .expect("scale");
     run.wait_recovery("replicas_drifted", before).await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
 
     // Template edited.
     let before = run.recoveries("template_tampered");
@@ -160,6 +182,7 @@ async fn supervisor_restores_every_drift_class() {
     .expect("edit template");
     run.wait_recovery("template_tampered", before).await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
 
     // Pod failed (kwok's chaos stage): a new pod with the same identity is Ready.
     let victim = format!("{}-1", names.base);
@@ -181,6 +204,7 @@ async fn supervisor_restores_every_drift_class() {
     })
     .await;
     wait_matches(&rep, &record, TIMEOUT).await;
+    run.settle().await;
 
     run.stop().await;
     ns.cleanup().await;
