@@ -107,9 +107,9 @@ impl KubeReplicatorBuilder {
     ///
     /// - Replica pods get a second owner reference to the service's ConfigMap. Deleting
     ///   the StatefulSet then leaves them running (the garbage collector keeps a
-    ///   dependent while any owner exists; the hub drops the dangling controller
-    ///   reference at once), and the StatefulSet br2k re-applies adopts them instead
-    ///   of recreating them. Removing the service still deletes them. Needs `patch`
+    ///   dependent while any owner exists), and re-applying the StatefulSet adopts
+    ///   them (br2k replaces the dead controller reference at once) instead of
+    ///   recreating them. Removing the service still deletes them. Needs `patch`
     ///   on pods.
     /// - Rolling updates are gated: `apply` lets the controller roll pods only for a
     ///   new record version, and after the roll completes the StatefulSet is frozen

@@ -126,16 +126,13 @@ impl WatchHub {
                 if guard_pods
                     && !deleted
                     && roll_finished(sts)
-                    && let Some(name) = sts.metadata.name.clone()
+                    && let (Some(name), Some(version)) = (
+                        sts.metadata.name.clone(),
+                        sts.metadata.resource_version.clone(),
+                    )
                 {
-                    let _ = sts_guard_tx.send(GuardEvent::RollFinished(name));
-                }
-                if let (true, Some(uid), Some(id)) = (
-                    guard_pods && deleted,
-                    sts.metadata.uid.clone(),
-                    service_id(sts),
-                ) {
-                    let _ = sts_guard_tx.send(GuardEvent::OwnerDeleted(uid, id));
+                    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    let _ = sts_guard_tx.send(GuardEvent::RollFinished(name, version, replicas));
                 }
                 own(sts, deleted)
             },
@@ -175,7 +172,6 @@ impl WatchHub {
         let t7 = tokio::spawn(guard_pods_task(
             Api::<Pod>::namespaced(client.clone(), namespace),
             Api::<StatefulSet>::namespaced(client.clone(), namespace),
-            pods.clone(),
             cms.clone(),
             namespace.to_owned(),
             guard_rx,
@@ -245,10 +241,9 @@ enum GuardEvent {
     Unguarded(String, String, ServiceId),
     /// A pod that is guarded already, or deleted: forget its uid.
     Done(String),
-    /// A StatefulSet finished rolling its pods to the template: freeze it again.
-    RollFinished(String),
-    /// A StatefulSet was deleted: (its uid, service id).
-    OwnerDeleted(String, ServiceId),
+    /// A StatefulSet finished rolling its pods to the template: freeze it again
+    /// (name, resource version seen, replicas).
+    RollFinished(String, String, i32),
     /// Nothing to do.
     Skip,
 }
@@ -282,15 +277,11 @@ impl GuardEvent {
 /// once instead of recreating every pod. Removing the service (deleting the ConfigMap)
 /// still removes the pods. One strategic-merge patch per new pod; errors (e.g. no
 /// `patch` permission on pods) are logged and leave the pod as the StatefulSet made it.
-///
-/// When a StatefulSet is deleted, the guard also drops its dangling controller
-/// reference from the guarded pods at once (the garbage collector would, hundreds of
-/// milliseconds later): a pod still naming the old controller cannot be adopted, and
-/// the new StatefulSet would back off on creating a pod whose name is taken.
+/// (When br2k re-applies a deleted StatefulSet, it replaces the pods' dead controller
+/// reference itself: see `KubeReplicator`'s adoption after apply.)
 async fn guard_pods_task(
     api: Api<Pod>,
     stss_api: Api<StatefulSet>,
-    pods: Store<Pod>,
     cms: Store<ConfigMap>,
     namespace: String,
     mut events: mpsc::UnboundedReceiver<GuardEvent>,
@@ -304,12 +295,8 @@ async fn guard_pods_task(
                 sent.remove(&uid);
                 continue;
             }
-            GuardEvent::RollFinished(sts) => {
-                freeze(&stss_api, &sts).await;
-                continue;
-            }
-            GuardEvent::OwnerDeleted(owner, id) => {
-                release_pods(&api, &pods, &owner, &id).await;
+            GuardEvent::RollFinished(sts, version, replicas) => {
+                freeze(&stss_api, &sts, &version, replicas).await;
                 continue;
             }
             GuardEvent::Skip => continue,
@@ -372,19 +359,14 @@ fn roll_finished(sts: &StatefulSet) -> bool {
         && st.ready_replicas == Some(replicas)
 }
 
-/// Sets the partition of `sts` to its replica count, so the controller updates no pod
-/// after a template change (see [`crate::build::Rollout::Frozen`]). Written under
-/// its own field manager; br2k's next apply takes the field back.
-async fn freeze(api: &Api<StatefulSet>, name: &str) {
-    let Ok(Some(sts)) = api.get_opt(name).await else {
-        return;
-    };
-    if !roll_finished(&sts) {
-        return;
-    }
-    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+/// Sets the partition of StatefulSet `name` to its replica count, so the controller
+/// updates no pod after a template change (see [`crate::build::Rollout::Frozen`]). The
+/// write is conditional on `version`, the resource version in which the roll was seen
+/// finished, and made under its own field manager; br2k's next apply takes the field
+/// back.
+async fn freeze(api: &Api<StatefulSet>, name: &str, version: &str, replicas: i32) {
     let patch = serde_json::json!({
-        "metadata": {"resourceVersion": sts.metadata.resource_version},
+        "metadata": {"resourceVersion": version},
         "spec": {"updateStrategy": {
             "type": "RollingUpdate",
             "rollingUpdate": {"partition": replicas},
@@ -401,34 +383,6 @@ async fn freeze(api: &Api<StatefulSet>, name: &str) {
 
 /// Field manager of the partition write that freezes a StatefulSet after a roll.
 const FREEZE_MANAGER: &str = "br2k-freeze";
-
-/// Removes the controller reference to the deleted StatefulSet `owner` from the
-/// guarded pods of `id`, so that its replacement can adopt them.
-async fn release_pods(api: &Api<Pod>, pods: &Store<Pod>, owner: &str, id: &ServiceId) {
-    let held = pods.state_filter(|p| {
-        let refs = p.metadata.owner_references.as_deref().unwrap_or_default();
-        service_id(p).as_ref() == Some(id)
-            && p.metadata.deletion_timestamp.is_none()
-            && refs.iter().any(|r| r.kind == "ConfigMap")
-            && refs.iter().any(|r| r.uid == owner)
-    });
-    let patches = held.iter().filter_map(|p| {
-        let name = p.metadata.name.clone()?;
-        let patch = serde_json::json!({"metadata": {
-            "uid": p.metadata.uid,
-            "ownerReferences": [{"$patch": "delete", "uid": owner}],
-        }});
-        Some(async move {
-            if let Err(e) = api
-                .patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
-                .await
-            {
-                tracing::debug!(pod = %name, error = %e, "br2k pod guard: release failed");
-            }
-        })
-    });
-    futures::future::join_all(patches).await;
-}
 
 impl Drop for WatchHub {
     fn drop(&mut self) {
