@@ -312,7 +312,8 @@ impl OciImageStore {
         target_repo: &'a Repository,
     ) -> BoxFuture<'a, Result<CopyReport>> {
         Box::pin(async move {
-            let doc = self.fetch_manifest(repo, &digest.to_string()).await?;
+            let d_str = digest.to_string();
+            let doc = self.fetch_manifest(repo, &d_str).await?;
             if let Some(s) = expected_size
                 && s != doc.bytes.len() as u64
             {
@@ -322,54 +323,52 @@ impl OciImageStore {
                     doc.bytes.len(),
                 ));
             }
-            let present = target
-                .http
-                .head_manifest(target_repo, &digest.to_string())
-                .await?
-                .is_some();
-            let mut report = CopyReport::default();
-            match &doc.doc {
-                ManifestDoc::Index(idx) => {
-                    for e in &idx.manifests {
-                        let r = self
-                            .copy_manifest(repo, &e.digest, Some(e.size), target, target_repo)
-                            .await?;
-                        add(&mut report, &r);
-                    }
-                }
-                ManifestDoc::Image(m) => {
-                    let mut descs = vec![m.config.clone()];
-                    for l in &m.layers {
-                        if !descs.iter().any(|d| d.digest == l.digest) {
-                            descs.push(l.clone());
+            // Whether the target has the manifest matters only at the end: ask while
+            // the blobs move.
+            let present = target.http.head_manifest(target_repo, &d_str);
+            let blobs = async {
+                let mut report = CopyReport::default();
+                match &doc.doc {
+                    ManifestDoc::Index(idx) => {
+                        for e in &idx.manifests {
+                            let r = self
+                                .copy_manifest(repo, &e.digest, Some(e.size), target, target_repo)
+                                .await?;
+                            add(&mut report, &r);
                         }
                     }
-                    let outcomes: Vec<BlobOutcome> = stream::iter(descs)
-                        .map(|d| self.copy_blob(repo, d, target, target_repo))
-                        .buffer_unordered(self.cfg.concurrency.min(target.cfg.concurrency))
-                        .try_collect()
-                        .await?;
-                    for o in outcomes {
-                        match o {
-                            BlobOutcome::Skipped => report.blobs_skipped += 1,
-                            BlobOutcome::Mounted => report.blobs_copied += 1,
-                            BlobOutcome::Copied(n) => {
-                                report.blobs_copied += 1;
-                                report.bytes_copied += n;
+                    ManifestDoc::Image(m) => {
+                        let mut descs = vec![m.config.clone()];
+                        for l in &m.layers {
+                            if !descs.iter().any(|d| d.digest == l.digest) {
+                                descs.push(l.clone());
+                            }
+                        }
+                        let outcomes: Vec<BlobOutcome> = stream::iter(descs)
+                            .map(|d| self.copy_blob(repo, d, target, target_repo))
+                            .buffer_unordered(self.cfg.concurrency.min(target.cfg.concurrency))
+                            .try_collect()
+                            .await?;
+                        for o in outcomes {
+                            match o {
+                                BlobOutcome::Skipped => report.blobs_skipped += 1,
+                                BlobOutcome::Mounted => report.blobs_copied += 1,
+                                BlobOutcome::Copied(n) => {
+                                    report.blobs_copied += 1;
+                                    report.bytes_copied += n;
+                                }
                             }
                         }
                     }
                 }
-            }
-            if !present {
+                Ok::<_, Error>(report)
+            };
+            let (present, report) = futures::future::join(present, blobs).await;
+            let mut report = report?;
+            if present?.is_none() {
                 target
                     .http
-                    .put_manifest(
-                        target_repo,
-                        &digest.to_string(),
-                        doc.media_type(),
-                        doc.bytes.clone(),
-                    )
+                    .put_manifest(target_repo, &d_str, doc.media_type(), doc.bytes.clone())
                     .await?;
                 report.manifest_written = true;
                 report.bytes_copied += doc.bytes.len() as u64;
