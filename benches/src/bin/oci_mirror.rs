@@ -5,7 +5,9 @@
 //! tool can reuse blobs from an earlier run. Runs alternate which tool goes first.
 //!
 //! Usage: `cargo run --release -p br2k-benches --bin oci_mirror [-- RUNS [LAYER_MIB [CONCURRENCY]]]`.
-//! Needs `docker-registry` (`BR2K_REGISTRY_BIN`) and `skopeo`.
+//! Needs a Distribution registry binary and `skopeo`. The registry is
+//! `BR2K_REGISTRY_BIN` (the stack's upstream Distribution 3 after `source .stack/env`),
+//! else Debian's `/usr/bin/docker-registry` (Distribution 2.8).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +17,11 @@ use br2k_core::artifact::{OCI_CONFIG, OCI_LAYER_GZIP};
 use br2k_core::{Blob, Image, ImageStore, Repository};
 use br2k_oci::{OciConfig, OciImageStore};
 use rand::RngCore;
+
+/// The registry binary the bench runs.
+fn registry_bin() -> String {
+    std::env::var("BR2K_REGISTRY_BIN").unwrap_or_else(|_| "/usr/bin/docker-registry".into())
+}
 
 struct Reg {
     addr: String,
@@ -54,8 +61,7 @@ impl Reg {
             ),
         )
         .unwrap();
-        let bin = std::env::var("BR2K_REGISTRY_BIN")
-            .unwrap_or_else(|_| "/usr/bin/docker-registry".into());
+        let bin = registry_bin();
         let log = dir.join("registry.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
@@ -147,26 +153,42 @@ fn cpu(pid: &str) -> (f64, f64) {
     ((f[11] + f[12]) * tick, (f[13] + f[14]) * tick)
 }
 
-fn skopeo(src: &str, dst: &str) -> Duration {
-    let t = Instant::now();
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .arg(src)
-        .arg(dst)
-        .output()
-        .expect("run skopeo (apt-get install skopeo)");
-    assert!(
-        out.status.success(),
-        "skopeo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
+/// A copy tool run as a process: `skopeo copy` (Debian's), or a `containers/image`
+/// program built with the current Go (`BR2K_BENCH_IMAGECOPY`, see BENCH.md).
+struct External {
+    name: &'static str,
+    program: String,
+    args: Vec<&'static str>,
+}
+
+impl External {
+    fn run(&self, src: &str, dst: &str) -> Duration {
+        let t = Instant::now();
+        let out = Command::new(&self.program)
+            .args(&self.args)
+            .arg(src)
+            .arg(dst)
+            .output()
+            .unwrap_or_else(|e| panic!("run {} ({e})", self.program));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed()
+    }
+}
+
+/// Cold-run results of one tool.
+#[derive(Default)]
+struct Results {
+    secs: Vec<f64>,
+    /// CPU seconds per run: (client, source registry, target registry).
+    cpu: Vec<(f64, f64, f64)>,
+    /// Requests the target registry served in the last cold run, from its access log
+    /// (before the verification reads).
+    target_log: [usize; 6],
 }
 
 #[tokio::main]
@@ -204,6 +226,12 @@ async fn main() {
     src.push(&repo, &image, Some("v1")).await.unwrap();
     let digest = src.resolve(&repo, "v1").await.unwrap();
 
+    let version = Command::new(registry_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!("registries: {version}");
     println!("br2k blob concurrency {concurrency}");
     println!(
         "image: 5 layers x {layer_mib} MiB random + config = {total_mb:.1} MB, digest {digest}"
@@ -212,25 +240,38 @@ async fn main() {
         "{:<5} {:<8} {:>10} {:>10}",
         "run", "tool", "seconds", "MB/s"
     );
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    // CPU seconds per cold run: (client, source registry, target registry).
-    let (mut cpu_ours, mut cpu_theirs) = (Vec::new(), Vec::new());
+    let mut externals = vec![External {
+        name: "skopeo",
+        program: "skopeo".into(),
+        args: vec![
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ],
+    }];
+    if let Ok(program) = std::env::var("BR2K_BENCH_IMAGECOPY") {
+        externals.push(External {
+            name: "c/image",
+            program,
+            args: vec![],
+        });
+    }
+    let tools: Vec<&str> = std::iter::once("br2k")
+        .chain(externals.iter().map(|x| x.name))
+        .collect();
+    let mut results: Vec<Results> = tools.iter().map(|_| Results::default()).collect();
     let src_pid = source.child.id().to_string();
     let mut last_target = None;
-    // Requests the target registry served in the last cold run of each tool, from its
-    // access log (before the verification reads).
-    let mut cold_log: [(&str, [usize; 6]); 2] = [("br2k", [0; 6]), ("skopeo", [0; 6])];
     for run in 0..runs {
-        let order = if run % 2 == 0 {
-            ["br2k", "skopeo"]
-        } else {
-            ["skopeo", "br2k"]
-        };
-        for tool in order {
+        // Which tool goes first rotates between runs.
+        for k in 0..tools.len() {
+            let i = (k + run) % tools.len();
             let target = Reg::spawn();
             let dst_pid = target.child.id().to_string();
             let before = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
-            let secs = if tool == "br2k" {
+            let secs = if i == 0 {
                 let dst = OciImageStore::new(
                     OciConfig::new(&target.addr)
                         .unwrap()
@@ -242,57 +283,59 @@ async fn main() {
                 let report = src.copy_image(&repo, &digest, &dst).await.unwrap();
                 let e = t.elapsed().as_secs_f64();
                 let after = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
-                cpu_ours.push((
+                results[i].cpu.push((
                     after.0.0 - before.0.0,
                     after.1 - before.1,
                     after.2 - before.2,
                 ));
                 assert_eq!(report.blobs_copied, 6);
                 std::thread::sleep(Duration::from_millis(100));
-                cold_log[0].1 = by_method(&target.served());
+                results[i].target_log = by_method(&target.served());
                 dst.verify(&repo, &digest).await.unwrap();
-                ours.push(e);
                 last_target = Some((target, dst));
                 e
             } else {
-                let e = skopeo(
-                    &format!("docker://{}/{repo}@{digest}", source.addr),
-                    &format!("docker://{}/{repo}:v1", target.addr),
-                )
-                .as_secs_f64();
+                let e = externals[i - 1]
+                    .run(
+                        &format!("docker://{}/{repo}@{digest}", source.addr),
+                        &format!("docker://{}/{repo}:v1", target.addr),
+                    )
+                    .as_secs_f64();
                 let after = (cpu("self"), cpu(&src_pid).0, cpu(&dst_pid).0);
-                cpu_theirs.push((
+                results[i].cpu.push((
                     after.0.1 - before.0.1,
                     after.1 - before.1,
                     after.2 - before.2,
                 ));
                 std::thread::sleep(Duration::from_millis(100));
-                cold_log[1].1 = by_method(&target.served());
+                results[i].target_log = by_method(&target.served());
                 let check = OciImageStore::insecure(&target.addr).unwrap();
                 check.verify(&repo, &digest).await.unwrap();
-                theirs.push(e);
                 e
             };
+            results[i].secs.push(secs);
             println!(
                 "{:<5} {:<8} {:>10.3} {:>10.1}",
                 run + 1,
-                tool,
+                tools[i],
                 secs,
                 total_mb / secs
             );
         }
     }
-    let (mo, mt) = (median(&mut ours), median(&mut theirs));
     println!();
-    println!(
-        "cold mirror medians over {runs} runs: br2k {mo:.3} s, skopeo {mt:.3} s, speed-up x{:.2}",
-        mt / mo
-    );
-
-    for (tool, v) in [("br2k", &cpu_ours), ("skopeo", &cpu_theirs)] {
-        let mut client: Vec<f64> = v.iter().map(|c| c.0).collect();
-        let mut a: Vec<f64> = v.iter().map(|c| c.1).collect();
-        let mut b: Vec<f64> = v.iter().map(|c| c.2).collect();
+    let ours = median(&mut results[0].secs);
+    for (i, tool) in tools.iter().enumerate().skip(1) {
+        let theirs = median(&mut results[i].secs);
+        println!(
+            "cold mirror medians over {runs} runs: br2k {ours:.3} s, {tool} {theirs:.3} s, speed-up x{:.2}",
+            theirs / ours
+        );
+    }
+    for (tool, r) in tools.iter().zip(&results) {
+        let mut client: Vec<f64> = r.cpu.iter().map(|c| c.0).collect();
+        let mut a: Vec<f64> = r.cpu.iter().map(|c| c.1).collect();
+        let mut b: Vec<f64> = r.cpu.iter().map(|c| c.2).collect();
         println!(
             "CPU seconds per cold run (medians), {tool}: client {:.2}, source registry {:.2}, target registry {:.2}",
             median(&mut client),
@@ -305,7 +348,8 @@ async fn main() {
         "{:<24} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
         "cold run, target log", "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"
     );
-    for (tool, c) in cold_log {
+    for (tool, r) in tools.iter().zip(&results) {
+        let c = r.target_log;
         println!(
             "{:<24} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}",
             tool, c[0], c[1], c[2], c[3], c[4], c[5]
