@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use br2k_core::{Probe, ProbeCheck, ServiceRecord, ServiceSpec, ServiceState};
+use br2k_core::{Digest, Probe, ProbeCheck, ServiceRecord, ServiceSpec, ServiceState};
 use k8s_openapi::api::apps::v1::{
     RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
@@ -21,7 +21,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::names::{ANNOTATION_SPEC_HASH, CONTAINER, Names, object_labels, selector_labels};
+use crate::names::{
+    ANNOTATION_CONFIG_HASH, ANNOTATION_SPEC_HASH, CONTAINER, Names, object_labels, selector_labels,
+};
 
 /// Node-level placement options applied to every pod (e.g. tolerations for fake or
 /// dedicated nodes).
@@ -65,6 +67,14 @@ pub fn owner_reference(config: &ConfigMap) -> Option<OwnerReference> {
         controller: Some(true),
         block_owner_deletion: Some(true),
     })
+}
+
+/// The hash of the environment values of `spec` (the ConfigMap's data), the pod
+/// template's [`ANNOTATION_CONFIG_HASH`].
+pub fn config_hash(spec: &ServiceSpec) -> String {
+    // A sorted map of strings: its JSON is canonical.
+    let bytes = serde_json::to_vec(&spec.env).expect("a map of strings serializes");
+    Digest::of(&bytes).to_string()
 }
 
 /// The ConfigMap: the non-secret environment, one key per variable.
@@ -260,6 +270,10 @@ pub fn stateful_set(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        ANNOTATION_CONFIG_HASH.to_owned(),
+                        config_hash(&record.spec),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -422,6 +436,39 @@ mod tests {
             "every pod follows the template"
         );
         assert_eq!(partition(Rollout::Frozen), 3, "no pod follows the template");
+    }
+
+    #[test]
+    fn pod_template_changes_with_the_environment_values_only() {
+        let r = record();
+        let names = Names::of(&r.id);
+        let template_hash = |r: &ServiceRecord| {
+            let sts = stateful_set(r, &names, "ns", 3, Rollout::Roll, &Placement::default());
+            let v = serde_json::to_value(&sts).unwrap();
+            v["spec"]["template"]["metadata"]["annotations"][ANNOTATION_CONFIG_HASH].clone()
+        };
+        let base = template_hash(&r);
+        assert_eq!(base, config_hash(&r.spec).as_str());
+        let mut changed = r.clone();
+        changed.spec.env.insert("LOG_LEVEL".into(), "debug".into());
+        assert_ne!(
+            template_hash(&changed),
+            base,
+            "a new value restarts the pods"
+        );
+        let mut scaled = r.clone();
+        scaled.spec.replicas = 5;
+        scaled.replicas = 5;
+        scaled.version = 2;
+        assert_eq!(template_hash(&scaled), base, "scaling alone does not");
+        let mut renamed = r.clone();
+        let v = renamed.spec.env.remove("LOG_LEVEL").unwrap();
+        renamed.spec.env.insert("LOG_LEVE".into(), format!("L{v}"));
+        assert_ne!(
+            template_hash(&renamed),
+            base,
+            "keys and values are not confused"
+        );
     }
 
     #[test]

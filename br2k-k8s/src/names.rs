@@ -15,6 +15,10 @@ pub const LABEL_RECORD_VERSION: &str = "br2k.io/record-version";
 /// `br2k.io/spec-hash`: the canonical spec hash (an annotation: `:` is not allowed in
 /// label values). Informational only: `observe` never trusts it.
 pub const ANNOTATION_SPEC_HASH: &str = "br2k.io/spec-hash";
+/// `br2k.io/config-hash`: on the pod template, the hash of the environment values the
+/// ConfigMap holds. The pods read those values when they start, so a change of values
+/// alone must change the template for the replicas to restart with them.
+pub const ANNOTATION_CONFIG_HASH: &str = "br2k.io/config-hash";
 /// The value of [`LABEL_MANAGED_BY`] and the one server-side-apply field manager.
 pub const MANAGER: &str = "br2k";
 /// Label selector matching every object br2k manages.

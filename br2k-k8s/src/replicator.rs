@@ -27,7 +27,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::build::{self, Placement, Rollout};
 use crate::error::{KubeError, is_not_found, to_core};
 use crate::names::{
-    LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER, Names, selector_string,
+    ANNOTATION_CONFIG_HASH, LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER,
+    Names, selector_string,
 };
 use crate::parse;
 use crate::watch::WatchHub;
@@ -383,16 +384,25 @@ impl KubeReplicator {
             .cms
             .get(&ObjectRef::new(&names.config).within(self.namespace()));
         let want = WorkloadTemplate::from_spec(&record.spec);
+        let want_config = build::config_hash(&record.spec);
         let pods: Vec<_> = hub
             .pods_of(&record.id)
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .collect();
+        // A pod resolves its environment from the ConfigMap as it is now, but read it
+        // when it started: the config hash it started with says which values it has.
         let runs_record = |p: &Pod| {
-            p.spec
+            let started_with = p
+                .metadata
+                .annotations
                 .as_ref()
-                .and_then(|s| parse::template_of_pod(s, cm.as_deref()).ok())
-                .is_some_and(|t| t == want)
+                .and_then(|a| a.get(ANNOTATION_CONFIG_HASH));
+            started_with == Some(&want_config)
+                && p.spec
+                    .as_ref()
+                    .and_then(|s| parse::template_of_pod(s, cm.as_deref()).ok())
+                    .is_some_and(|t| t == want)
         };
         if !pods.is_empty() && pods.iter().all(|p| runs_record(p)) {
             Rollout::Frozen

@@ -277,6 +277,72 @@ async fn new_record_version_rolls_out_and_is_frozen_again() {
     ns.cleanup().await;
 }
 
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn new_environment_values_restart_the_replicas() {
+    let (ns, r, rec) = start("env").await;
+    let name = Names::of(&rec.id).base;
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_frozen(&stss, &name).await;
+    let before = pod_uids(&pods, &rec).await;
+
+    // Version 2 changes one environment value and nothing else. The pods read the
+    // ConfigMap when they start, so each must restart to get the new value.
+    let mut spec = rec.spec.clone();
+    spec.env.insert("LOG_LEVEL".into(), "debug".into());
+    let mut v2 = sample_record(&rec.id, spec);
+    v2.version = 2;
+    v2.latest_version = 2;
+    r.apply(&v2).await.expect("apply v2");
+    wait_matches(&r, &v2, TIMEOUT).await;
+    wait_rolled_out(&stss, &name).await;
+    let want = br2k_k8s::build::config_hash(&v2.spec);
+    wait_for(
+        TIMEOUT,
+        "replicas restarted with the new values",
+        || async {
+            let after = pod_uids(&pods, &rec).await;
+            let fresh = after.keys().all(|uid| !before.contains_key(uid));
+            let hashes: Vec<_> = after
+                .values()
+                .map(|p| {
+                    p.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(br2k_k8s::names::ANNOTATION_CONFIG_HASH))
+                        .cloned()
+                })
+                .collect();
+            if fresh
+                && after.len() == v2.spec.replicas as usize
+                && hashes.iter().all(|h| h.as_deref() == Some(want.as_str()))
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fresh {fresh}, {} pods, hashes {hashes:?}",
+                    after.len()
+                ))
+            }
+        },
+    )
+    .await;
+    // Then the StatefulSet is frozen again, and re-applying v2 restarts nothing.
+    wait_frozen(&stss, &name).await;
+    let settled = pod_uids(&pods, &rec).await;
+    r.apply(&v2).await.expect("re-apply v2");
+    wait_frozen(&stss, &name).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = pod_uids(&pods, &rec).await;
+    assert_eq!(
+        again.keys().collect::<Vec<_>>(),
+        settled.keys().collect::<Vec<_>>(),
+        "no replica restarted for an unchanged record"
+    );
+    ns.cleanup().await;
+}
+
 /// Waits until the StatefulSet's partition equals its replica count (frozen).
 async fn wait_frozen(stss: &Api<StatefulSet>, name: &str) {
     wait_for(TIMEOUT, "statefulset frozen", || async {
