@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use br2k_core::conformance::{sample_record, sample_spec};
 use br2k_core::supervisor::{diagnose, plan};
 use br2k_core::{
-    Autoscaling, Diagnosis, Digest, Finding, RecoveryAction, Replicator, ServiceRecord,
+    Autoscaling, Diagnosis, Digest, Finding, RecoveryAction, Replicator, ServiceRecord, ServiceSpec,
 };
 use br2k_k8s::{KubeReplicator, Names};
 use common::{TestNs, fresh_id, wait_for, wait_matches};
@@ -248,62 +248,81 @@ async fn changed_image_is_restored() {
     ns.cleanup().await;
 }
 
-#[tokio::test]
-#[ignore = "needs stack"]
-async fn new_record_version_rolls_out_and_is_frozen_again() {
-    let (ns, r, rec) = start("roll").await;
+/// A service rolled out to a version 2 whose spec is `change`d from version 1's.
+struct Rolled {
+    ns: TestNs,
+    r: KubeReplicator,
+    v2: ServiceRecord,
+    stss: Api<StatefulSet>,
+    pods: Api<Pod>,
+    /// The StatefulSet's name.
+    name: String,
+    /// The replicas that ran version 1, by UID.
+    before: std::collections::BTreeMap<String, Pod>,
+}
+
+/// Starts a service, waits until its StatefulSet is frozen, applies version 2 and waits
+/// until the StatefulSet controller has rolled it out.
+async fn roll_out_version_2(prefix: &str, change: impl FnOnce(&mut ServiceSpec)) -> Rolled {
+    let (ns, r, rec) = start(prefix).await;
     let name = Names::of(&rec.id).base;
     let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     wait_frozen(&stss, &name).await;
     let before = pod_uids(&pods, &rec).await;
-
-    // Version 2 with another image: an intended change, so every replica rolls to it.
     let mut spec = rec.spec.clone();
-    spec.image = spec.image.with_digest(Digest::of(b"release 2"));
+    change(&mut spec);
     let mut v2 = sample_record(&rec.id, spec);
     v2.version = 2;
     v2.latest_version = 2;
     r.apply(&v2).await.expect("apply v2");
     wait_matches(&r, &v2, TIMEOUT).await;
     wait_rolled_out(&stss, &name).await;
-    let after = pod_uids(&pods, &rec).await;
+    Rolled {
+        ns,
+        r,
+        v2,
+        stss,
+        pods,
+        name,
+        before,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn new_record_version_rolls_out_and_is_frozen_again() {
+    // Version 2 with another image: an intended change, so every replica rolls to it.
+    let t = roll_out_version_2("roll", |spec| {
+        spec.image = spec.image.with_digest(Digest::of(b"release 2"));
+    })
+    .await;
+    let after = pod_uids(&t.pods, &t.v2).await;
     assert!(
-        after.keys().all(|uid| !before.contains_key(uid)),
+        after.keys().all(|uid| !t.before.contains_key(uid)),
         "every replica restarted on the new image"
     );
     // Then the StatefulSet is frozen again.
-    wait_frozen(&stss, &name).await;
-    ns.cleanup().await;
+    wait_frozen(&t.stss, &t.name).await;
+    t.ns.cleanup().await;
 }
 
 #[tokio::test]
 #[ignore = "needs stack"]
 async fn new_environment_values_restart_the_replicas() {
-    let (ns, r, rec) = start("env").await;
-    let name = Names::of(&rec.id).base;
-    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    wait_frozen(&stss, &name).await;
-    let before = pod_uids(&pods, &rec).await;
-
     // Version 2 changes one environment value and nothing else. The pods read the
     // ConfigMap when they start, so each must restart to get the new value.
-    let mut spec = rec.spec.clone();
-    spec.env.insert("LOG_LEVEL".into(), "debug".into());
-    let mut v2 = sample_record(&rec.id, spec);
-    v2.version = 2;
-    v2.latest_version = 2;
-    r.apply(&v2).await.expect("apply v2");
-    wait_matches(&r, &v2, TIMEOUT).await;
-    wait_rolled_out(&stss, &name).await;
-    let want = br2k_k8s::build::config_hash(&v2.spec);
+    let t = roll_out_version_2("env", |spec| {
+        spec.env.insert("LOG_LEVEL".into(), "debug".into());
+    })
+    .await;
+    let want = br2k_k8s::build::config_hash(&t.v2.spec);
     wait_for(
         TIMEOUT,
         "replicas restarted with the new values",
         || async {
-            let after = pod_uids(&pods, &rec).await;
-            let fresh = after.keys().all(|uid| !before.contains_key(uid));
+            let after = pod_uids(&t.pods, &t.v2).await;
+            let fresh = after.keys().all(|uid| !t.before.contains_key(uid));
             let hashes: Vec<_> = after
                 .values()
                 .map(|p| {
@@ -315,7 +334,7 @@ async fn new_environment_values_restart_the_replicas() {
                 })
                 .collect();
             if fresh
-                && after.len() == v2.spec.replicas as usize
+                && after.len() == t.v2.spec.replicas as usize
                 && hashes.iter().all(|h| h.as_deref() == Some(want.as_str()))
             {
                 Ok(())
@@ -329,18 +348,18 @@ async fn new_environment_values_restart_the_replicas() {
     )
     .await;
     // Then the StatefulSet is frozen again, and re-applying v2 restarts nothing.
-    wait_frozen(&stss, &name).await;
-    let settled = pod_uids(&pods, &rec).await;
-    r.apply(&v2).await.expect("re-apply v2");
-    wait_frozen(&stss, &name).await;
+    wait_frozen(&t.stss, &t.name).await;
+    let settled = pod_uids(&t.pods, &t.v2).await;
+    t.r.apply(&t.v2).await.expect("re-apply v2");
+    wait_frozen(&t.stss, &t.name).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let again = pod_uids(&pods, &rec).await;
+    let again = pod_uids(&t.pods, &t.v2).await;
     assert_eq!(
         again.keys().collect::<Vec<_>>(),
         settled.keys().collect::<Vec<_>>(),
         "no replica restarted for an unchanged record"
     );
-    ns.cleanup().await;
+    t.ns.cleanup().await;
 }
 
 /// Waits until the StatefulSet's partition equals its replica count (frozen).
