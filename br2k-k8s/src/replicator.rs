@@ -1,9 +1,9 @@
 //! [`KubeReplicator`]: runs service records as StatefulSets on Kubernetes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use br2k_core::{
@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, Toleration};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
@@ -54,9 +54,10 @@ pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
 /// (`partition` = replicas), so a template changed behind br2k's back reaches no pod.
 ///
 /// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`])
-/// as held by the shared watch cache, so right after an `apply` it can lag by one watch
-/// delivery (milliseconds); [`Replicator::changes`] is fed by the same watchers, one
-/// per kind for the namespace.
+/// as held by the shared watch cache. It reads its own writes: until the cache has
+/// seen what this replicator's last `apply` or `remove` of a service wrote (by
+/// resource version), `observe` of that service reads the API server instead.
+/// [`Replicator::changes`] is fed by the same watchers, one per kind for the namespace.
 /// Clones share the client and the watchers.
 #[derive(Clone)]
 pub struct KubeReplicator {
@@ -70,6 +71,41 @@ struct Inner {
     guard_pods: bool,
     hub: OnceCell<WatchHub>,
     cache_usable: OnceCell<bool>,
+    /// The last write of each service that the watch cache may not show yet.
+    written: Mutex<HashMap<ServiceId, (Written, Instant)>>,
+}
+
+/// What `apply` or `remove` last wrote for a service (see [`KubeReplicator`]'s
+/// read-your-writes).
+#[derive(Debug)]
+enum Written {
+    /// The objects `apply` wrote, with the resource versions the API server returned.
+    Applied(Vec<(Kind, String, Option<String>)>),
+    /// `remove` deleted the service's objects.
+    Removed,
+}
+
+/// The kinds `apply` writes.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    ConfigMap,
+    StatefulSet,
+    Service,
+    PodDisruptionBudget,
+}
+
+/// After this long the watch cache is trusted again for a service even if it never
+/// showed the write (someone else changed or deleted the object since).
+const READ_YOUR_WRITES_WINDOW: Duration = Duration::from_secs(10);
+
+/// Whether cached resource version `cached` is at least `written`. Kubernetes
+/// resource versions are etcd revisions (integers) in practice; anything else only
+/// compares equal.
+fn version_reached(cached: &str, written: &str) -> bool {
+    match (cached.parse::<u64>(), written.parse::<u64>()) {
+        (Ok(c), Ok(w)) => c >= w,
+        _ => cached == written,
+    }
 }
 
 impl fmt::Debug for KubeReplicator {
@@ -134,6 +170,7 @@ impl KubeReplicatorBuilder {
                 guard_pods: self.guard_pods,
                 hub: OnceCell::new(),
                 cache_usable: OnceCell::new(),
+                written: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -281,7 +318,7 @@ impl KubeReplicator {
                     apply_obj(pdbs, &names.base, &pdb, "poddisruptionbudget"),
                     hpa_fut,
                 )
-                .map(|(sts, ..)| sts)
+                .map(|(sts, headless, client_svc, pdb, ())| (sts, headless, client_svc, pdb))
             }
         };
 
@@ -295,7 +332,7 @@ impl KubeReplicator {
             .and_then(|hub| hub.cms.get(&ObjectRef::new(&names.config).within(ns)))
             .filter(|cm| owned_by(cm.as_ref(), &record.id))
             .and_then(|cm| build::owner_reference(&cm));
-        let sts = match known_owner {
+        let (cm, (sts, headless, client_svc, pdb)) = match known_owner {
             Some(owner) => {
                 let (cm, deps) = futures::join!(
                     apply_obj(&cms, &names.config, &cm_obj, "configmap"),
@@ -303,16 +340,37 @@ impl KubeReplicator {
                 );
                 let cm = cm?;
                 if cm.metadata.uid.as_deref() == Some(owner.uid.as_str()) {
-                    deps?
+                    (cm, deps?)
                 } else {
-                    dependents(build::owner_reference(&cm)).await?
+                    let deps = dependents(build::owner_reference(&cm)).await?;
+                    (cm, deps)
                 }
             }
             None => {
                 let cm = apply_obj(&cms, &names.config, &cm_obj, "configmap").await?;
-                dependents(build::owner_reference(&cm)).await?
+                let deps = dependents(build::owner_reference(&cm)).await?;
+                (cm, deps)
             }
         };
+        let rv = |m: &ObjectMeta| m.resource_version.clone();
+        self.note_written(
+            &record.id,
+            Written::Applied(vec![
+                (Kind::ConfigMap, names.config.clone(), rv(&cm.metadata)),
+                (Kind::StatefulSet, names.base.clone(), rv(&sts.metadata)),
+                (
+                    Kind::Service,
+                    names.headless.clone(),
+                    rv(&headless.metadata),
+                ),
+                (Kind::Service, names.base.clone(), rv(&client_svc.metadata)),
+                (
+                    Kind::PodDisruptionBudget,
+                    names.base.clone(),
+                    rv(&pdb.metadata),
+                ),
+            ]),
+        );
         if self.inner.guard_pods {
             self.adopt(&record.id, &sts).await;
         }
@@ -514,7 +572,12 @@ impl KubeReplicator {
     }
 
     async fn observe_inner(&self, id: &ServiceId) -> Result<Option<ObservedState>, KubeError> {
-        let live = match self.live_from_cache(id).await {
+        // Checked before reading the cache, which only moves forward.
+        let from_cache = match self.cache().await {
+            Some(hub) if self.cache_shows_writes(hub, id) => self.live_from_cache(id).await,
+            _ => None,
+        };
+        let live = match from_cache {
             Some(live) => live,
             None => self.live_from_api(id).await?,
         };
@@ -541,7 +604,65 @@ impl KubeReplicator {
             delete_opt(&pdbs, &names.base, &bg, "poddisruptionbudget"),
             delete_opt(&hpas, &names.base, &bg, "autoscaler"),
         )?;
-        delete_opt(&cms, &names.config, &bg, "configmap").await
+        delete_opt(&cms, &names.config, &bg, "configmap").await?;
+        self.note_written(id, Written::Removed);
+        Ok(())
+    }
+
+    fn note_written(&self, id: &ServiceId, written: Written) {
+        self.inner
+            .written
+            .lock()
+            .expect("written lock")
+            .insert(id.clone(), (written, Instant::now()));
+    }
+
+    /// Whether the watch cache shows the last write of `id` (or there is none to wait
+    /// for); forgets the write once it does.
+    fn cache_shows_writes(&self, hub: &WatchHub, id: &ServiceId) -> bool {
+        let mut written = self.inner.written.lock().expect("written lock");
+        let Some((w, at)) = written.get(id) else {
+            return true;
+        };
+        let ns = self.namespace();
+        let seen = at.elapsed() > READ_YOUR_WRITES_WINDOW
+            || match w {
+                Written::Applied(objects) => objects.iter().all(|(kind, name, rv)| {
+                    let version = |m: &ObjectMeta| m.resource_version.clone();
+                    let cached = match kind {
+                        Kind::ConfigMap => hub
+                            .cms
+                            .get(&ObjectRef::new(name).within(ns))
+                            .map(|o| version(&o.metadata)),
+                        Kind::StatefulSet => hub
+                            .stss
+                            .get(&ObjectRef::new(name).within(ns))
+                            .map(|o| version(&o.metadata)),
+                        Kind::Service => hub
+                            .svcs
+                            .get(&ObjectRef::new(name).within(ns))
+                            .map(|o| version(&o.metadata)),
+                        Kind::PodDisruptionBudget => hub
+                            .pdbs
+                            .get(&ObjectRef::new(name).within(ns))
+                            .map(|o| version(&o.metadata)),
+                    };
+                    match (cached.flatten(), rv) {
+                        (Some(c), Some(w)) => version_reached(&c, w),
+                        // No version returned: the object's presence must do.
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    }
+                }),
+                Written::Removed => hub
+                    .stss
+                    .get(&ObjectRef::new(&Names::of(id).base).within(ns))
+                    .is_none(),
+            };
+        if seen {
+            written.remove(id);
+        }
+        seen
     }
 
     async fn replace_inner(&self, id: &ServiceId, replicas: &[String]) -> Result<(), KubeError> {
@@ -721,5 +842,21 @@ impl Replicator for KubeReplicator {
         Ok(BroadcastStream::new(rx)
             .filter_map(|item| async move { item.ok() })
             .boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_reached;
+
+    #[test]
+    fn resource_versions_compare_as_revisions_when_they_are_numbers() {
+        assert!(version_reached("120", "120"));
+        assert!(version_reached("121", "120"));
+        assert!(!version_reached("119", "120"));
+        assert!(version_reached("1000", "999"), "numeric, not lexical");
+        assert!(version_reached("opaque-a", "opaque-a"));
+        assert!(!version_reached("opaque-b", "opaque-a"));
+        assert!(!version_reached("12", "opaque"));
     }
 }

@@ -167,6 +167,58 @@ pub async fn update_template(r: &dyn Replicator, id: &ServiceId) {
     r.remove(id).await.expect("cleanup");
 }
 
+/// `observe` right after `apply` or `remove` returns reports what was written, without
+/// waiting for the backend to catch up (read-your-writes): the workload object's
+/// template, replica count and applied version; after `remove`, nothing. Replicas are
+/// not checked: they start asynchronously.
+pub async fn observe_reads_its_own_writes(r: &dyn Replicator, id: &ServiceId) {
+    let mut rec = record(id);
+    r.apply(&rec).await.expect("apply");
+    wait_converged(r, &rec).await;
+    for version in 2..=7u64 {
+        rec.version = version;
+        rec.latest_version = version;
+        match version % 3 {
+            0 => {
+                rec.spec.image = rec
+                    .spec
+                    .image
+                    .with_digest(Digest::of(format!("conformance rw {version}").as_bytes()));
+            }
+            1 => {
+                rec.spec.env.insert("FEATURE".into(), format!("v{version}"));
+            }
+            _ => rec.replicas = 1 + (version % 2) as u32,
+        }
+        rec.spec_hash = rec.spec.spec_hash();
+        r.apply(&rec).await.expect("apply");
+        let obs = r
+            .observe(id)
+            .await
+            .expect("observe")
+            .expect("applied workload is observed");
+        assert_eq!(
+            obs.template,
+            WorkloadTemplate::from_spec(&rec.spec),
+            "template of version {version} right after its apply"
+        );
+        assert_eq!(
+            obs.desired_replicas,
+            rec.desired_replicas(),
+            "replicas of version {version} right after its apply"
+        );
+        if let Some(v) = obs.applied_version {
+            assert_eq!(v, version, "applied version right after its apply");
+        }
+    }
+    r.remove(id).await.expect("remove");
+    assert_eq!(
+        r.observe(id).await.expect("observe"),
+        None,
+        "nothing observed right after remove"
+    );
+}
+
 /// Remove deletes the workload; removing again (or something never applied) succeeds.
 pub async fn remove_is_idempotent(r: &dyn Replicator, id: &ServiceId, never: &ServiceId) {
     let rec = record(id);
@@ -234,6 +286,7 @@ pub async fn run_all(r: &dyn Replicator, fresh_id: impl Fn(&str) -> ServiceId) {
     apply_is_idempotent(r, &fresh_id("idempotent")).await;
     scale_with_new_record(r, &fresh_id("scale")).await;
     update_template(r, &fresh_id("update")).await;
+    observe_reads_its_own_writes(r, &fresh_id("rw")).await;
     remove_is_idempotent(r, &fresh_id("remove"), &fresh_id("never")).await;
     replace_replicas_recreates(r, &fresh_id("replace")).await;
     changes_report_the_id(r, &fresh_id("changes")).await;
