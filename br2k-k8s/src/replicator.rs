@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,9 +55,10 @@ pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
 /// (`partition` = replicas), so a template changed behind br2k's back reaches no pod.
 ///
 /// [`Replicator::observe`] rebuilds everything from live objects (see [`crate::parse`])
-/// as held by the shared watch cache. It reads its own writes: until the cache has
-/// seen what this replicator's last `apply` or `remove` of a service wrote (by
-/// resource version), `observe` of that service reads the API server instead.
+/// as held by the shared watch cache. It reads its own writes: right after an `apply`
+/// or `remove` of a service, `observe` of that service waits until the cache has seen
+/// what was written (by resource version; usually one watch delivery), and reads the
+/// API server if that takes longer than a second.
 /// [`Replicator::changes`] is fed by the same watchers, one per kind for the namespace.
 /// Clones share the client and the watchers.
 #[derive(Clone)]
@@ -93,6 +95,10 @@ enum Kind {
     Service,
     PodDisruptionBudget,
 }
+
+/// How long `observe` waits for the watch cache to show this replicator's own last
+/// write of a service before it reads the API server instead.
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(1);
 
 /// After this long the watch cache is trusted again for a service even if it never
 /// showed the write (someone else changed or deleted the object since).
@@ -574,7 +580,7 @@ impl KubeReplicator {
     async fn observe_inner(&self, id: &ServiceId) -> Result<Option<ObservedState>, KubeError> {
         // Checked before reading the cache, which only moves forward.
         let from_cache = match self.cache().await {
-            Some(hub) if self.cache_shows_writes(hub, id) => self.live_from_cache(id).await,
+            Some(hub) if self.cache_caught_up(hub, id).await => self.live_from_cache(id).await,
             _ => None,
         };
         let live = match from_cache {
@@ -609,6 +615,29 @@ impl KubeReplicator {
         Ok(())
     }
 
+    /// Waits until the watch cache shows the last write of `id` (usually one watch
+    /// delivery, milliseconds); `false` after [`READ_YOUR_WRITES_WAIT`].
+    async fn cache_caught_up(&self, hub: &WatchHub, id: &ServiceId) -> bool {
+        if self.cache_shows_writes(hub, id) {
+            return true;
+        }
+        let mut changes = hub.subscribe();
+        let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES_WAIT;
+        loop {
+            // Checked after subscribing, so no delivery between check and wait is lost;
+            // deliveries for other services wake the loop too, and so does a short
+            // tick (a watch may advance with objects no service owns).
+            if self.cache_shows_writes(hub, id) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            let tick = tokio::time::Instant::now() + Duration::from_millis(10);
+            let _ = tokio::time::timeout_at(tick.min(deadline), changes.recv()).await;
+        }
+    }
+
     fn note_written(&self, id: &ServiceId, written: Written) {
         self.inner
             .written
@@ -618,7 +647,10 @@ impl KubeReplicator {
     }
 
     /// Whether the watch cache shows the last write of `id` (or there is none to wait
-    /// for); forgets the write once it does.
+    /// for); forgets the write once it does. An applied object counts as shown once
+    /// its kind's watch has delivered its written resource version (so also when it
+    /// was changed or deleted again since); a removal once the StatefulSet is gone
+    /// from the cache.
     fn cache_shows_writes(&self, hub: &WatchHub, id: &ServiceId) -> bool {
         let mut written = self.inner.written.lock().expect("written lock");
         let Some((w, at)) = written.get(id) else {
@@ -628,30 +660,40 @@ impl KubeReplicator {
         let seen = at.elapsed() > READ_YOUR_WRITES_WINDOW
             || match w {
                 Written::Applied(objects) => objects.iter().all(|(kind, name, rv)| {
-                    let version = |m: &ObjectMeta| m.resource_version.clone();
-                    let cached = match kind {
-                        Kind::ConfigMap => hub
-                            .cms
-                            .get(&ObjectRef::new(name).within(ns))
-                            .map(|o| version(&o.metadata)),
-                        Kind::StatefulSet => hub
-                            .stss
-                            .get(&ObjectRef::new(name).within(ns))
-                            .map(|o| version(&o.metadata)),
-                        Kind::Service => hub
-                            .svcs
-                            .get(&ObjectRef::new(name).within(ns))
-                            .map(|o| version(&o.metadata)),
-                        Kind::PodDisruptionBudget => hub
-                            .pdbs
-                            .get(&ObjectRef::new(name).within(ns))
-                            .map(|o| version(&o.metadata)),
+                    let (seen, cached) = match kind {
+                        Kind::ConfigMap => (
+                            &hub.seen_cms,
+                            hub.cms
+                                .get(&ObjectRef::new(name).within(ns))
+                                .and_then(|o| o.metadata.resource_version.clone()),
+                        ),
+                        Kind::StatefulSet => (
+                            &hub.seen_stss,
+                            hub.stss
+                                .get(&ObjectRef::new(name).within(ns))
+                                .and_then(|o| o.metadata.resource_version.clone()),
+                        ),
+                        Kind::Service => (
+                            &hub.seen_svcs,
+                            hub.svcs
+                                .get(&ObjectRef::new(name).within(ns))
+                                .and_then(|o| o.metadata.resource_version.clone()),
+                        ),
+                        Kind::PodDisruptionBudget => (
+                            &hub.seen_pdbs,
+                            hub.pdbs
+                                .get(&ObjectRef::new(name).within(ns))
+                                .and_then(|o| o.metadata.resource_version.clone()),
+                        ),
                     };
-                    match (cached.flatten(), rv) {
-                        (Some(c), Some(w)) => version_reached(&c, w),
+                    match rv {
+                        Some(w) => match w.parse::<u64>() {
+                            Ok(w) => seen.load(Ordering::Acquire) >= w,
+                            // Not a revision: only the same version in the cache.
+                            Err(_) => cached.is_some_and(|c| version_reached(&c, w)),
+                        },
                         // No version returned: the object's presence must do.
-                        (Some(_), None) => true,
-                        (None, _) => false,
+                        None => cached.is_some(),
                     }
                 }),
                 Written::Removed => hub

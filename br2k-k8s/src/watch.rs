@@ -4,6 +4,8 @@
 
 use std::collections::HashSet;
 use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use br2k_core::ServiceId;
 use futures::StreamExt;
@@ -49,6 +51,14 @@ pub struct WatchHub {
     pub(crate) cms: Store<ConfigMap>,
     /// Cached Nodes (all of them).
     pub(crate) nodes: Store<Node>,
+    /// How far the StatefulSet watch has delivered.
+    pub(crate) seen_stss: Seen,
+    /// How far the Service watch has delivered.
+    pub(crate) seen_svcs: Seen,
+    /// How far the PodDisruptionBudget watch has delivered.
+    pub(crate) seen_pdbs: Seen,
+    /// How far the ConfigMap watch has delivered.
+    pub(crate) seen_cms: Seen,
 }
 
 fn service_id<K: Resource>(obj: &K) -> Option<ServiceId> {
@@ -70,17 +80,24 @@ fn services_on(pods: &Store<Pod>, node: &str) -> Vec<ServiceId> {
         .collect()
 }
 
+/// The highest resource version one watch has delivered into its store (`0` before
+/// any). A watch delivers events in resource-version order, so once it reaches `v`
+/// its store holds every change of its kind up to `v`.
+pub(crate) type Seen = Arc<AtomicU64>;
+
 fn spawn<K>(
     api: Api<K>,
     config: watcher::Config,
     tx: broadcast::Sender<ServiceId>,
     ids: impl Fn(&K, bool) -> Vec<ServiceId> + Send + 'static,
-) -> (Store<K>, JoinHandle<()>)
+) -> (Store<K>, Seen, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
+    let seen = Seen::default();
+    let seen_here = seen.clone();
     let task = tokio::spawn(async move {
         let stream = watcher(api, config)
             .default_backoff()
@@ -97,13 +114,22 @@ where
                     continue;
                 }
             };
+            // The store holds this event already (the reflector writes first).
+            if let Some(v) = obj
+                .meta()
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                seen_here.fetch_max(v, Ordering::Release);
+            }
             for id in ids(&obj, deleted) {
                 // No subscriber is not an error.
                 let _ = tx.send(id);
             }
         }
     });
-    (reader, task)
+    (reader, seen, task)
 }
 
 impl WatchHub {
@@ -118,7 +144,7 @@ impl WatchHub {
         }
         let (guard_tx, guard_rx) = mpsc::unbounded_channel();
         let sts_guard_tx = guard_tx.clone();
-        let (stss, t1) = spawn(
+        let (stss, seen_stss, t1) = spawn(
             Api::<StatefulSet>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
@@ -137,7 +163,7 @@ impl WatchHub {
                 own(sts, deleted)
             },
         );
-        let (pods, t2) = spawn(
+        let (pods, _, t2) = spawn(
             Api::<Pod>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
@@ -148,19 +174,19 @@ impl WatchHub {
                 own(p, deleted)
             },
         );
-        let (svcs, t3) = spawn(
+        let (svcs, seen_svcs, t3) = spawn(
             Api::<Service>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
             own,
         );
-        let (pdbs, t4) = spawn(
+        let (pdbs, seen_pdbs, t4) = spawn(
             Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
             own,
         );
-        let (cms, t5) = spawn(
+        let (cms, seen_cms, t5) = spawn(
             Api::<ConfigMap>::namespaced(client.clone(), namespace),
             managed(),
             tx.clone(),
@@ -176,7 +202,7 @@ impl WatchHub {
             namespace.to_owned(),
             guard_rx,
         ));
-        let (nodes, t6) = spawn(
+        let (nodes, _, t6) = spawn(
             Api::<Node>::all(client),
             watcher::Config::default(),
             tx.clone(),
@@ -196,6 +222,10 @@ impl WatchHub {
             pdbs,
             cms,
             nodes,
+            seen_stss,
+            seen_svcs,
+            seen_pdbs,
+            seen_cms,
         }
     }
 
