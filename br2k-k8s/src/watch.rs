@@ -104,25 +104,43 @@ where
             // Managed fields are never read: do not keep them in memory.
             .modify(|o: &mut K| o.managed_fields_mut().clear());
         let mut events = reflector::reflector(writer, stream).boxed();
+        // A (re-)list fills the store only at its end: its versions count from then.
+        let mut listed = 0;
+        let version = |o: &K| {
+            o.meta()
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         while let Some(event) = events.next().await {
             let (obj, deleted) = match event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
-                Ok(watcher::Event::Delete(o)) => (o, true),
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
+                Ok(watcher::Event::Apply(o)) => {
+                    // The store holds this event already (the reflector writes first).
+                    seen_here.fetch_max(version(&o), Ordering::Release);
+                    (o, false)
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen_here.fetch_max(version(&o), Ordering::Release);
+                    (o, true)
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    listed = listed.max(version(&o));
+                    (o, false)
+                }
+                Ok(watcher::Event::Init) => {
+                    listed = 0;
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    seen_here.fetch_max(listed, Ordering::Release);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "br2k watch failed; retrying");
                     continue;
                 }
             };
-            // The store holds this event already (the reflector writes first).
-            if let Some(v) = obj
-                .meta()
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                seen_here.fetch_max(v, Ordering::Release);
-            }
             for id in ids(&obj, deleted) {
                 // No subscriber is not an error.
                 let _ = tx.send(id);
