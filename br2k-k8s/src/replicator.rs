@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, Toleration};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -103,6 +103,17 @@ const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(1);
 /// After this long the watch cache is trusted again for a service even if it never
 /// showed the write (someone else changed or deleted the object since).
 const READ_YOUR_WRITES_WINDOW: Duration = Duration::from_secs(10);
+
+/// The resource version of object `name` in `ns` as the watch cache holds it.
+fn cached_version<K>(store: &Store<K>, name: &str, ns: &str) -> Option<String>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .and_then(|o| o.meta().resource_version.clone())
+}
 
 /// Whether cached resource version `cached` is at least `written`. Kubernetes
 /// resource versions are etcd revisions (integers) in practice; anything else only
@@ -661,30 +672,12 @@ impl KubeReplicator {
             || match w {
                 Written::Applied(objects) => objects.iter().all(|(kind, name, rv)| {
                     let (seen, cached) = match kind {
-                        Kind::ConfigMap => (
-                            &hub.seen_cms,
-                            hub.cms
-                                .get(&ObjectRef::new(name).within(ns))
-                                .and_then(|o| o.metadata.resource_version.clone()),
-                        ),
-                        Kind::StatefulSet => (
-                            &hub.seen_stss,
-                            hub.stss
-                                .get(&ObjectRef::new(name).within(ns))
-                                .and_then(|o| o.metadata.resource_version.clone()),
-                        ),
-                        Kind::Service => (
-                            &hub.seen_svcs,
-                            hub.svcs
-                                .get(&ObjectRef::new(name).within(ns))
-                                .and_then(|o| o.metadata.resource_version.clone()),
-                        ),
-                        Kind::PodDisruptionBudget => (
-                            &hub.seen_pdbs,
-                            hub.pdbs
-                                .get(&ObjectRef::new(name).within(ns))
-                                .and_then(|o| o.metadata.resource_version.clone()),
-                        ),
+                        Kind::ConfigMap => (&hub.seen_cms, cached_version(&hub.cms, name, ns)),
+                        Kind::StatefulSet => (&hub.seen_stss, cached_version(&hub.stss, name, ns)),
+                        Kind::Service => (&hub.seen_svcs, cached_version(&hub.svcs, name, ns)),
+                        Kind::PodDisruptionBudget => {
+                            (&hub.seen_pdbs, cached_version(&hub.pdbs, name, ns))
+                        }
                     };
                     match rv {
                         Some(w) => match w.parse::<u64>() {
