@@ -299,6 +299,11 @@ async fn wait_leader(c: &reqwest::Client, urls: &[String], within: Duration) -> 
     }
 }
 
+/// The replica that last gave a final answer, per cluster (keyed by its first URL). A
+/// request starts there: starting at a paused follower would cost the whole client
+/// timeout per request (a stopped process still accepts connections).
+static LAST_ANSWERED: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
 /// Sends a request to the cluster, following redirects to the leader and retrying on
 /// elections and dead replicas (same idempotency key) until a final answer or the
 /// deadline. Returns the status and JSON body of the final answer.
@@ -311,8 +316,11 @@ async fn call(
     deadline: Duration,
 ) -> Option<(u16, Value)> {
     let start = Instant::now();
-    let mut target = urls[0].clone();
-    let mut next = 0;
+    let last = LAST_ANSWERED.lock().unwrap().get(&urls[0]).cloned();
+    let mut next = last
+        .and_then(|l| urls.iter().position(|u| *u == l))
+        .unwrap_or(0);
+    let mut target = urls[next].clone();
     while start.elapsed() < deadline {
         let mut req = match body {
             Some(b) => c.post(format!("{target}{path}")).body(b.to_owned()),
@@ -334,6 +342,10 @@ async fn call(
                 let v = r.json().await.unwrap_or(Value::Null);
                 // A request stranded on a deposed leader is retried (same key).
                 if s != 409 || v["error"] != "conflict" {
+                    if urls.contains(&target) {
+                        let mut last = LAST_ANSWERED.lock().unwrap();
+                        last.insert(urls[0].clone(), target);
+                    }
                     return Some((s, v));
                 }
             }
