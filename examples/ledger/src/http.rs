@@ -234,39 +234,40 @@ pub struct Status {
     pub accounts: usize,
 }
 
-async fn deposit(
-    State(app): State<App>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Answer {
-    let r = async {
-        let key = idempotency_key(&headers)?;
-        let b: DepositBody = parse(body)?;
-        let cmd = Command::Deposit {
+impl From<DepositBody> for Command {
+    fn from(b: DepositBody) -> Self {
+        Command::Deposit {
             account: b.account,
             amount: b.amount,
-        };
-        output_response(app.replica.replicate(key.as_deref(), cmd).await?)
+        }
     }
-    .await;
-    Answer(uri, r)
 }
 
-async fn transfer(
-    State(app): State<App>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Answer {
-    let r = async {
-        let key = idempotency_key(&headers)?;
-        let b: TransferBody = parse(body)?;
-        let cmd = Command::Transfer {
+impl From<TransferBody> for Command {
+    fn from(b: TransferBody) -> Self {
+        Command::Transfer {
             from: b.from,
             to: b.to,
             amount: b.amount,
-        };
+        }
+    }
+}
+
+/// Parses a `B` body into its command and replicates it (with the request's
+/// idempotency key, if any): the `/deposit` and `/transfer` handlers.
+async fn replicate<B>(
+    State(app): State<App>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer
+where
+    B: for<'de> Deserialize<'de>,
+    Command: From<B>,
+{
+    let r = async {
+        let key = idempotency_key(&headers)?;
+        let cmd = Command::from(parse::<B>(body)?);
         output_response(app.replica.replicate(key.as_deref(), cmd).await?)
     }
     .await;
@@ -405,8 +406,8 @@ async fn status(State(app): State<App>) -> Json<Status> {
 /// The routes of a replica; bodies over `max_body` bytes are refused with 413.
 pub fn router(app: App, max_body: usize) -> Router {
     Router::new()
-        .route("/deposit", post(deposit))
-        .route("/transfer", post(transfer))
+        .route("/deposit", post(replicate::<DepositBody>))
+        .route("/transfer", post(replicate::<TransferBody>))
         .route("/settle", post(settle))
         .route("/accounts", get(accounts))
         .route("/accounts/{name}", get(account))
