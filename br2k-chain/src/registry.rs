@@ -75,6 +75,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A log filter for the events `signatures` of the services keyed in `wants` (topic 1),
+/// over the blocks from the lowest to the highest `wants` names.
+fn events_of(signatures: Vec<B256>, wants: impl IntoIterator<Item = (B256, u64)>) -> Filter {
+    let mut ids = HashSet::new();
+    let (mut from, mut to) = (u64::MAX, 0);
+    for (key, block) in wants {
+        ids.insert(key);
+        from = from.min(block);
+        to = to.max(block);
+    }
+    Filter::new()
+        .event_signature(signatures)
+        .topic1(ids.into_iter().collect::<Vec<_>>())
+        .from_block(from.min(to))
+        .to_block(to)
+}
+
 fn insert_capped<K: std::hash::Hash + Eq, V>(m: &Mutex<HashMap<K, V>>, k: K, v: V) {
     let mut map = lock(m);
     if map.len() >= CACHE_LIMIT {
@@ -435,22 +452,10 @@ impl ChainRegistry {
             }
         }
         for chunk in missing.chunks(IDS_PER_LOG_QUERY) {
-            let ids: Vec<B256> = chunk
-                .iter()
-                .map(|w| w.key)
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let from = chunk.iter().map(|w| w.block).min().unwrap_or_default();
-            let to = chunk.iter().map(|w| w.block).max().unwrap_or_default();
-            let filter = Filter::new()
-                .event_signature(vec![
-                    C::Registered::SIGNATURE_HASH,
-                    C::Published::SIGNATURE_HASH,
-                ])
-                .topic1(ids)
-                .from_block(from)
-                .to_block(to);
+            let filter = events_of(
+                vec![C::Registered::SIGNATURE_HASH, C::Published::SIGNATURE_HASH],
+                chunk.iter().map(|w| (w.key, w.block)),
+            );
             let logs = self.logs("spec events", filter).await?;
             let mut found: HashMap<(B256, u64), Bytes> = HashMap::new();
             for log in &logs {
@@ -506,19 +511,10 @@ impl ChainRegistry {
             }
         }
         for chunk in missing.chunks(IDS_PER_LOG_QUERY) {
-            let ids: Vec<B256> = chunk
-                .iter()
-                .map(|w| w.key)
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let from = chunk.iter().map(|w| w.block).min().unwrap_or_default();
-            let to = chunk.iter().map(|w| w.block).max().unwrap_or_default();
-            let filter = Filter::new()
-                .event_signature(C::Relocated::SIGNATURE_HASH)
-                .topic1(ids)
-                .from_block(from)
-                .to_block(to);
+            let filter = events_of(
+                vec![C::Relocated::SIGNATURE_HASH],
+                chunk.iter().map(|w| (w.key, w.block)),
+            );
             let logs = self.logs("location events", filter).await?;
             let mut found: HashMap<(B256, u64, B256), String> = HashMap::new();
             for log in &logs {
