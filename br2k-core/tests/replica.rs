@@ -7,7 +7,9 @@ use std::time::Duration;
 use br2k_core::conformance::sample_spec;
 use br2k_core::log::{InMemoryLog, ReplicatedLog};
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
-use br2k_core::replica::testkit::{CounterCommand, CounterOutput, Counters, CountingEffect};
+use br2k_core::replica::testkit::{
+    CounterCommand, CounterOutput, Counters, CountingEffect, Retry, counter_op,
+};
 use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
 use br2k_core::{Account, Error, ImageStore, Registry, Role, ServiceId};
 
@@ -271,51 +273,11 @@ fn current_leader(live: &Live) -> Option<Arc<Replica<Counters>>> {
         .map(|(r, _)| r.clone())
 }
 
-/// One client's operation: retried with the same idempotency key until it succeeds or
-/// the attempts run out (then its outcome is unknown).
-async fn client_op(
-    live: &Live,
-    start: std::time::Instant,
-    counter: &str,
-    add: Option<i64>,
-    key: String,
-) -> br2k_core::replica::testkit::CounterOp {
-    let now = || start.elapsed().as_micros() as u64;
-    let call = now();
-    let mut ret = None;
-    for _ in 0..60 {
-        let Some(r) = current_leader(live) else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
-        let res = match add {
-            Some(n) => r
-                .replicate(Some(&key), self::add(counter, n))
-                .await
-                .map(|o| match o {
-                    CounterOutput::Value(v) => v,
-                    other => panic!("unexpected {other:?}"),
-                }),
-            None => {
-                r.query(|s| s.values.get(counter).copied().unwrap_or(0))
-                    .await
-            }
-        };
-        match res {
-            Ok(v) => {
-                ret = Some((now(), v));
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
-    br2k_core::replica::testkit::CounterOp {
-        counter: counter.into(),
-        add,
-        call,
-        ret,
-    }
-}
+/// How a client of the linearizability test retries an operation.
+const RETRY: Retry = Retry {
+    attempts: 60,
+    pause: Duration::from_millis(5),
+};
 
 /// 200 runs of 3 clients against 3 replicas while the leader crashes and a new
 /// replica joins from a checkpoint: every client-visible history is linearizable.
@@ -341,7 +303,17 @@ async fn histories_under_leader_crashes_are_linearizable() {
                 for i in 0..12u64 {
                     let counter = if (cl + i + run) % 2 == 0 { "x" } else { "y" };
                     let add = ((i + cl) % 3 != 0).then_some(((run + i * 7 + cl) % 5 + 1) as i64);
-                    ops.push(client_op(&live, start, counter, add, format!("c{cl}-{i}")).await);
+                    ops.push(
+                        counter_op(
+                            || current_leader(&live),
+                            start,
+                            counter,
+                            add,
+                            &format!("c{cl}-{i}"),
+                            RETRY,
+                        )
+                        .await,
+                    );
                 }
                 ops
             })

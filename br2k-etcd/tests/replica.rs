@@ -14,7 +14,8 @@ use br2k_core::conformance::sample_spec;
 use br2k_core::log::{Leadership, ReplicatedLog};
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{
-    CounterCommand, CounterOp, CounterOutput, Counters, CountingEffect, check_counter_history,
+    CounterCommand, CounterOp, CounterOutput, Counters, CountingEffect, Retry,
+    check_counter_history, counter_op,
 };
 use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
 use br2k_core::{Account, Error, ImageStore, Registry, Repository, Role, ServiceId};
@@ -109,6 +110,12 @@ fn current_leader(live: &Live) -> Option<Arc<Replica<Counters>>> {
         .or_else(|| live.first())
         .map(|(r, _)| r.clone())
 }
+
+/// How a client of the linearizability test retries an operation.
+const RETRY: Retry = Retry {
+    attempts: 100,
+    pause: Duration::from_millis(10),
+};
 
 /// A crash: the replica's tasks stop and its lease is never kept alive again.
 fn crash(r: &mut Replica<Counters>, log: &EtcdLog) {
@@ -424,52 +431,6 @@ async fn bad_input_is_rejected_and_replicas_stay_consistent() {
     c.purge().await;
 }
 
-/// One client's operation: retried with the same idempotency key until it succeeds or
-/// the attempts run out (then its outcome is unknown).
-async fn client_op(
-    live: &Live,
-    start: Instant,
-    counter: &str,
-    add: Option<i64>,
-    key: String,
-) -> CounterOp {
-    let now = || start.elapsed().as_micros() as u64;
-    let call = now();
-    let mut ret = None;
-    for _ in 0..100 {
-        let Some(r) = current_leader(live) else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let res = match add {
-            Some(n) => r
-                .replicate(Some(&key), self::add(counter, n))
-                .await
-                .map(|o| match o {
-                    CounterOutput::Value(v) => v,
-                    other => panic!("unexpected {other:?}"),
-                }),
-            None => {
-                r.query(|s| s.values.get(counter).copied().unwrap_or(0))
-                    .await
-            }
-        };
-        match res {
-            Ok(v) => {
-                ret = Some((now(), v));
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    CounterOp {
-        counter: counter.into(),
-        add,
-        call,
-        ret,
-    }
-}
-
 /// Runs (default 200, `BR2K_LIN_RUNS` to change) of 3 clients against 3 replicas on
 /// etcd while the leader crashes (lease revoked: expiry fast-forwarded) and a new
 /// replica joins from a checkpoint: every client-visible history is linearizable.
@@ -502,7 +463,17 @@ async fn histories_under_leader_crashes_are_linearizable() {
                         let counter = if (cl + i + run) % 2 == 0 { "x" } else { "y" };
                         let add =
                             ((i + cl) % 3 != 0).then_some(((run + i * 7 + cl) % 5 + 1) as i64);
-                        ops.push(client_op(&live, start, counter, add, format!("c{cl}-{i}")).await);
+                        ops.push(
+                            counter_op(
+                                || current_leader(&live),
+                                start,
+                                counter,
+                                add,
+                                &format!("c{cl}-{i}"),
+                                RETRY,
+                            )
+                            .await,
+                        );
                     }
                     ops
                 })

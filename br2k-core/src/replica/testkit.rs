@@ -1,15 +1,17 @@
 //! Small building blocks for testing and benchmarking replicated services: a
 //! [`Counters`] state machine, a [`CountingEffect`], and a linearizability checker of
-//! client-visible counter histories ([`check_counter_history`]).
+//! client-visible counter histories ([`check_counter_history`]) with the client that
+//! records them ([`counter_op`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Effect, StateMachine};
+use super::{Effect, Replica, StateMachine};
 use crate::error::{Error, Result, ValidationError};
 
 /// A command of [`Counters`].
@@ -246,6 +248,67 @@ pub struct CounterOp {
     /// Response time and value seen; `None` when the outcome is unknown (the
     /// operation may or may not have taken effect, at any time after `call`).
     pub ret: Option<(u64, i64)>,
+}
+
+/// How [`counter_op`] retries.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts at most; after the last failed one the outcome is unknown.
+    pub attempts: u32,
+    /// Pause after a failed attempt (or when there is no replica to ask).
+    pub pause: Duration,
+}
+
+/// One client operation on `counter` as a client sees it: adds `n` when `add` is
+/// `Some(n)`, else reads. Each attempt asks the replica `leader` returns then; a
+/// failed attempt is retried with the same idempotency key `key`. Times are
+/// microseconds since `start`; an operation that never succeeded has `ret: None`.
+pub async fn counter_op(
+    leader: impl Fn() -> Option<Arc<Replica<Counters>>>,
+    start: Instant,
+    counter: &str,
+    add: Option<i64>,
+    key: &str,
+    retry: Retry,
+) -> CounterOp {
+    let now = || start.elapsed().as_micros() as u64;
+    let call = now();
+    let mut ret = None;
+    for _ in 0..retry.attempts {
+        let Some(r) = leader() else {
+            tokio::time::sleep(retry.pause).await;
+            continue;
+        };
+        let res = match add {
+            Some(amount) => {
+                let cmd = CounterCommand::Add {
+                    counter: counter.into(),
+                    amount,
+                };
+                r.replicate(Some(key), cmd).await.map(|o| match o {
+                    CounterOutput::Value(v) => v,
+                    other => panic!("an add answered {other:?}"),
+                })
+            }
+            None => {
+                r.query(|s| s.values.get(counter).copied().unwrap_or(0))
+                    .await
+            }
+        };
+        match res {
+            Ok(v) => {
+                ret = Some((now(), v));
+                break;
+            }
+            Err(_) => tokio::time::sleep(retry.pause).await,
+        }
+    }
+    CounterOp {
+        counter: counter.into(),
+        add,
+        call,
+        ret,
+    }
 }
 
 /// Checks that a history of adds (returning the new value) and reads on counters
