@@ -15,7 +15,7 @@ use alloy::primitives::Address;
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::sol_types::SolCall;
 use br2k_chain::{ChainConfig, ChainRegistry};
-use br2k_core::{Registry, ServiceId};
+use br2k_core::{Checkpoint, Registry, ServiceId};
 use br2k_ledger::settle::{Settlement, settlement_key};
 use serde_json::{Value, json};
 
@@ -430,6 +430,45 @@ async fn must(
     v
 }
 
+/// Deposits `amount` into `account` (no idempotency key); panics unless it succeeds.
+async fn deposit(c: &reqwest::Client, urls: &[String], account: &str, amount: u64) {
+    let body = json!({"account": account, "amount": amount});
+    must(c, urls, "/deposit", None, body).await;
+}
+
+/// `n` transfers of `amount` from `from` to `to`, one after the other, with the
+/// idempotency keys `{prefix}-0`, `{prefix}-1`, ...; panics unless each succeeds.
+async fn transfers(
+    c: &reqwest::Client,
+    urls: &[String],
+    prefix: &str,
+    n: u64,
+    (from, to): (&str, &str),
+    amount: u64,
+) {
+    for i in 0..n {
+        let body = json!({"from": from, "to": to, "amount": amount});
+        must(c, urls, "/transfer", Some(&format!("{prefix}-{i}")), body).await;
+    }
+}
+
+/// Waits (at most 60 s) until the chain records a checkpoint of state version
+/// `min_version` or newer for `id`, and returns it.
+async fn wait_checkpoint(registry: &ChainRegistry, id: &ServiceId, min_version: u64) -> Checkpoint {
+    let start = Instant::now();
+    loop {
+        let rec = registry.active(id).await.unwrap();
+        if let Some(cp) = rec.checkpoint.filter(|cp| cp.state_version >= min_version) {
+            return cp;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint of version {min_version} or newer"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Kill the leader under load: a new leader serves, no acknowledged transfer is
 /// lost, no settlement is sent twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -638,27 +677,11 @@ async fn follower_rejoins_and_bad_input_is_refused() {
     let urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
     let c = http();
     let leader = wait_leader(&c, &urls, Duration::from_secs(60)).await;
-    must(
-        &c,
-        &urls,
-        "/deposit",
-        None,
-        json!({"account": "alice", "amount": 500}),
-    )
-    .await;
+    deposit(&c, &urls, "alice", 500).await;
 
     let f = (leader + 1) % 3;
     rs[f].signal("-STOP");
-    for i in 0..20 {
-        must(
-            &c,
-            &urls,
-            "/transfer",
-            Some(&format!("p-{i}")),
-            json!({"from": "alice", "to": "bob", "amount": 2}),
-        )
-        .await;
-    }
+    transfers(&c, &urls, "p", 20, ("alice", "bob"), 2).await;
     tokio::time::sleep(Duration::from_secs(LEASE_TTL_SECS + 1)).await;
     rs[f].signal("-CONT");
     let expected = json!({"alice": 460, "bob": 40});
@@ -677,16 +700,7 @@ async fn follower_rejoins_and_bad_input_is_refused() {
     let port: u16 = rs[f].url.rsplit(':').next().unwrap().parse().unwrap();
     let slot = rs[f].slot;
     rs[f].kill();
-    for i in 0..20 {
-        must(
-            &c,
-            &urls,
-            "/transfer",
-            Some(&format!("q-{i}")),
-            json!({"from": "bob", "to": "carol", "amount": 1}),
-        )
-        .await;
-    }
+    transfers(&c, &urls, "q", 20, ("bob", "carol"), 1).await;
     rs[f] = w.spawn_on(slot, port);
 
     // Bad input: typed 4xx, nothing applied.
@@ -770,41 +784,13 @@ async fn fourth_replica_joins_from_a_checkpoint() {
     let mut urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
     let c = http();
     wait_leader(&c, &urls, Duration::from_secs(60)).await;
-    must(
-        &c,
-        &urls,
-        "/deposit",
-        None,
-        json!({"account": "alice", "amount": 1000}),
-    )
-    .await;
+    deposit(&c, &urls, "alice", 1000).await;
     const N: u64 = 60;
-    for i in 0..N {
-        must(
-            &c,
-            &urls,
-            "/transfer",
-            Some(&format!("j-{i}")),
-            json!({"from": "alice", "to": "bob", "amount": 3}),
-        )
-        .await;
-    }
+    transfers(&c, &urls, "j", N, ("alice", "bob"), 3).await;
     // Two checkpoints recorded, so the log behind the older one is compacted.
     let registry = w.chain_registry().await;
     let id = ServiceId::new(&w.service).unwrap();
-    let start = Instant::now();
-    let cp = loop {
-        let rec = registry.active(&id).await.unwrap();
-        if let Some(cp) = rec.checkpoint.clone().filter(|cp| cp.state_version >= 2) {
-            break cp;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no checkpoints: {:?}",
-            rec.checkpoint
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let cp = wait_checkpoint(&registry, &id, 2).await;
     let rec = registry.active(&id).await.unwrap();
     assert!(rec.location.is_some(), "leader location recorded on chain");
     let joined = w.spawn(4);
@@ -897,34 +883,11 @@ async fn tampered_snapshot_is_refused() {
     let urls = vec![first.url.clone()];
     let c = http();
     wait_leader(&c, &urls, Duration::from_secs(60)).await;
-    must(
-        &c,
-        &urls,
-        "/deposit",
-        None,
-        json!({"account": "alice", "amount": 100}),
-    )
-    .await;
-    for i in 0..12 {
-        must(
-            &c,
-            &urls,
-            "/transfer",
-            Some(&format!("x-{i}")),
-            json!({"from": "alice", "to": "bob", "amount": 1}),
-        )
-        .await;
-    }
+    deposit(&c, &urls, "alice", 100).await;
+    transfers(&c, &urls, "x", 12, ("alice", "bob"), 1).await;
     let registry = w.chain_registry().await;
     let id = ServiceId::new(&w.service).unwrap();
-    let start = Instant::now();
-    let cp = loop {
-        if let Some(cp) = registry.active(&id).await.unwrap().checkpoint {
-            break cp;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let cp = wait_checkpoint(&registry, &id, 1).await;
     first.kill();
     // Corrupt the snapshot layer in the registry's storage (same length).
     let manifest: Value =
@@ -964,14 +927,7 @@ async fn inflight_settlement_is_resolved_by_key_after_leader_kill() {
     let urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
     let c = http();
     wait_leader(&c, &urls, Duration::from_secs(60)).await;
-    must(
-        &c,
-        &urls,
-        "/deposit",
-        None,
-        json!({"account": "treasury", "amount": 100}),
-    )
-    .await;
+    deposit(&c, &urls, "treasury", 100).await;
     let leader = wait_leader(&c, &urls, Duration::from_secs(60)).await;
 
     let p = ProviderBuilder::new().connect_http(w.anvil.endpoint_url());
@@ -1064,14 +1020,7 @@ async fn paused_leader_is_fenced_after_resuming() {
     let urls: Vec<String> = rs.iter().map(|r| r.url.clone()).collect();
     let c = http();
     wait_leader(&c, &urls, Duration::from_secs(60)).await;
-    must(
-        &c,
-        &urls,
-        "/deposit",
-        None,
-        json!({"account": "alice", "amount": 100}),
-    )
-    .await;
+    deposit(&c, &urls, "alice", 100).await;
     let old = wait_leader(&c, &urls, Duration::from_secs(60)).await;
     rs[old].signal("-STOP");
     let survivors: Vec<String> = urls
@@ -1081,16 +1030,7 @@ async fn paused_leader_is_fenced_after_resuming() {
         .map(|(_, u)| u.clone())
         .collect();
     wait_leader(&c, &survivors, Duration::from_secs(60)).await;
-    for i in 0..10 {
-        must(
-            &c,
-            &survivors,
-            "/transfer",
-            Some(&format!("z-{i}")),
-            json!({"from": "alice", "to": "bob", "amount": 1}),
-        )
-        .await;
-    }
+    transfers(&c, &survivors, "z", 10, ("alice", "bob"), 1).await;
     rs[old].signal("-CONT");
     // Straight to the deposed leader, without following redirects.
     let body = json!({"from": "alice", "to": "bob", "amount": 5}).to_string();
