@@ -8,7 +8,7 @@ use br2k_core::conformance::sample_spec;
 use br2k_core::log::{InMemoryLog, ReplicatedLog};
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{
-    CounterCommand, CounterOutput, Counters, CountingEffect, Retry, counter_op,
+    CounterCommand, CounterOutput, Counters, CountingEffect, Retry, client_history,
 };
 use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
 use br2k_core::{Account, Error, ImageStore, Registry, Role, ServiceId};
@@ -299,23 +299,7 @@ async fn histories_under_leader_crashes_are_linearizable() {
         let clients = (0..3u64).map(|cl| {
             let live = live.clone();
             tokio::spawn(async move {
-                let mut ops = Vec::new();
-                for i in 0..12u64 {
-                    let counter = if (cl + i + run) % 2 == 0 { "x" } else { "y" };
-                    let add = ((i + cl) % 3 != 0).then_some(((run + i * 7 + cl) % 5 + 1) as i64);
-                    ops.push(
-                        counter_op(
-                            || current_leader(&live),
-                            start,
-                            counter,
-                            add,
-                            &format!("c{cl}-{i}"),
-                            RETRY,
-                        )
-                        .await,
-                    );
-                }
-                ops
+                client_history(|| current_leader(&live), start, (run, cl), 12, RETRY).await
             })
         });
         let clients: Vec<_> = clients.collect();

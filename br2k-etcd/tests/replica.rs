@@ -15,7 +15,7 @@ use br2k_core::log::{Leadership, ReplicatedLog};
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{
     CounterCommand, CounterOp, CounterOutput, Counters, CountingEffect, Retry,
-    check_counter_history, counter_op,
+    check_counter_history, client_history,
 };
 use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
 use br2k_core::{Account, Error, ImageStore, Registry, Repository, Role, ServiceId};
@@ -458,24 +458,7 @@ async fn histories_under_leader_crashes_are_linearizable() {
             .map(|cl| {
                 let live = live.clone();
                 tokio::spawn(async move {
-                    let mut ops = Vec::new();
-                    for i in 0..8u64 {
-                        let counter = if (cl + i + run) % 2 == 0 { "x" } else { "y" };
-                        let add =
-                            ((i + cl) % 3 != 0).then_some(((run + i * 7 + cl) % 5 + 1) as i64);
-                        ops.push(
-                            counter_op(
-                                || current_leader(&live),
-                                start,
-                                counter,
-                                add,
-                                &format!("c{cl}-{i}"),
-                                RETRY,
-                            )
-                            .await,
-                        );
-                    }
-                    ops
+                    client_history(|| current_leader(&live), start, (run, cl), 8, RETRY).await
                 })
             })
             .collect();

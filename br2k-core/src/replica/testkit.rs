@@ -1,7 +1,7 @@
 //! Small building blocks for testing and benchmarking replicated services: a
 //! [`Counters`] state machine, a [`CountingEffect`], and a linearizability checker of
 //! client-visible counter histories ([`check_counter_history`]) with the client that
-//! records them ([`counter_op`]).
+//! records them ([`counter_op`], [`client_history`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -309,6 +309,31 @@ pub async fn counter_op(
         call,
         ret,
     }
+}
+
+/// Client `client`'s part of run `run` of a linearizability test: `ops` operations,
+/// one after the other, each an add or a read of counter `x` or `y` (a mix fixed by
+/// `run` and `client`), run by [`counter_op`] with the idempotency keys
+/// `c{client}-{i}`.
+pub async fn client_history(
+    leader: impl Fn() -> Option<Arc<Replica<Counters>>>,
+    start: Instant,
+    (run, client): (u64, u64),
+    ops: u64,
+    retry: Retry,
+) -> Vec<CounterOp> {
+    let mut history = Vec::new();
+    for i in 0..ops {
+        let counter = if (client + i + run) % 2 == 0 {
+            "x"
+        } else {
+            "y"
+        };
+        let add = ((i + client) % 3 != 0).then_some(((run + i * 7 + client) % 5 + 1) as i64);
+        let key = format!("c{client}-{i}");
+        history.push(counter_op(&leader, start, counter, add, &key, retry).await);
+    }
+    history
 }
 
 /// Checks that a history of adds (returning the new value) and reads on counters
