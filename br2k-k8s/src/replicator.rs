@@ -671,22 +671,28 @@ impl KubeReplicator {
         let seen = at.elapsed() > READ_YOUR_WRITES_WINDOW
             || match w {
                 Written::Applied(objects) => objects.iter().all(|(kind, name, rv)| {
-                    let (seen, cached) = match kind {
-                        Kind::ConfigMap => (&hub.seen_cms, cached_version(&hub.cms, name, ns)),
-                        Kind::StatefulSet => (&hub.seen_stss, cached_version(&hub.stss, name, ns)),
-                        Kind::Service => (&hub.seen_svcs, cached_version(&hub.svcs, name, ns)),
-                        Kind::PodDisruptionBudget => {
-                            (&hub.seen_pdbs, cached_version(&hub.pdbs, name, ns))
-                        }
+                    let seen = match kind {
+                        Kind::ConfigMap => &hub.seen_cms,
+                        Kind::StatefulSet => &hub.seen_stss,
+                        Kind::Service => &hub.seen_svcs,
+                        Kind::PodDisruptionBudget => &hub.seen_pdbs,
+                    };
+                    // The cached object is looked up only when the written version is
+                    // not a revision (this runs every few milliseconds while waiting).
+                    let cached = || match kind {
+                        Kind::ConfigMap => cached_version(&hub.cms, name, ns),
+                        Kind::StatefulSet => cached_version(&hub.stss, name, ns),
+                        Kind::Service => cached_version(&hub.svcs, name, ns),
+                        Kind::PodDisruptionBudget => cached_version(&hub.pdbs, name, ns),
                     };
                     match rv {
                         Some(w) => match w.parse::<u64>() {
                             Ok(w) => seen.load(Ordering::Acquire) >= w,
                             // Not a revision: only the same version in the cache.
-                            Err(_) => cached.is_some_and(|c| version_reached(&c, w)),
+                            Err(_) => cached().is_some_and(|c| version_reached(&c, w)),
                         },
                         // No version returned: the object's presence must do.
-                        None => cached.is_some(),
+                        None => cached().is_some(),
                     }
                 }),
                 Written::Removed => hub
