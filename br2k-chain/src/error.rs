@@ -27,6 +27,9 @@ pub(crate) enum ChainError {
     /// Bad configuration (never includes key material).
     #[error("{0}")]
     Config(String),
+    /// A write on a connection opened without a signer.
+    #[error("read-only registry connection (no signer configured): cannot {0}")]
+    ReadOnly(String),
     /// A mined transaction reverted.
     #[error("transaction {0} reverted")]
     Reverted(B256),
@@ -146,6 +149,7 @@ impl From<ChainError> for Error {
             ChainError::Config(reason) => {
                 ValidationError::malformed("chain configuration", reason).into()
             }
+            e @ ChainError::ReadOnly(_) => Error::permission_denied(e),
             e @ ChainError::Reverted(_) => Error::conflict(e),
             e @ (ChainError::Decode(_) | ChainError::MissingLog(_)) => {
                 Error::backend("chain", e, false)

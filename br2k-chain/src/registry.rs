@@ -45,7 +45,8 @@ pub struct ChainRegistry {
 
 struct Inner {
     rpc: Endpoints,
-    sender: Sender,
+    /// `None` on a read-only connection (no signer configured).
+    sender: Option<Sender>,
     address: Address,
     chain_id: u64,
     deploy_block: u64,
@@ -65,7 +66,7 @@ impl fmt::Debug for ChainRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChainRegistry")
             .field("address", &self.inner.address)
-            .field("account", &self.inner.sender.from)
+            .field("account", &self.inner.sender.as_ref().map(|s| s.from))
             .field("chain_id", &self.inner.chain_id)
             .finish_non_exhaustive()
     }
@@ -268,7 +269,9 @@ impl ChainRegistry {
     }
 
     /// A handle on the registry at `config.registry_address`. Checks the chain id
-    /// (when configured) and that the address holds code.
+    /// (when configured) and that the address holds code. Without a signer in
+    /// `config` the handle is read-only: every read works, every write fails with
+    /// [`br2k_core::Error::PermissionDenied`] (what a supervisor needs: no key).
     pub async fn connect(config: ChainConfig) -> Result<Self> {
         Self::connect_inner(config).await.map_err(Into::into)
     }
@@ -300,12 +303,10 @@ impl ChainRegistry {
         self.inner.rpc.requests()
     }
 
-    async fn base(config: &ChainConfig) -> Result<(Endpoints, Sender), ChainError> {
-        let signer = config
-            .signer
-            .as_ref()
-            .ok_or_else(|| ChainError::Config("no signer configured".into()))?
-            .load()?;
+    /// The endpoints (chain id checked) and, when a signer is configured, the
+    /// transaction sender.
+    async fn base(config: &ChainConfig) -> Result<(Endpoints, u64, Option<Sender>), ChainError> {
+        let signer = config.signer.as_ref().map(|s| s.load()).transpose()?;
         let rpc = Endpoints::new(&config.rpc_urls, config.request_timeout)?;
         let chain_id = rpc
             .run("chain id", |p| async move { p.get_chain_id().await })
@@ -318,39 +319,45 @@ impl ChainRegistry {
                 actual: chain_id,
             });
         }
-        let sender = Sender::new(
-            signer,
-            chain_id,
-            config.confirmations,
-            config.poll_interval,
-            config.receipt_timeout,
-        );
-        Ok((rpc, sender))
+        let sender = signer.map(|signer| {
+            Sender::new(
+                signer,
+                chain_id,
+                config.confirmations,
+                config.poll_interval,
+                config.receipt_timeout,
+            )
+        });
+        Ok((rpc, chain_id, sender))
     }
 
     async fn deploy_inner(config: ChainConfig) -> Result<Self, ChainError> {
-        let (rpc, sender) = Self::base(&config).await?;
+        let (rpc, chain_id, sender) = Self::base(&config).await?;
+        let Some(sender) = sender else {
+            return Err(ChainError::ReadOnly("deploy the registry".into()));
+        };
         let tx = TransactionRequest::default().with_deploy_code(C::BYTECODE.clone());
         let receipt = sender.send(&rpc, "deploy registry", tx).await?;
         let address = receipt
             .contract_address
             .ok_or_else(|| ChainError::Decode("deploy receipt without contract address".into()))?;
         tracing::info!(%address, "deployed the service registry");
-        Self::attach(config, rpc, sender, address).await
+        Self::attach(config, rpc, chain_id, Some(sender), address).await
     }
 
     async fn connect_inner(config: ChainConfig) -> Result<Self, ChainError> {
         let address = config
             .registry_address
             .ok_or_else(|| ChainError::Config("no registry address configured".into()))?;
-        let (rpc, sender) = Self::base(&config).await?;
-        Self::attach(config, rpc, sender, address).await
+        let (rpc, chain_id, sender) = Self::base(&config).await?;
+        Self::attach(config, rpc, chain_id, sender, address).await
     }
 
     async fn attach(
         config: ChainConfig,
         rpc: Endpoints,
-        sender: Sender,
+        chain_id: u64,
+        sender: Option<Sender>,
         address: Address,
     ) -> Result<Self, ChainError> {
         let code = rpc
@@ -361,7 +368,7 @@ impl ChainRegistry {
         }
         let mut this = Self {
             inner: Arc::new(Inner {
-                chain_id: 0,
+                chain_id,
                 rpc,
                 sender,
                 address,
@@ -377,7 +384,6 @@ impl ChainRegistry {
         let deploy_block = this.call("deployBlock", C::deployBlockCall {}).await?;
         let inner = Arc::get_mut(&mut this.inner).expect("not shared yet");
         inner.deploy_block = deploy_block;
-        inner.chain_id = inner.sender.chain_id();
         Ok(this)
     }
 
@@ -402,7 +408,12 @@ impl ChainRegistry {
         let tx = TransactionRequest::default()
             .with_to(self.inner.address)
             .with_input(call.abi_encode());
-        self.inner.sender.send(&self.inner.rpc, what, tx).await?;
+        let sender = self
+            .inner
+            .sender
+            .as_ref()
+            .ok_or_else(|| ChainError::ReadOnly(what.to_owned()))?;
+        sender.send(&self.inner.rpc, what, tx).await?;
         Ok(())
     }
 
@@ -878,7 +889,8 @@ impl Cursor {
 #[async_trait]
 impl Registry for ChainRegistry {
     fn account(&self) -> Account {
-        account_of(self.inner.sender.from)
+        // A read-only connection acts as no account (the zero address holds no role).
+        account_of(self.inner.sender.as_ref().map_or(Address::ZERO, |s| s.from))
     }
 
     async fn register(&self, id: &ServiceId, spec: &ServiceSpec) -> Result<ServiceRecord> {

@@ -46,10 +46,6 @@ impl Sender {
         }
     }
 
-    pub(crate) fn chain_id(&self) -> u64 {
-        self.chain_id
-    }
-
     /// Estimates gas (a revert surfaces here with its custom error), signs, sends
     /// (failing over between endpoints with the same signed bytes) and waits for the
     /// receipt and the configured confirmations.

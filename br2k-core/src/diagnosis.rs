@@ -38,6 +38,18 @@ pub enum Finding {
         /// The differing fields.
         fields: Vec<String>,
     },
+    /// The workload pulls its image from a registry that does not serve the verified
+    /// image now (down, missing or corrupt copy) while another registry does.
+    ImageSourceUnhealthy {
+        /// The registry the live workload names.
+        registry: String,
+    },
+    /// Fields of the workload set by another writer (field manager); the repair
+    /// removes them.
+    ForeignFields {
+        /// Each as `object: field (by manager)`.
+        fields: Vec<String>,
+    },
     /// Replicas failed or are not ready.
     ReplicasUnhealthy {
         /// Ready count.
@@ -80,6 +92,8 @@ impl Finding {
             Finding::ReplicasDrifted { .. } => "replicas_drifted",
             Finding::ImageDrifted { .. } => "image_drifted",
             Finding::TemplateTampered { .. } => "template_tampered",
+            Finding::ForeignFields { .. } => "foreign_fields",
+            Finding::ImageSourceUnhealthy { .. } => "image_source_unhealthy",
             Finding::ReplicasUnhealthy { .. } => "replicas_unhealthy",
             Finding::ImageUnavailable { .. } => "image_unavailable",
             Finding::ImageTampered { .. } => "image_tampered",
@@ -159,9 +173,9 @@ pub struct ActionOutcome {
 pub enum Outcome {
     /// Nothing was wrong.
     Healthy,
-    /// Every action succeeded.
+    /// Every action succeeded and the live state, observed again, matches the record.
     Recovered,
-    /// Some actions failed or had to wait.
+    /// Some actions failed or had to wait, or something remained wrong afterwards.
     Partial,
     /// Every action failed.
     Failed,
@@ -178,6 +192,14 @@ pub struct RecoveryReport {
     pub actions: Vec<ActionOutcome>,
     /// Total time.
     pub duration: Duration,
-    /// Overall outcome.
+    /// Overall outcome: [`Outcome::Recovered`] only when the live state, observed
+    /// again after the actions, matches the record.
     pub outcome: Outcome,
+    /// What was still wrong when the recovery ended (empty when recovered).
+    #[serde(default)]
+    pub remaining: Vec<Finding>,
+    /// Whether, when the report was made, the workload ran exactly the record: every
+    /// replica ready on the recorded digest (no workload, when none must run).
+    #[serde(default)]
+    pub converged: bool,
 }

@@ -98,6 +98,11 @@ pub struct ObservedState {
     pub replicas: Vec<ObservedReplica>,
     /// Supporting objects (services, budgets, config) that are missing.
     pub missing_parts: Vec<String>,
+    /// Fields of the workload's objects set by someone other than the replicator
+    /// (e.g. an env var added with `kubectl patch`), each as `object: field (by
+    /// manager)`. They are drift even where the rebuilt template cannot show them.
+    #[serde(default)]
+    pub foreign_fields: Vec<String>,
 }
 
 impl ObservedState {

@@ -20,6 +20,7 @@
 pub mod build;
 mod error;
 pub mod names;
+pub mod ownership;
 pub mod parse;
 mod replicator;
 pub mod watch;

@@ -31,6 +31,7 @@ use crate::names::{
     ANNOTATION_CONFIG_HASH, LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER,
     Names, selector_string,
 };
+use crate::ownership;
 use crate::parse;
 use crate::watch::WatchHub;
 
@@ -231,6 +232,44 @@ where
     }
 }
 
+/// When `check` is set: reads object `name` and, if other writers set fields on it,
+/// makes br2k their owner ([`ownership::take_over`]), conditional on the version
+/// read.
+async fn release_foreign<K>(
+    check: bool,
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+) -> Result<(), KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    if !check {
+        return Ok(());
+    }
+    let Some(live) = get_opt(api, name, what).await? else {
+        return Ok(());
+    };
+    let Some(fields) = ownership::take_over(live.meta()) else {
+        return Ok(());
+    };
+    tracing::info!(object = %format!("{what}/{name}"), "taking over fields set by other writers, to remove them");
+    let patch = serde_json::json!({
+        "metadata": {
+            "managedFields": fields,
+            "resourceVersion": live.meta().resource_version,
+        }
+    });
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(name, &params, &Patch::Merge(patch))
+        .await
+        .map_err(|e| KubeError::client(format!("take over fields of {what} {name}"), e))?;
+    Ok(())
+}
+
 impl KubeReplicator {
     /// A builder for namespace `namespace`.
     pub fn builder(namespace: impl Into<String>) -> KubeReplicatorBuilder {
@@ -301,6 +340,8 @@ impl KubeReplicator {
             Rollout::Roll
         };
 
+        let has_ports = !record.spec.ports.is_empty();
+        self.release_foreign_fields(&names).await?;
         let dependents = |owner: Option<OwnerReference>| {
             let mut sts =
                 build::stateful_set(record, &names, ns, replicas, rollout, &self.inner.placement);
@@ -328,10 +369,23 @@ impl KubeReplicator {
                         }
                     }
                 };
+                // Kubernetes refuses a cluster-IP Service without ports: a service
+                // without ports gets only the headless one.
+                let client_fut = async {
+                    if has_ports {
+                        apply_obj(svcs, &names.base, &client_svc, "service")
+                            .await
+                            .map(Some)
+                    } else {
+                        delete_opt(svcs, &names.base, &DeleteParams::default(), "service")
+                            .await
+                            .map(|()| None)
+                    }
+                };
                 futures::try_join!(
                     apply_obj(stss, &names.base, &sts, "statefulset"),
                     apply_obj(svcs, &names.headless, &headless, "service"),
-                    apply_obj(svcs, &names.base, &client_svc, "service"),
+                    client_fut,
                     apply_obj(pdbs, &names.base, &pdb, "poddisruptionbudget"),
                     hpa_fut,
                 )
@@ -372,25 +426,83 @@ impl KubeReplicator {
         let rv = |m: &ObjectMeta| m.resource_version.clone();
         self.note_written(
             &record.id,
-            Written::Applied(vec![
-                (Kind::ConfigMap, names.config.clone(), rv(&cm.metadata)),
-                (Kind::StatefulSet, names.base.clone(), rv(&sts.metadata)),
-                (
-                    Kind::Service,
-                    names.headless.clone(),
-                    rv(&headless.metadata),
-                ),
-                (Kind::Service, names.base.clone(), rv(&client_svc.metadata)),
-                (
+            Written::Applied(
+                vec![
+                    (Kind::ConfigMap, names.config.clone(), rv(&cm.metadata)),
+                    (Kind::StatefulSet, names.base.clone(), rv(&sts.metadata)),
+                    (
+                        Kind::Service,
+                        names.headless.clone(),
+                        rv(&headless.metadata),
+                    ),
+                ]
+                .into_iter()
+                .chain(client_svc.map(|s| (Kind::Service, names.base.clone(), rv(&s.metadata))))
+                .chain([(
                     Kind::PodDisruptionBudget,
                     names.base.clone(),
                     rv(&pdb.metadata),
-                ),
-            ]),
+                )])
+                .collect(),
+            ),
         );
         if self.inner.guard_pods {
             self.adopt(&record.id, &sts).await;
         }
+        Ok(())
+    }
+
+    /// Moves fields that other writers set on the objects of `names` into br2k's
+    /// ownership, so that the apply that follows removes them. Objects the watch
+    /// cache shows without foreign fields are skipped (no request); without a usable
+    /// cache each object is read from the API server.
+    async fn release_foreign_fields(&self, names: &Names) -> Result<(), KubeError> {
+        let ns = self.namespace();
+        let hub = self.cache().await;
+        let flagged = |meta: Option<&ObjectMeta>| {
+            hub.is_none()
+                || meta.is_some_and(|m| m.managed_fields.as_ref().is_some_and(|f| !f.is_empty()))
+        };
+        let (cm, sts, headless, client, pdb) = match hub {
+            Some(hub) => {
+                let headless = ObjectRef::new(&names.headless).within(ns);
+                let config = ObjectRef::new(&names.config).within(ns);
+                (
+                    flagged(hub.cms.get(&config).as_deref().map(|o| &o.metadata)),
+                    flagged(
+                        hub.stss
+                            .get(&ObjectRef::new(&names.base).within(ns))
+                            .as_deref()
+                            .map(|o| &o.metadata),
+                    ),
+                    flagged(hub.svcs.get(&headless).as_deref().map(|o| &o.metadata)),
+                    flagged(
+                        hub.svcs
+                            .get(&ObjectRef::new(&names.base).within(ns))
+                            .as_deref()
+                            .map(|o| &o.metadata),
+                    ),
+                    flagged(
+                        hub.pdbs
+                            .get(&ObjectRef::new(&names.base).within(ns))
+                            .as_deref()
+                            .map(|o| &o.metadata),
+                    ),
+                )
+            }
+            None => (true, true, true, true, true),
+        };
+        let cms: Api<ConfigMap> = self.api();
+        let stss: Api<StatefulSet> = self.api();
+        let svcs: Api<Service> = self.api();
+        let pdbs: Api<PodDisruptionBudget> = self.api();
+        futures::try_join!(
+            release_foreign(cm, &cms, &names.config, "configmap"),
+            release_foreign(sts, &stss, &names.base, "statefulset"),
+            release_foreign(headless, &svcs, &names.headless, "service"),
+            release_foreign(client, &svcs, &names.base, "service"),
+            release_foreign(pdb, &pdbs, &names.base, "poddisruptionbudget"),
+        )?;
         Ok(())
     }
 
@@ -773,6 +885,10 @@ struct Live {
 /// Recomputes what matters from the live objects (never from annotations alone).
 fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> {
     let names = Names::of(id);
+    let template = parse::template_of(&live.sts, live.cm.as_ref())?;
+    // A service without ports has no client Service (Kubernetes requires ports for
+    // one); the headless Service needs none.
+    let wants_client_service = !template.ports.is_empty();
     let mut missing_parts = Vec::new();
     for (part, present) in [
         ("config", live.cm.as_ref().is_some_and(|o| owned_by(o, id))),
@@ -782,7 +898,7 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
         ),
         (
             "service",
-            live.client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
+            !wants_client_service || live.client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
         ),
         (
             "disruption-budget",
@@ -794,8 +910,28 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
         }
     }
 
-    let template = parse::template_of(&live.sts, live.cm.as_ref())?;
     let desired = parse::sts_replicas(&live.sts);
+    let owned = |m: &ObjectMeta| {
+        m.labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_ID))
+            .is_some_and(|v| v == id.as_str())
+    };
+    let mut foreign_fields = ownership::foreign_fields("statefulset", &live.sts.metadata);
+    let parts = [
+        ("configmap", live.cm.as_ref().map(|o| &o.metadata)),
+        ("service", live.headless.as_ref().map(|o| &o.metadata)),
+        ("service", live.client_svc.as_ref().map(|o| &o.metadata)),
+        (
+            "poddisruptionbudget",
+            live.pdb.as_ref().map(|o| &o.metadata),
+        ),
+    ];
+    for (kind, meta) in parts {
+        if let Some(m) = meta.filter(|m| owned(m)) {
+            foreign_fields.extend(ownership::foreign_fields(kind, m));
+        }
+    }
 
     let failed_nodes: BTreeSet<String> = live
         .pods
@@ -843,6 +979,7 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
         template,
         replicas,
         missing_parts,
+        foreign_fields,
     })
 }
 

@@ -101,8 +101,9 @@ where
     let task = tokio::spawn(async move {
         let stream = watcher(api, config)
             .default_backoff()
-            // Managed fields are never read: do not keep them in memory.
-            .modify(|o: &mut K| o.managed_fields_mut().clear());
+            // Of the managed fields only other writers' entries are read (drift):
+            // keep just those (usually none) in memory.
+            .modify(|o: &mut K| o.managed_fields_mut().retain(crate::ownership::is_foreign));
         let mut events = reflector::reflector(writer, stream).boxed();
         // A (re-)list fills the store only at its end: its versions count from then.
         let mut listed = 0;

@@ -60,6 +60,7 @@ struct Workload {
     template: WorkloadTemplate,
     replicas: Vec<ObservedReplica>,
     missing_parts: BTreeSet<String>,
+    foreign_fields: BTreeSet<String>,
 }
 
 fn fresh_replica(id: &ServiceId, index: u32, template: &WorkloadTemplate) -> ObservedReplica {
@@ -100,6 +101,7 @@ impl Workload {
             template: self.template.clone(),
             replicas: self.replicas.clone(),
             missing_parts: self.missing_parts.iter().cloned().collect(),
+            foreign_fields: self.foreign_fields.iter().cloned().collect(),
         }
     }
 }
@@ -201,6 +203,14 @@ impl InMemoryReplicator {
             w.missing_parts.insert(part.to_owned());
         })
     }
+
+    /// Sets a field as another writer would (e.g. `"statefulset: spec.template.
+    /// metadata.labels.x (by kubectl-patch)"`); the next apply removes it.
+    pub fn set_foreign_field(&self, id: &ServiceId, field: &str) -> Result<()> {
+        self.mutate(id, |w| {
+            w.foreign_fields.insert(field.to_owned());
+        })
+    }
 }
 
 #[async_trait]
@@ -222,6 +232,7 @@ impl Replicator for InMemoryReplicator {
                     w.desired = record.desired_replicas();
                     w.applied_version = Some(record.version);
                     w.missing_parts.clear();
+                    w.foreign_fields.clear();
                     w.resize(id);
                     *w != before
                 }
@@ -232,6 +243,7 @@ impl Replicator for InMemoryReplicator {
                         template,
                         replicas: Vec::new(),
                         missing_parts: BTreeSet::new(),
+                        foreign_fields: BTreeSet::new(),
                     };
                     w.resize(id);
                     workloads.insert(id.clone(), w);

@@ -49,8 +49,9 @@ impl ImageHealth {
 /// Compares the record with what runs and with what the registries hold.
 ///
 /// Findings, in order: chain endpoint down (`record.stale`), missing or unexpected
-/// workload, replicas drifted, image drifted, template tampered, replicas unhealthy,
-/// then one per registry that is missing, tampered or down.
+/// workload, replicas drifted, image drifted, image source unhealthy, template
+/// tampered, foreign fields, replicas unhealthy, then one per registry that is
+/// missing, tampered or down.
 ///
 /// - The replica count is drift unless the state is Running and an autoscaler owns the
 ///   count within its bounds ([`crate::ServiceSpec::allows_replicas`]); Paused wants 0.
@@ -76,7 +77,7 @@ pub fn diagnose(
         (true, None) => findings.push(Finding::MissingWorkload { parts: Vec::new() }),
         (false, Some(_)) => findings.push(Finding::UnexpectedWorkload),
         (false, None) => {}
-        (true, Some(obs)) => workload_findings(record, obs, &mut findings),
+        (true, Some(obs)) => workload_findings(record, obs, images, &mut findings),
     }
     for health in images {
         let registry = health.registry.clone();
@@ -97,7 +98,12 @@ pub fn diagnose(
     }
 }
 
-fn workload_findings(record: &ServiceRecord, obs: &ObservedState, findings: &mut Vec<Finding>) {
+fn workload_findings(
+    record: &ServiceRecord,
+    obs: &ObservedState,
+    images: &[ImageHealth],
+    findings: &mut Vec<Finding>,
+) {
     if !obs.missing_parts.is_empty() {
         findings.push(Finding::MissingWorkload {
             parts: obs.missing_parts.clone(),
@@ -135,10 +141,27 @@ fn workload_findings(record: &ServiceRecord, obs: &ObservedState, findings: &mut
             });
         }
     }
+    // The live image's registry must serve the verified image while another does:
+    // otherwise the next replica started (rescheduled, scaled) could not pull it.
+    let live_registry = obs.template.image.registry();
+    let source = images.iter().find(|h| h.registry == live_registry);
+    if let Some(source) = source
+        && !source.is_ok()
+        && images.iter().any(ImageHealth::is_ok)
+    {
+        findings.push(Finding::ImageSourceUnhealthy {
+            registry: live_registry.to_owned(),
+        });
+    }
     let fields = WorkloadTemplate::from_spec(&record.spec).differing_fields(&obs.template);
     if !fields.is_empty() {
         findings.push(Finding::TemplateTampered {
             fields: fields.into_iter().map(str::to_owned).collect(),
+        });
+    }
+    if !obs.foreign_fields.is_empty() {
+        findings.push(Finding::ForeignFields {
+            fields: obs.foreign_fields.clone(),
         });
     }
     let failed: Vec<String> = obs
@@ -154,6 +177,40 @@ fn workload_findings(record: &ServiceRecord, obs: &ObservedState, findings: &mut
             replicas: failed,
         });
     }
+}
+
+/// Whether `observed` runs exactly what `record` asks for, as far as readiness goes:
+/// the recorded replica count, every replica ready (not failed) and running the
+/// recorded digest; or no workload when none must run.
+pub fn converged(record: &ServiceRecord, observed: Option<&ObservedState>) -> bool {
+    match (record.wants_workload(), observed) {
+        (false, obs) => obs.is_none(),
+        (true, None) => false,
+        (true, Some(obs)) => {
+            let expected = record.spec.image.digest().copied();
+            obs.replicas.len() as u32 == obs.desired_replicas
+                && obs.ready_replicas == obs.desired_replicas
+                && obs.replicas.iter().all(|r| {
+                    r.ready && !r.failed && (expected.is_none() || r.image_digest == expected)
+                })
+        }
+    }
+}
+
+/// Findings that concern the live workload (as opposed to the chain or the image
+/// stores): the ones a recovery waits to see cleared.
+pub fn is_workload_finding(f: &Finding) -> bool {
+    matches!(
+        f,
+        Finding::MissingWorkload { .. }
+            | Finding::UnexpectedWorkload
+            | Finding::ReplicasDrifted { .. }
+            | Finding::ImageDrifted { .. }
+            | Finding::TemplateTampered { .. }
+            | Finding::ForeignFields { .. }
+            | Finding::ImageSourceUnhealthy { .. }
+            | Finding::ReplicasUnhealthy { .. }
+    )
 }
 
 /// The actions that repair `diagnosis`, deduplicated, in execution order:
@@ -202,7 +259,9 @@ pub fn plan(
             Finding::MissingWorkload { .. }
             | Finding::ReplicasDrifted { .. }
             | Finding::ImageDrifted { .. }
-            | Finding::TemplateTampered { .. } => apply = true,
+            | Finding::TemplateTampered { .. }
+            | Finding::ForeignFields { .. }
+            | Finding::ImageSourceUnhealthy { .. } => apply = true,
             Finding::ReplicasUnhealthy { replicas, .. } => {
                 for r in replicas {
                     if !replace.contains(r) {
@@ -325,6 +384,7 @@ mod tests {
                 .collect(),
             template,
             missing_parts: Vec::new(),
+            foreign_fields: Vec::new(),
         }
     }
 
@@ -518,12 +578,45 @@ mod tests {
                     ImageHealth::new(PRIMARY, ImageStatus::Missing),
                     ImageHealth::new(MIRROR, ImageStatus::Ok),
                 ],
+                findings: vec!["image_source_unhealthy", "image_unavailable"],
+                actions: vec![
+                    RecoveryAction::RepairImage {
+                        from: MIRROR.into(),
+                        to: PRIMARY.into(),
+                    },
+                    apply_from(MIRROR),
+                ],
+                ..case("image missing in the primary the workload pulls from")
+            },
+            Case {
+                observed: |r| {
+                    let mut o = live(r);
+                    o.template.image = o.template.image.with_registry(MIRROR).unwrap();
+                    Some(o)
+                },
+                images: vec![
+                    ImageHealth::new(PRIMARY, ImageStatus::Missing),
+                    ImageHealth::new(MIRROR, ImageStatus::Ok),
+                ],
                 findings: vec!["image_unavailable"],
                 actions: vec![RecoveryAction::RepairImage {
                     from: MIRROR.into(),
                     to: PRIMARY.into(),
                 }],
-                ..case("image missing in the primary")
+                ..case("image missing in the primary, workload on the mirror")
+            },
+            Case {
+                observed: |r| {
+                    let mut o = live(r);
+                    o.foreign_fields = vec![
+                        "statefulset/app: spec.template.metadata.labels.x (by kubectl-patch)"
+                            .into(),
+                    ];
+                    Some(o)
+                },
+                findings: vec!["foreign_fields"],
+                actions: vec![apply_from(PRIMARY)],
+                ..case("a field set by another writer")
             },
             Case {
                 images: vec![
@@ -542,8 +635,22 @@ mod tests {
                     ImageHealth::new(PRIMARY, ImageStatus::Down),
                     ImageHealth::new(MIRROR, ImageStatus::Ok),
                 ],
+                findings: vec!["image_source_unhealthy", "registry_down"],
+                actions: vec![apply_from(MIRROR)],
+                ..case("primary down: the workload is pointed at the mirror")
+            },
+            Case {
+                observed: |r| {
+                    let mut o = live(r);
+                    o.template.image = o.template.image.with_registry(MIRROR).unwrap();
+                    Some(o)
+                },
+                images: vec![
+                    ImageHealth::new(PRIMARY, ImageStatus::Down),
+                    ImageHealth::new(MIRROR, ImageStatus::Ok),
+                ],
                 findings: vec!["registry_down"],
-                ..case("registry down alone needs nothing")
+                ..case("primary down, workload on the mirror: nothing to do")
             },
             Case {
                 stale: true,
@@ -596,6 +703,7 @@ mod tests {
                 findings: vec![
                     "chain_endpoint_down",
                     "replicas_drifted",
+                    "image_source_unhealthy",
                     "replicas_unhealthy",
                     "image_tampered",
                 ],
@@ -803,7 +911,9 @@ mod tests {
             seen,
             vec![
                 "chain_endpoint_down",
+                "foreign_fields",
                 "image_drifted",
+                "image_source_unhealthy",
                 "image_tampered",
                 "image_unavailable",
                 "missing_workload",

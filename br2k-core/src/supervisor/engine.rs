@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::decide::{ImageHealth, ImageStatus, diagnose, plan};
+use super::decide::{ImageHealth, ImageStatus, converged, diagnose, is_workload_finding, plan};
 use super::queue::{Backoffs, Queue};
 use crate::diagnosis::{
     ActionOutcome, Diagnosis, Finding, Outcome, RecoveryAction, RecoveryReport,
@@ -29,6 +29,14 @@ use crate::store::ImageStore;
 
 /// Events buffered per subscriber by default; a slower subscriber loses the oldest.
 const EVENT_BUFFER: usize = 1024;
+
+/// How often a recovery re-observes the workload while it waits for it to match the
+/// record.
+const SETTLE_POLL: Duration = Duration::from_millis(25);
+
+/// How long a registry whose copy a repair could not fix is left alone before the
+/// next repair attempt (its finding is still reported on every diagnosis).
+const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(600);
 
 /// Locks `m`; every critical section here is a plain map update, so a poisoned lock
 /// still holds consistent data.
@@ -74,6 +82,7 @@ pub(super) struct Config {
     pub concurrency: usize,
     pub verify_ttl: Duration,
     pub event_buffer: usize,
+    pub settle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -85,6 +94,7 @@ impl Default for Config {
             concurrency: 8,
             verify_ttl: Duration::from_secs(300),
             event_buffer: EVENT_BUFFER,
+            settle_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -166,6 +176,14 @@ impl SupervisorBuilder {
         self
     }
 
+    /// How long a recovery waits, after its actions, for the live workload to match
+    /// the record with every replica ready before it reports [`Outcome::Partial`]
+    /// instead of [`Outcome::Recovered`] (default 15 s).
+    pub fn settle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.settle_timeout = timeout;
+        self
+    }
+
     /// Builds the supervisor; [`Error::InvalidInput`] when the registry or replicator
     /// is missing, the backoff bounds are inverted or zero, or concurrency or resync
     /// is zero.
@@ -197,6 +215,7 @@ impl SupervisorBuilder {
             config: self.config,
             records: Mutex::default(),
             verified: Mutex::default(),
+            unrepairable: Mutex::default(),
             services: Mutex::default(),
             queue: Queue::default(),
             events: broadcast::channel(event_buffer).0,
@@ -222,7 +241,14 @@ struct Context {
 ///   read for that service, marked stale, and reports
 ///   [`Finding::ChainEndpointDown`].
 /// - Image health per store: presence on every diagnosis; bytes verified and the
-///   success cached per store and digest for [`SupervisorBuilder::verify_ttl`].
+///   success cached per store and digest for [`SupervisorBuilder::verify_ttl`]. A
+///   workload is applied only from a store whose copy was verified just before
+///   (never from the cache), and a repaired copy is verified again; a store whose
+///   copy a repair could not fix is reported by [`Supervisor::unrepairable`] and not
+///   repaired again for 10 minutes.
+/// - A recovery re-observes the workload after acting and reports
+///   [`Outcome::Recovered`] only when it matches the record with every replica
+///   ready on the recorded digest ([`SupervisorBuilder::settle_timeout`]).
 /// - [`Supervisor::run`] reacts to both change streams, resyncs periodically and
 ///   retries failed recoveries with per-service exponential backoff.
 pub struct Supervisor {
@@ -232,6 +258,7 @@ pub struct Supervisor {
     pub(super) config: Config,
     records: Mutex<HashMap<ServiceId, ServiceRecord>>,
     verified: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
+    unrepairable: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
     pub(super) services: Mutex<Vec<ServiceId>>,
     pub(super) queue: Queue,
     pub(super) backoffs: Backoffs,
@@ -259,12 +286,10 @@ fn classify(e: &Error) -> ImageStatus {
     }
 }
 
-/// Findings that no action can clear: they persist until the backend comes back.
-fn unresolvable(f: &Finding) -> bool {
-    matches!(
-        f,
-        Finding::RegistryDown { .. } | Finding::ChainEndpointDown { .. }
-    )
+/// The findings of the diagnosis `ctx` gives (when the workload cannot be observed
+/// again).
+fn ctx_findings(ctx: &Context, id: &ServiceId) -> Vec<Finding> {
+    Supervisor::diagnosis_of(id, ctx).findings
 }
 
 impl Supervisor {
@@ -301,6 +326,20 @@ impl Supervisor {
             .iter()
             .map(|s| s.registry().to_owned())
             .collect()
+    }
+
+    /// Registries whose copy of an image a repair could not fix (it still failed
+    /// verification after the copy), with the digest; they are never used as a
+    /// source while their copy fails verification.
+    pub fn unrepairable(&self) -> Vec<(String, Digest)> {
+        let mut out: Vec<(String, Digest)> = lock(&self.unrepairable)
+            .iter()
+            .filter(|(_, at)| at.elapsed() < UNREPAIRABLE_RETRY)
+            .filter_map(|((i, _, d), _)| Some((self.stores.get(*i)?.registry().to_owned(), *d)))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Ids whose last verified record is cached.
@@ -371,6 +410,46 @@ impl Supervisor {
                 classify(&e)
             }
         }
+    }
+
+    /// [`Self::store_status`] without the verification cache: the bytes are pulled
+    /// and checked now.
+    async fn fresh_status(
+        &self,
+        index: usize,
+        store: &dyn ImageStore,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> ImageStatus {
+        lock(&self.verified).remove(&(index, repository.clone(), *digest));
+        self.store_status(index, store, repository, digest).await
+    }
+
+    /// The registry to apply `record` from: `preferred` if its copy verifies now,
+    /// else the first other store (in order) whose copy does.
+    async fn verified_source(&self, record: &ServiceRecord, preferred: &str) -> Result<String> {
+        let Some(digest) = record.spec.image.digest() else {
+            return Ok(preferred.to_owned());
+        };
+        if self.stores.is_empty() {
+            return Ok(preferred.to_owned());
+        }
+        let repository = record.spec.image.repository();
+        let mut order: Vec<(usize, &Arc<dyn ImageStore>)> =
+            self.stores.iter().enumerate().collect();
+        order.sort_by_key(|(_, s)| s.registry() != preferred);
+        for (i, store) in order {
+            let status = self
+                .fresh_status(i, store.as_ref(), repository, digest)
+                .await;
+            if status == ImageStatus::Ok {
+                return Ok(store.registry().to_owned());
+            }
+            tracing::warn!(registry = store.registry(), ?status, %digest, "not applying from this registry: its copy does not verify now");
+        }
+        Err(Error::unavailable(format!(
+            "no registry serves a copy of {digest} that verifies now"
+        )))
     }
 
     /// The health of the record's image in every store, in store order.
@@ -468,7 +547,8 @@ impl Supervisor {
                     .record
                     .as_ref()
                     .ok_or_else(|| Error::not_found(format!("record of {id}")))?;
-                let rec = Self::record_to_apply(record, registry, ctx.observed.as_ref())?;
+                let registry = self.verified_source(record, registry).await?;
+                let rec = Self::record_to_apply(record, &registry, ctx.observed.as_ref())?;
                 self.replicator.apply(&rec).await
             }
             RecoveryAction::ReplaceReplicas { replicas } => {
@@ -485,16 +565,125 @@ impl Supervisor {
                 let (_, source) = self.store_named(from)?;
                 let (target_index, target) = self.store_named(to)?;
                 source.copy_to(repository, &digest, target.as_ref()).await?;
-                lock(&self.verified).remove(&(target_index, repository.clone(), digest));
-                Ok(())
+                let key = (target_index, repository.clone(), digest);
+                match self
+                    .fresh_status(target_index, target.as_ref(), repository, &digest)
+                    .await
+                {
+                    ImageStatus::Ok => {
+                        lock(&self.unrepairable).remove(&key);
+                        Ok(())
+                    }
+                    status => {
+                        lock(&self.unrepairable).insert(key, Instant::now());
+                        Err(Error::tampered(
+                            format!(
+                                "{to}/{repository} after repair (the registry keeps its \
+                                 existing bytes; reported as unrepairable, not used as a \
+                                 source): {status:?}"
+                            ),
+                            digest,
+                            "bytes that still fail verification",
+                        ))
+                    }
+                }
             }
             RecoveryAction::UseLastVerifiedRecord | RecoveryAction::Wait { .. } => Ok(()),
         }
     }
 
+    /// The planned actions, less repairs of copies found unrepairable lately.
+    fn actions_for(&self, ctx: &Context, diagnosis: &Diagnosis) -> Vec<RecoveryAction> {
+        let mut actions = Self::plan_of(ctx, diagnosis);
+        if let Some(record) = &ctx.record
+            && let Some(digest) = record.spec.image.digest()
+        {
+            let repository = record.spec.image.repository();
+            let unrepairable = lock(&self.unrepairable);
+            actions.retain(|a| match a {
+                RecoveryAction::RepairImage { to, .. } => {
+                    !self.stores.iter().enumerate().any(|(i, s)| {
+                        s.registry() == to
+                            && unrepairable
+                                .get(&(i, repository.clone(), *digest))
+                                .is_some_and(|at| at.elapsed() < UNREPAIRABLE_RETRY)
+                    })
+                }
+                _ => true,
+            });
+        }
+        actions
+    }
+
+    /// After the actions: re-checks repaired images, then re-observes the workload
+    /// until it matches the record with every replica ready (or
+    /// `settle_timeout`). Returns what is still wrong and whether it converged.
+    async fn settle(
+        &self,
+        id: &ServiceId,
+        ctx: &Context,
+        outcomes: &[ActionOutcome],
+    ) -> (Vec<Finding>, bool) {
+        let touched_workload = outcomes.iter().any(|o| {
+            o.error.is_none()
+                && matches!(
+                    o.action,
+                    RecoveryAction::ApplyRecord { .. }
+                        | RecoveryAction::ReplaceReplicas { .. }
+                        | RecoveryAction::RemoveWorkload
+                )
+        });
+        let mut images = ctx.images.clone();
+        if let Some(record) = &ctx.record
+            && let Some(digest) = record.spec.image.digest()
+        {
+            for o in outcomes {
+                if let RecoveryAction::RepairImage { to, .. } = &o.action
+                    && let Ok((i, store)) = self.store_named(to)
+                    && let Some(slot) = images.get_mut(i)
+                {
+                    let status = self
+                        .fresh_status(i, store.as_ref(), record.spec.image.repository(), digest)
+                        .await;
+                    *slot = ImageHealth::new(to.clone(), status);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
+        loop {
+            let observed = self.replicator.observe(id).await;
+            let last_try = !touched_workload || tokio::time::Instant::now() >= deadline;
+            match (observed, &ctx.record) {
+                (Ok(observed), Some(record)) => {
+                    let d = diagnose(record, observed.as_ref(), &images);
+                    let converged = converged(record, observed.as_ref());
+                    let settled = converged && !d.findings.iter().any(is_workload_finding);
+                    if settled || last_try {
+                        return (d.findings, converged);
+                    }
+                }
+                (Ok(observed), None) => {
+                    if observed.is_none() {
+                        return (Vec::new(), true);
+                    }
+                    if last_try {
+                        return (vec![Finding::UnexpectedWorkload], false);
+                    }
+                }
+                (Err(e), _) => {
+                    if last_try {
+                        tracing::warn!(%id, error = %e, "cannot observe the workload after recovering it");
+                        return (ctx_findings(ctx, id), false);
+                    }
+                }
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+
     async fn act(&self, ctx: &Context, diagnosis: Diagnosis) -> RecoveryReport {
         let start = Instant::now();
-        let actions = Self::plan_of(ctx, &diagnosis);
+        let actions = self.actions_for(ctx, &diagnosis);
         let mut outcomes = Vec::with_capacity(actions.len());
         for action in actions {
             let t = Instant::now();
@@ -509,18 +698,23 @@ impl Supervisor {
             });
         }
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
-        let waits = outcomes
-            .iter()
-            .filter(|o| matches!(o.action, RecoveryAction::Wait { .. }))
-            .count();
+        let (remaining, converged) = if diagnosis.is_healthy() {
+            let converged = match &ctx.record {
+                Some(r) => converged(r, ctx.observed.as_ref()),
+                None => ctx.observed.is_none(),
+            };
+            (Vec::new(), converged)
+        } else {
+            self.settle(&diagnosis.id, ctx, &outcomes).await
+        };
         let outcome = if diagnosis.is_healthy() {
             Outcome::Healthy
         } else if failed > 0 && failed == outcomes.len() {
             Outcome::Failed
-        } else if failed > 0 || waits > 0 || diagnosis.findings.iter().any(unresolvable) {
-            Outcome::Partial
-        } else {
+        } else if failed == 0 && remaining.is_empty() && converged {
             Outcome::Recovered
+        } else {
+            Outcome::Partial
         };
         RecoveryReport {
             id: diagnosis.id.clone(),
@@ -528,6 +722,8 @@ impl Supervisor {
             actions: outcomes,
             duration: start.elapsed(),
             outcome,
+            remaining,
+            converged,
         }
     }
 
@@ -591,6 +787,8 @@ impl Recoverer for Supervisor {
                 actions: Vec::new(),
                 duration: Duration::ZERO,
                 outcome: Outcome::Healthy,
+                remaining: Vec::new(),
+                converged: true,
             });
         }
         // Plan against fresh facts: the record or the stores may have changed since.

@@ -28,5 +28,5 @@ mod engine;
 mod queue;
 mod run;
 
-pub use decide::{ImageHealth, ImageStatus, diagnose, plan};
+pub use decide::{ImageHealth, ImageStatus, converged, diagnose, is_workload_finding, plan};
 pub use engine::{Supervisor, SupervisorBuilder, SupervisorEvent, SupervisorMetrics};

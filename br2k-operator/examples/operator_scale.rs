@@ -60,7 +60,7 @@ async fn main() -> Result<(), Error> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let client = Client::try_default().await?;
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     for file in ["crd.yaml", "rbac.yaml"] {
         let text = std::fs::read_to_string(format!("{root}/{file}"))?;
         br2k_operator::manifests::apply(&client, &text, "br2k-bench").await?;

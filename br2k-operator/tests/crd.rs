@@ -2,11 +2,11 @@
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/crd.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
     let committed = std::fs::read_to_string(path).expect("deploy/crd.yaml exists");
     assert!(
         committed == br2k_operator::crd::crd_yaml(),
-        "deploy/crd.yaml is stale: run `cargo run -p br2k-operator --bin operator -- --print-crd > deploy/crd.yaml`"
+        "deploy/crd.yaml is stale: run `cargo run -p br2k-operator -- --print-crd > deploy/crd.yaml`"
     );
 }
 

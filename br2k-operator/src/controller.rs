@@ -5,19 +5,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use br2k_core::supervisor::Supervisor;
-use br2k_core::{Error, Finding, Outcome, RecoveryReport, Replicator, ServiceId};
+use br2k_core::supervisor::is_workload_finding;
+use br2k_core::{Error, Finding, Outcome, RecoveryAction, RecoveryReport, Replicator, ServiceId};
 use br2k_k8s::KubeReplicator;
 use br2k_k8s::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -56,11 +59,13 @@ pub struct Context {
     client: Client,
     backends: Arc<dyn Backends>,
     metrics: Metrics,
-    recorder: Recorder,
+    identity: String,
     resync: Duration,
     supervisors: Mutex<HashMap<String, (Br2kServiceSpec, Arc<Supervisor>)>>,
     index: Index,
     failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
+    /// Consecutive reconciles that left each resource short of healthy.
+    unsettled: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -82,12 +87,8 @@ impl Context {
         identity: &str,
         resync: Duration,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: "br2k-operator".into(),
-            instance: Some(identity.to_owned()),
-        };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            identity: identity.to_owned(),
             client,
             backends,
             metrics,
@@ -95,6 +96,7 @@ impl Context {
             supervisors: Mutex::default(),
             index: Arc::default(),
             failures: Mutex::default(),
+            unsettled: Mutex::default(),
         })
     }
 
@@ -195,38 +197,97 @@ fn workload_namespace(obj: &Br2kService) -> String {
         .unwrap_or_else(|| obj.namespace().unwrap_or_default())
 }
 
-async fn publish(ctx: &Context, obj: &Br2kService, report: &RecoveryReport) {
-    let findings: Vec<&str> = report
-        .diagnosis
-        .findings
+/// One line naming each action and, when it failed, why.
+fn describe_actions(report: &RecoveryReport) -> String {
+    let names: Vec<String> = report
+        .actions
         .iter()
-        .map(Finding::name)
+        .map(|a| {
+            let name = match &a.action {
+                RecoveryAction::ApplyRecord { registry, .. } => format!("apply from {registry}"),
+                RecoveryAction::ReplaceReplicas { replicas } => {
+                    format!("replace {}", replicas.join(" "))
+                }
+                RecoveryAction::RemoveWorkload => "remove workload".into(),
+                RecoveryAction::RepairImage { from, to } => format!("repair image {from} -> {to}"),
+                RecoveryAction::UseLastVerifiedRecord => "use last verified record".into(),
+                RecoveryAction::Wait { reason } => format!("wait ({reason})"),
+                other => format!("{other:?}"),
+            };
+            match &a.error {
+                Some(e) => format!("{name} FAILED: {e}"),
+                None => name,
+            }
+        })
         .collect();
+    if names.is_empty() {
+        "no action".into()
+    } else {
+        names.join("; ")
+    }
+}
+
+/// Names of findings, comma separated.
+fn finding_names(findings: &[Finding]) -> String {
+    let names: Vec<&str> = findings.iter().map(Finding::name).collect();
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Records one recovery as its own Event (events.k8s.io/v1), so that every
+/// recovery keeps its own note (an event recorder would fold a series under the
+/// first note).
+async fn publish(ctx: &Context, obj: &Br2kService, report: &RecoveryReport) {
     let ok = report.outcome == Outcome::Recovered;
-    let ev = Event {
-        type_: if ok {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        },
-        reason: if ok {
-            "Recovered"
-        } else {
-            "RecoveryIncomplete"
+    let mut note = format!(
+        "{}: found {}; {}; {} ms; outcome {:?}; still wrong: {}",
+        report.id,
+        finding_names(&report.diagnosis.findings),
+        describe_actions(report),
+        report.duration.as_millis(),
+        report.outcome,
+        finding_names(&report.remaining),
+    );
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
         }
-        .into(),
-        note: Some(format!(
-            "{}: found {}; {} action(s) in {} ms, outcome {:?}",
-            report.id,
-            findings.join(", "),
-            report.actions.len(),
-            report.duration.as_millis(),
-            report.outcome
-        )),
-        action: "Recover".into(),
-        secondary: None,
+        note.truncate(cut);
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let ev = KubeEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{stamp:x}", obj.name_any())),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(Timestamp::now())),
+        type_: Some(if ok { "Normal" } else { "Warning" }.into()),
+        reason: Some(
+            if ok {
+                "Recovered"
+            } else {
+                "RecoveryIncomplete"
+            }
+            .into(),
+        ),
+        action: Some("Recover".into()),
+        note: Some(note),
+        regarding: Some(obj.object_ref(&())),
+        reporting_controller: Some("br2k.io/operator".into()),
+        reporting_instance: Some(ctx.identity.clone()),
+        ..KubeEvent::default()
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+    let api: Api<KubeEvent> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
         tracing::warn!(error = %e, "publishing event failed");
     }
 }
@@ -288,12 +349,12 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
                 "Error",
                 vec![
                     condition("Valid", true, "Valid", "spec is valid"),
-                    condition("RegistryAvailable", false, "Unreachable", e.to_string()),
+                    condition("ChainAvailable", false, "Unreachable", e.to_string()),
                     condition(
                         "Ready",
                         false,
-                        "RegistryUnavailable",
-                        "cannot read the registry",
+                        "ChainUnavailable",
+                        "cannot read the service registry on chain",
                     ),
                 ],
                 None,
@@ -303,6 +364,7 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
             return Err(e.into());
         }
     };
+    ctx.metrics.reconcile();
     let report = match sup.reconcile(&id).await {
         Ok(r) => r,
         Err(e) => {
@@ -319,19 +381,25 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         }
     };
     lock(&ctx.failures).remove(&key);
-    let chain_down = report
-        .diagnosis
-        .findings
+    // What is wrong now: nothing when the diagnosis was clean, else what the
+    // recovery left (observed again after acting).
+    let now_wrong: &[Finding] = if report.diagnosis.is_healthy() {
+        &[]
+    } else {
+        &report.remaining
+    };
+    let chain_down = now_wrong
         .iter()
         .any(|f| matches!(f, Finding::ChainEndpointDown { .. }));
     ctx.metrics.chain_available(&key, !chain_down);
+    let unrepairable = sup.unrepairable();
     for host in sup.registries() {
-        let down = report
-            .diagnosis
-            .findings
+        let down = now_wrong
             .iter()
             .any(|f| matches!(f, Finding::RegistryDown { registry } if *registry == host));
         ctx.metrics.registry_available(&host, !down);
+        ctx.metrics
+            .registry_unrepairable(&host, unrepairable.iter().any(|(r, _)| *r == host));
     }
     let Some(version) = report.diagnosis.record_version else {
         write_status(
@@ -340,7 +408,12 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
             "Error",
             vec![
                 condition("Valid", true, "Valid", "spec is valid"),
-                condition("RegistryAvailable", true, "Reachable", "registry answers"),
+                condition(
+                    "ChainAvailable",
+                    true,
+                    "Reachable",
+                    "the service registry answers",
+                ),
                 condition(
                     "Ready",
                     false,
@@ -354,13 +427,22 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         .await?;
         return Ok(Action::requeue(ctx.resync * 6));
     };
-    let healthy = report.diagnosis.is_healthy();
     let mut last = None;
-    if !healthy {
+    if !report.diagnosis.is_healthy() {
         for f in &report.diagnosis.findings {
             ctx.metrics.recovery(f.name());
         }
         ctx.metrics.time_to_recover(report.duration);
+        tracing::info!(
+            resource = %key,
+            service = %id,
+            found = %finding_names(&report.diagnosis.findings),
+            actions = %describe_actions(&report),
+            duration_ms = report.duration.as_millis() as u64,
+            outcome = ?report.outcome,
+            still_wrong = %finding_names(&report.remaining),
+            "recovery"
+        );
         publish(&ctx, &obj, &report).await;
         last = Some(LastRecovery {
             time: now(),
@@ -374,10 +456,35 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
             duration_ms: report.duration.as_millis() as u64,
         });
     }
-    let (phase, ready) = match report.outcome {
-        Outcome::Healthy => ("Healthy", true),
-        Outcome::Recovered => ("Recovering", false),
-        Outcome::Partial | Outcome::Failed => ("Degraded", false),
+    let image_problems: Vec<String> = now_wrong
+        .iter()
+        .filter_map(|f| match f {
+            Finding::ImageTampered { registry, .. } => Some(format!("{registry}: corrupt copy")),
+            Finding::ImageUnavailable { registry } => Some(format!("{registry}: missing")),
+            Finding::RegistryDown { registry } => Some(format!("{registry}: unreachable")),
+            _ => None,
+        })
+        .chain(
+            unrepairable
+                .iter()
+                .map(|(r, d)| format!("{r}: unrepairable copy of {d}, not used as a source")),
+        )
+        .collect();
+    let workload_wrong: Vec<&Finding> = now_wrong
+        .iter()
+        .filter(|f| is_workload_finding(f))
+        .collect();
+    let workload_ready = report.converged && workload_wrong.is_empty();
+    let healthy = workload_ready && now_wrong.is_empty() && unrepairable.is_empty();
+    let phase = if healthy {
+        "Healthy"
+    } else if workload_ready {
+        // Serving the record, but something it relies on is wrong.
+        "Degraded"
+    } else if report.outcome == Outcome::Failed {
+        "Degraded"
+    } else {
+        "Recovering"
     };
     write_status(
         &obj,
@@ -386,7 +493,7 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         vec![
             condition("Valid", true, "Valid", "spec is valid"),
             condition(
-                "RegistryAvailable",
+                "ChainAvailable",
                 !chain_down,
                 if chain_down {
                     "Unreachable"
@@ -394,19 +501,46 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
                     "Reachable"
                 },
                 if chain_down {
-                    "using the last verified record"
+                    "no chain endpoint answers; using the last verified record"
                 } else {
-                    "registry answers"
+                    "the service registry answers"
+                },
+            ),
+            condition(
+                "ImageVerified",
+                image_problems.is_empty(),
+                if image_problems.is_empty() {
+                    "Verified"
+                } else {
+                    "RegistryProblem"
+                },
+                if image_problems.is_empty() {
+                    "every registry serves the recorded digest, verified".to_owned()
+                } else {
+                    image_problems.join("; ")
+                },
+            ),
+            condition(
+                "WorkloadReady",
+                workload_ready,
+                if workload_ready {
+                    "AllReplicasReady"
+                } else {
+                    "NotConverged"
+                },
+                if workload_ready {
+                    "every replica is ready on the recorded digest".to_owned()
+                } else if workload_wrong.is_empty() {
+                    "replicas are starting".to_owned()
+                } else {
+                    format!("still wrong: {}", finding_names(now_wrong))
                 },
             ),
             condition(
                 "Ready",
-                ready,
+                healthy,
                 phase,
-                format!(
-                    "{} finding(s) at record v{version}",
-                    report.diagnosis.findings.len()
-                ),
+                format!("{} finding(s) left at record v{version}", now_wrong.len()),
             ),
         ],
         Some(version),
@@ -414,17 +548,37 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
     )
     .await?;
     Ok(if healthy {
+        lock(&ctx.unsettled).remove(&key);
         Action::requeue(ctx.resync)
     } else {
-        // Check again soon that the recovery converged.
-        Action::requeue(Duration::from_millis(500))
+        // Retry with a growing, jittered delay; a change of the workload's objects
+        // still wakes the resource at once.
+        let n = {
+            let mut u = lock(&ctx.unsettled);
+            let n = u.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        Action::requeue(jittered(unsettled_backoff(n)))
     })
+}
+
+/// Delay before re-checking a resource that is not healthy after `n` consecutive
+/// reconciles: 500 ms, doubling, at most 60 s.
+pub fn unsettled_backoff(n: u32) -> Duration {
+    Duration::from_millis(500u64 << n.saturating_sub(1).min(7)).min(Duration::from_secs(60))
+}
+
+/// `d` scaled by a random factor in [0.5, 1.0] (spreads retries of many resources).
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
 async fn cleanup(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
     lock(&ctx.supervisors).remove(&key);
     lock(&ctx.failures).remove(&key);
+    lock(&ctx.unsettled).remove(&key);
     ctx.metrics.forget(&key);
     let ns = workload_namespace(&obj);
     if let Ok(id) = ServiceId::new(&obj.spec.service_id) {
@@ -464,7 +618,7 @@ pub fn error_policy(obj: Arc<Br2kService>, err: &OperatorError, ctx: Arc<Context
             .entry(key.clone())
             .or_insert((0, std::time::Instant::now()));
         entry.0 += 1;
-        let delay = backoff(entry.0);
+        let delay = jittered(backoff(entry.0));
         entry.1 = std::time::Instant::now() + delay;
         delay
     };
@@ -481,6 +635,17 @@ fn mapper<K: Resource>(index: Index) -> impl Fn(K) -> Option<ObjectRef<Br2kServi
     }
 }
 
+/// Hash of what should wake a resource: its generation, whether it is being deleted,
+/// and its finalizers.
+fn spec_or_lifecycle(obj: &Br2kService) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.metadata.generation.hash(&mut h);
+    obj.metadata.deletion_timestamp.is_some().hash(&mut h);
+    obj.metadata.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
 /// Runs the controller until `shutdown` completes: `Br2kService`s in every
 /// namespace, woken by changes to the workloads they manage (StatefulSets, Pods,
 /// Services and ConfigMaps labelled `app.kubernetes.io/managed-by=br2k`).
@@ -491,34 +656,42 @@ pub async fn run(
     let client = ctx.client.clone();
     let managed = || watcher::Config::default().labels(MANAGED_SELECTOR);
     let index = ctx.index.clone();
-    Controller::new(
+    // Status writes (the operator's own) do not wake a resource: only a new
+    // generation, deletion or finalizer change does.
+    let (reader, writer) = reflector::store();
+    let resources = watcher(
         Api::<Br2kService>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches(
-        Api::<StatefulSet>::all(client.clone()),
-        managed(),
-        mapper(index.clone()),
-    )
-    .watches(
-        Api::<Pod>::all(client.clone()),
-        managed(),
-        mapper(index.clone()),
-    )
-    .watches(
-        Api::<Service>::all(client.clone()),
-        managed(),
-        mapper(index.clone()),
-    )
-    .watches(Api::<ConfigMap>::all(client), managed(), mapper(index))
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "reconcile error");
-        }
-    })
-    .await;
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(spec_or_lifecycle, Default::default());
+    Controller::for_stream(resources, reader)
+        .watches(
+            Api::<StatefulSet>::all(client.clone()),
+            managed(),
+            mapper(index.clone()),
+        )
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            managed(),
+            mapper(index.clone()),
+        )
+        .watches(
+            Api::<Service>::all(client.clone()),
+            managed(),
+            mapper(index.clone()),
+        )
+        .watches(Api::<ConfigMap>::all(client), managed(), mapper(index))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
 }
 
 #[cfg(test)]

@@ -60,6 +60,9 @@ pub struct ChainOciBackends {
     pub insecure_loopback: bool,
     /// The shared replicators.
     pub replicators: ReplicatorPool,
+    /// How long a verification of an image's bytes is trusted (`None`: the
+    /// supervisor's default). Applies always verify anew.
+    pub verify_ttl: Option<Duration>,
 }
 
 async fn oci_auth(client: &Client, ns: &str, spec: &Br2kServiceSpec) -> Result<br2k_oci::Auth> {
@@ -103,17 +106,8 @@ impl Backends for ChainOciBackends {
             .registry_contract
             .parse()
             .map_err(|e| ValidationError::malformed("registry contract address", e))?;
-        // The supervisor only reads the registry, but the chain client wants a signer:
-        // give it a throwaway key (no role on any service, never logged or stored).
-        let nonce = format!(
-            "{:?}{}{}",
-            std::time::SystemTime::now(),
-            std::process::id(),
-            spec.service_id
-        );
-        let throwaway = br2k_core::Digest::of(nonce.as_bytes()).hex();
+        // The supervisor only reads the registry: a read-only connection, no key.
         let config = br2k_chain::ChainConfig::new(urls)
-            .with_private_key(throwaway)
             .with_registry(address)
             .with_request_timeout(Duration::from_secs(5));
         let registry: Arc<dyn Registry> =
@@ -124,6 +118,9 @@ impl Backends for ChainOciBackends {
             .event_buffer(OPERATOR_EVENT_BUFFER)
             .registry(registry)
             .replicator(self.replicators.get(client, namespace));
+        if let Some(ttl) = self.verify_ttl {
+            b = b.verify_ttl(ttl);
+        }
         for host in &spec.oci_registries {
             let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");
             let cfg = br2k_oci::OciConfig::new(host.clone())

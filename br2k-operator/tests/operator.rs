@@ -174,7 +174,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         .try_init();
     br2k_k8s::install_crypto_provider();
     let admin = Client::try_default().await.expect("KUBECONFIG");
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     apply_yaml(
         &admin,
         &std::fs::read_to_string(format!("{root}/crd.yaml")).unwrap(),
@@ -396,7 +396,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
     wait_for(Duration::from_secs(30), "unreachable condition", || async {
         let o = crs.get("unreachable").await.map_err(|e| e.to_string())?;
         let (phase, c) = status_of(&o);
-        match c.get("RegistryAvailable") {
+        match c.get("ChainAvailable") {
             Some((s, r)) if phase == "Error" && s == "False" && r == "Unreachable" => Ok(()),
             _ => Err(format!("{phase} {:?}", o.status)),
         }

@@ -1,0 +1,106 @@
+//! `br2k-operator`: runs the br2k operator, or prints its CRD (`--print-crd`).
+//! `br2k-operator --help` lists the options.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use br2k_operator::backends::ChainOciBackends;
+use br2k_operator::controller::Context;
+use br2k_operator::lease::LeaseConfig;
+use br2k_operator::metrics::Metrics;
+use clap::Parser;
+use tokio::sync::watch;
+
+/// The br2k operator: supervises every `Br2kService` of the cluster against its
+/// on-chain record (br2k-chain) and its mirrored OCI images (br2k-oci), and repairs
+/// what differs. One replica leads (a Lease); the others wait.
+#[derive(Debug, Parser)]
+#[command(name = "br2k-operator", version)]
+struct Options {
+    /// Print the Br2kService CustomResourceDefinition as YAML and exit.
+    #[arg(long)]
+    print_crd: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`).
+    #[arg(long, env = "BR2K_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "BR2K_LEASE_NAMESPACE", default_value = "br2k-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "br2k-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else the host name).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Lease duration in seconds: how long a lost leader blocks a takeover.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// Period in seconds of the check of healthy services (watch events wake a
+    /// service at once in any case).
+    #[arg(long, default_value_t = 10)]
+    resync_seconds: u64,
+    /// How long, in seconds, a verification of an image's bytes in a registry is
+    /// trusted before the next check pulls and hashes them again (applies always
+    /// verify anew).
+    #[arg(long, default_value_t = 300)]
+    verify_seconds: u64,
+    /// Talk plain HTTP to OCI registries on 127.0.0.1/localhost (local stacks).
+    #[arg(long)]
+    insecure_loopback_registries: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let opts = Options::parse();
+    if opts.print_crd {
+        print!("{}", br2k_operator::crd::crd_yaml());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    br2k_k8s::install_crypto_provider();
+    let client = kube::Client::try_default().await?;
+    let identity = opts
+        .identity
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("operator-{}", std::process::id()));
+    let lease = LeaseConfig {
+        name: opts.lease_name,
+        namespace: opts.lease_namespace,
+        identity: identity.clone(),
+        duration: Duration::from_secs(opts.lease_seconds),
+    };
+    let metrics = Metrics::default();
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+    tokio::spawn(metrics.clone().serve(listener));
+    let backends = Arc::new(ChainOciBackends {
+        insecure_loopback: opts.insecure_loopback_registries,
+        replicators: Default::default(),
+        verify_ttl: Some(Duration::from_secs(opts.verify_seconds)),
+    });
+    let ctx = Context::new(
+        client.clone(),
+        backends,
+        metrics,
+        &identity,
+        Duration::from_secs(opts.resync_seconds),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        let _ = stop_tx.send(true);
+    });
+    br2k_operator::run_with_leader_election(ctx, client, lease, stop_rx).await;
+    Ok(())
+}
