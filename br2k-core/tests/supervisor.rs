@@ -285,14 +285,18 @@ async fn diagnoses_image_tampered_stored_or_served() {
     env.primary.corrupt_blob(&layer).unwrap();
     // The earlier verification is trusted for the TTL only.
     tokio::time::sleep(Duration::from_millis(60)).await;
-    assert_eq!(env.findings().await, ["image_tampered"]);
+    // The workload pulls from the primary: it must move to the mirror too.
+    assert_eq!(
+        env.findings().await,
+        ["image_source_unhealthy", "image_tampered"]
+    );
 
     let env2 = self::env().await.deployed().await;
     env2.primary_faults.set_tampered(true);
     tokio::time::sleep(Duration::from_millis(60)).await;
     let d = env2.sup.diagnose(&env2.id).await.unwrap();
     assert!(
-        matches!(&d.findings[..], [Finding::ImageTampered { registry, .. }] if registry == PRIMARY),
+        matches!(&d.findings[..], [Finding::ImageSourceUnhealthy { registry: r1 }, Finding::ImageTampered { registry, .. }] if registry == PRIMARY && r1 == PRIMARY),
         "{d:?}"
     );
 }
@@ -304,9 +308,14 @@ async fn diagnoses_registry_down() {
     let d = env.sup.diagnose(&env.id).await.unwrap();
     assert_eq!(
         d.findings,
-        [Finding::RegistryDown {
-            registry: PRIMARY.into()
-        }]
+        [
+            Finding::ImageSourceUnhealthy {
+                registry: PRIMARY.into()
+            },
+            Finding::RegistryDown {
+                registry: PRIMARY.into()
+            }
+        ]
     );
 }
 
@@ -678,4 +687,128 @@ async fn event_buffer_must_hold_an_event() {
         events.try_recv(),
         Err(broadcast::error::TryRecvError::Empty)
     ));
+}
+
+/// A replicator whose applies report success and change nothing (a lying backend).
+#[derive(Debug)]
+struct ApplyDoesNothing(InMemoryReplicator);
+
+#[async_trait::async_trait]
+impl Replicator for ApplyDoesNothing {
+    async fn apply(&self, _: &br2k_core::ServiceRecord) -> br2k_core::Result<()> {
+        Ok(())
+    }
+    async fn observe(&self, id: &ServiceId) -> br2k_core::Result<Option<br2k_core::ObservedState>> {
+        self.0.observe(id).await
+    }
+    async fn remove(&self, id: &ServiceId) -> br2k_core::Result<()> {
+        self.0.remove(id).await
+    }
+    async fn replace_replicas(&self, id: &ServiceId, replicas: &[String]) -> br2k_core::Result<()> {
+        self.0.replace_replicas(id, replicas).await
+    }
+    async fn managed(&self) -> br2k_core::Result<Vec<ServiceId>> {
+        self.0.managed().await
+    }
+    async fn changes(&self) -> br2k_core::Result<futures::stream::BoxStream<'static, ServiceId>> {
+        self.0.changes().await
+    }
+}
+
+#[tokio::test]
+async fn a_recovery_is_recovered_only_when_the_live_state_matches_afterwards() {
+    let env = env().await.deployed().await;
+    env.replicator.remove(&env.id).await.unwrap();
+    let sup = Supervisor::builder()
+        .registry(Arc::new(env.registry.clone()))
+        .replicator(Arc::new(ApplyDoesNothing(env.replicator.clone())))
+        .image_store(Arc::new(env.primary.clone()))
+        .image_store(Arc::new(env.mirror.clone()))
+        .settle_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let report = sup.reconcile(&env.id).await.unwrap();
+    assert!(
+        report.actions.iter().all(|a| a.error.is_none()),
+        "{report:?}"
+    );
+    assert_eq!(report.outcome, Outcome::Partial, "{report:?}");
+    assert!(!report.converged);
+    assert_eq!(
+        report.remaining,
+        [Finding::MissingWorkload { parts: vec![] }]
+    );
+    // The honest backend does converge, and says so.
+    let report = env.sup.reconcile(&env.id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Recovered, "{report:?}");
+    assert!(report.converged && report.remaining.is_empty());
+}
+
+#[tokio::test]
+async fn an_apply_verifies_its_source_anew_despite_a_fresh_cache() {
+    let env = env().await.deployed().await;
+    // A supervisor that trusts a verification for an hour, and has just verified.
+    let sup = Supervisor::builder()
+        .registry(Arc::new(env.registry.clone()))
+        .replicator(Arc::new(env.replicator.clone()))
+        .image_store(Arc::new(env.primary.clone()))
+        .image_store(Arc::new(env.mirror.clone()))
+        .verify_ttl(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    assert!(sup.diagnose(&env.id).await.unwrap().is_healthy());
+    let layer = sample_image(1, 2, 512).layers[0].digest;
+    env.primary.corrupt_blob(&layer).unwrap();
+    env.replicator.remove(&env.id).await.unwrap();
+    let report = sup.reconcile(&env.id).await.unwrap();
+    assert!(
+        report
+            .actions
+            .iter()
+            .any(|a| matches!(&a.action, RecoveryAction::ApplyRecord { .. }) && a.error.is_none()),
+        "{report:?}"
+    );
+    let live = env.replicator.observe(&env.id).await.unwrap().unwrap();
+    assert_eq!(
+        live.template.image.registry(),
+        MIRROR,
+        "applied from the corrupt primary"
+    );
+}
+
+#[tokio::test]
+async fn a_copy_a_repair_cannot_fix_is_reported_unrepairable_until_it_verifies() {
+    let env = env().await.deployed().await;
+    // The primary serves wrong bytes whatever is copied to it.
+    env.primary_faults.set_tampered(true);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let report = env.sup.reconcile(&env.id).await.unwrap();
+    let repair = report
+        .actions
+        .iter()
+        .find(|a| matches!(a.action, RecoveryAction::RepairImage { .. }))
+        .expect("a repair");
+    assert!(repair.error.is_some(), "{report:?}");
+    assert_eq!(report.outcome, Outcome::Partial);
+    assert_eq!(env.sup.unrepairable(), [(PRIMARY.to_owned(), env.digest)]);
+    // Never a source: the workload now pulls from the mirror.
+    let live = env.replicator.observe(&env.id).await.unwrap().unwrap();
+    assert_eq!(live.template.image.registry(), MIRROR);
+    // Not repaired again and again.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let report = env.sup.reconcile(&env.id).await.unwrap();
+    assert!(
+        !report
+            .actions
+            .iter()
+            .any(|a| matches!(a.action, RecoveryAction::RepairImage { .. })),
+        "{report:?}"
+    );
+    assert_eq!(report.remaining.len(), 1, "{report:?}");
+    // Once the copy verifies again, it is no longer reported.
+    env.primary_faults.set_tampered(false);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let report = env.sup.reconcile(&env.id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Healthy, "{report:?}");
+    assert!(env.sup.unrepairable().is_empty());
 }

@@ -32,6 +32,11 @@ impl KubeError {
     }
 }
 
+/// Whether `e` is a 409 Conflict (a conditional write lost to a newer version).
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
 /// Whether `e` is a 404 from the API server.
 pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)

@@ -26,7 +26,7 @@ use tokio::sync::OnceCell;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::build::{self, Placement, Rollout};
-use crate::error::{KubeError, is_not_found, to_core};
+use crate::error::{KubeError, is_conflict, is_not_found, to_core};
 use crate::names::{
     ANNOTATION_CONFIG_HASH, LABEL_RECORD_VERSION, LABEL_SERVICE_ID, MANAGED_SELECTOR, MANAGER,
     Names, selector_string,
@@ -234,7 +234,7 @@ where
 
 /// When `check` is set: reads object `name` and, if other writers set fields on it,
 /// makes br2k their owner ([`ownership::take_over`]), conditional on the version
-/// read.
+/// read (read again and retried when the object changed meanwhile, e.g. its status).
 async fn release_foreign<K>(
     check: bool,
     api: &Api<K>,
@@ -247,27 +247,36 @@ where
     if !check {
         return Ok(());
     }
-    let Some(live) = get_opt(api, name, what).await? else {
-        return Ok(());
-    };
-    let Some(fields) = ownership::take_over(live.meta()) else {
-        return Ok(());
-    };
-    tracing::info!(object = %format!("{what}/{name}"), "taking over fields set by other writers, to remove them");
-    let patch = serde_json::json!({
-        "metadata": {
-            "managedFields": fields,
-            "resourceVersion": live.meta().resource_version,
+    let mut attempt = 0;
+    loop {
+        let Some(live) = get_opt(api, name, what).await? else {
+            return Ok(());
+        };
+        let Some(fields) = ownership::take_over(live.meta()) else {
+            return Ok(());
+        };
+        tracing::info!(object = %format!("{what}/{name}"), "taking over fields set by other writers, to remove them");
+        let patch = serde_json::json!({
+            "metadata": {
+                "managedFields": fields,
+                "resourceVersion": live.meta().resource_version,
+            }
+        });
+        let params = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        };
+        match api.patch(name, &params, &Patch::Merge(patch)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_conflict(&e) && attempt < 5 => attempt += 1,
+            Err(e) => {
+                return Err(KubeError::client(
+                    format!("take over fields of {what} {name}"),
+                    e,
+                ));
+            }
         }
-    });
-    let params = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    };
-    api.patch(name, &params, &Patch::Merge(patch))
-        .await
-        .map_err(|e| KubeError::client(format!("take over fields of {what} {name}"), e))?;
-    Ok(())
+    }
 }
 
 impl KubeReplicator {
@@ -589,7 +598,14 @@ impl KubeReplicator {
                 && p.spec
                     .as_ref()
                     .and_then(|s| parse::template_of_pod(s, cm.as_deref()).ok())
-                    .is_some_and(|t| t == want)
+                    .is_some_and(|mut t| {
+                        // The same digest from another registry (a switch to a
+                        // mirror) is the same image: no reason to restart a pod.
+                        if t.image.digest().is_some() && t.image.digest() == want.image.digest() {
+                            t.image = want.image.clone();
+                        }
+                        t == want
+                    })
         };
         if !pods.is_empty() && pods.iter().all(|p| runs_record(p)) {
             Rollout::Frozen

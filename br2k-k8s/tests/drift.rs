@@ -15,7 +15,7 @@ use br2k_core::{
 use br2k_k8s::{KubeReplicator, Names};
 use common::{TestNs, fresh_id, wait_for, wait_matches};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
@@ -649,5 +649,119 @@ async fn autoscaler_changes_inside_the_bounds_are_left_alone() {
             .any(|f| matches!(f, Finding::ReplicasDrifted { .. })),
         "{d:?}"
     );
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn fields_of_other_managers_are_found_and_removed() {
+    let (ns, r, rec) = start("foreign").await;
+    let names = Names::of(&rec.id);
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_frozen(&stss, &names.base).await;
+    // What the rebuilt template cannot show: a label, an annotation, a volume, an
+    // extra env var, a Service selector key and a ConfigMap key, each written by
+    // another field manager.
+    stss.patch(
+        &names.base,
+        &intruder(),
+        &Patch::Strategic(json!({"spec": {"template": {
+            "metadata": {"labels": {"injected": "1"}, "annotations": {"injected": "1"}},
+            "spec": {
+                "volumes": [{"name": "injected", "emptyDir": {}}],
+                "containers": [{"name": "app", "env": [{"name": "INJECTED", "value": "1"}]}]
+            }
+        }}})),
+    )
+    .await
+    .expect("patch template");
+    svcs.patch(
+        &names.headless,
+        &intruder(),
+        &Patch::Merge(json!({"spec": {"selector": {"injected": "1"}}})),
+    )
+    .await
+    .expect("patch service");
+    cms.patch(
+        &names.config,
+        &intruder(),
+        &Patch::Merge(json!({"data": {"INJECTED": "1"}})),
+    )
+    .await
+    .expect("patch config");
+    let f = wait_finding(&r, &rec, |f| match f {
+        Finding::ForeignFields { fields } => {
+            fields.iter().any(|f| f.starts_with("service/"))
+                && fields.iter().any(|f| f.starts_with("configmap/"))
+                && fields.iter().any(|f| f.contains("volumes"))
+        }
+        _ => false,
+    })
+    .await;
+    let Finding::ForeignFields { fields } = f else {
+        unreachable!()
+    };
+    for want in [
+        "spec.template.metadata.labels.injected (by intruder)",
+        "spec.template.metadata.annotations.injected (by intruder)",
+        "spec.template.spec.volumes[name=injected]",
+        "env[name=INJECTED]",
+        "-peers: spec.selector (by intruder)",
+        "data.INJECTED (by intruder)",
+    ] {
+        assert!(
+            fields.iter().any(|f| f.contains(want)),
+            "{want} not in {fields:#?}"
+        );
+    }
+    heal(&r, &rec).await;
+    // Read back from the API server, not from br2k: every injected field is gone and
+    // no other manager owns anything.
+    let sts = stss.get(&names.base).await.expect("sts");
+    let text = serde_json::to_string(&sts.spec).unwrap();
+    assert!(
+        !text.contains("injected") && !text.contains("INJECTED"),
+        "{text}"
+    );
+    let svc = svcs.get(&names.headless).await.expect("svc");
+    let selector = svc.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert!(!selector.contains_key("injected"), "{selector:?}");
+    let cm = cms.get(&names.config).await.expect("cm");
+    assert!(!cm.data.unwrap_or_default().contains_key("INJECTED"));
+    for meta in [&sts.metadata, &svc.metadata, &cm.metadata] {
+        let managers: Vec<_> = meta
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|e| e.manager.as_deref())
+            .collect();
+        assert!(!managers.contains(&"intruder"), "{managers:?}");
+    }
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn a_service_without_ports_deploys_with_a_headless_service_only() {
+    let ns = TestNs::new("noports").await;
+    let r = ns.replicator();
+    let mut rec = record("noports");
+    rec.spec.ports.clear();
+    rec.spec.probes = Default::default();
+    rec.spec_hash = rec.spec.spec_hash();
+    r.apply(&rec).await.expect("a spec without ports applies");
+    wait_matches(&r, &rec, TIMEOUT).await;
+    let names = Names::of(&rec.id);
+    let svcs: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
+    let headless = svcs.get(&names.headless).await.expect("headless service");
+    assert_eq!(
+        headless.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some("None")
+    );
+    assert!(svcs.get_opt(&names.base).await.unwrap().is_none());
+    let obs = r.observe(&rec.id).await.unwrap().expect("observed");
+    assert!(obs.missing_parts.is_empty(), "{:?}", obs.missing_parts);
     ns.cleanup().await;
 }

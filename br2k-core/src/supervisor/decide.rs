@@ -141,12 +141,14 @@ fn workload_findings(
             });
         }
     }
-    // The live image's registry must serve the verified image while another does:
-    // otherwise the next replica started (rescheduled, scaled) could not pull it.
+    // The live image's registry must not be down or serve wrong bytes while another
+    // registry serves the verified image: the next replica started (rescheduled,
+    // scaled) could not pull it, or would pull corrupt bytes. (A copy that is merely
+    // missing is repaired in place by a copy.)
     let live_registry = obs.template.image.registry();
     let source = images.iter().find(|h| h.registry == live_registry);
     if let Some(source) = source
-        && !source.is_ok()
+        && matches!(source.status, ImageStatus::Down | ImageStatus::Tampered(_))
         && images.iter().any(ImageHealth::is_ok)
     {
         findings.push(Finding::ImageSourceUnhealthy {
@@ -578,7 +580,19 @@ mod tests {
                     ImageHealth::new(PRIMARY, ImageStatus::Missing),
                     ImageHealth::new(MIRROR, ImageStatus::Ok),
                 ],
-                findings: vec!["image_source_unhealthy", "image_unavailable"],
+                findings: vec!["image_unavailable"],
+                actions: vec![RecoveryAction::RepairImage {
+                    from: MIRROR.into(),
+                    to: PRIMARY.into(),
+                }],
+                ..case("image missing in the primary the workload pulls from: repaired in place")
+            },
+            Case {
+                images: vec![
+                    ImageHealth::new(PRIMARY, ImageStatus::Tampered("layer 0".into())),
+                    ImageHealth::new(MIRROR, ImageStatus::Ok),
+                ],
+                findings: vec!["image_source_unhealthy", "image_tampered"],
                 actions: vec![
                     RecoveryAction::RepairImage {
                         from: MIRROR.into(),
@@ -586,7 +600,7 @@ mod tests {
                     },
                     apply_from(MIRROR),
                 ],
-                ..case("image missing in the primary the workload pulls from")
+                ..case("corrupt copy in the primary the workload pulls from: pointed at the mirror")
             },
             Case {
                 observed: |r| {

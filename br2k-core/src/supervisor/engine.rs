@@ -402,6 +402,8 @@ impl Supervisor {
         }
         match store.verify(repository, digest).await {
             Ok(()) => {
+                // Whatever made a copy unrepairable is over once it verifies.
+                lock(&self.unrepairable).remove(&key);
                 lock(&self.verified).insert(key, Instant::now());
                 ImageStatus::Ok
             }
