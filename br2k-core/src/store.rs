@@ -60,28 +60,43 @@ pub trait ImageStore: Send + Sync + Debug {
         self.pull(repository, digest).await.map(drop)
     }
 
+    /// This store as [`std::any::Any`], so that an implementation's
+    /// [`ImageStore::copy_to`] can recognise a target of its own kind and stream
+    /// between them instead of holding the image in memory. `None` by default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Copies image `digest` to `target`, skipping content the target has.
-    /// Idempotent: a second copy transfers nothing.
+    /// Idempotent: a second copy transfers nothing. The default pulls the whole image
+    /// into memory and pushes it; backends override it to stream.
     async fn copy_to(
         &self,
         repository: &Repository,
         digest: &Digest,
         target: &dyn ImageStore,
     ) -> Result<CopyReport> {
-        if target.has(repository, digest).await? && target.verify(repository, digest).await.is_ok()
-        {
-            return Ok(CopyReport {
-                blobs_skipped: 0,
-                ..CopyReport::default()
-            });
-        }
-        let image = self.pull(repository, digest).await?;
-        target.push(repository, &image, None).await?;
-        Ok(CopyReport {
-            blobs_copied: 1 + image.layers.len() as u64,
-            blobs_skipped: 0,
-            bytes_copied: image.size() + image.manifest_bytes.len() as u64,
-            manifest_written: true,
-        })
+        copy_by_pull(self, repository, digest, target).await
     }
+}
+
+/// The generic copy: unless `target` already holds a copy that verifies, pulls the
+/// whole image from `source` (verified) into memory and pushes it to `target`.
+pub async fn copy_by_pull<S: ImageStore + ?Sized>(
+    source: &S,
+    repository: &Repository,
+    digest: &Digest,
+    target: &dyn ImageStore,
+) -> Result<CopyReport> {
+    if target.has(repository, digest).await? && target.verify(repository, digest).await.is_ok() {
+        return Ok(CopyReport::default());
+    }
+    let image = source.pull(repository, digest).await?;
+    target.push(repository, &image, None).await?;
+    Ok(CopyReport {
+        blobs_copied: 1 + image.layers.len() as u64,
+        blobs_skipped: 0,
+        bytes_copied: image.size() + image.manifest_bytes.len() as u64,
+        manifest_written: true,
+    })
 }

@@ -717,4 +717,26 @@ impl ImageStore for OciImageStore {
     async fn verify(&self, repository: &Repository, digest: &Digest) -> Result<()> {
         self.verify_streaming(repository, digest).await
     }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    /// Between two OCI stores: the streamed copy ([`OciImageStore::copy_image`]),
+    /// whose memory does not grow with the image. To another kind of store: the
+    /// default (pull, then push).
+    async fn copy_to(
+        &self,
+        repository: &Repository,
+        digest: &Digest,
+        target: &dyn ImageStore,
+    ) -> Result<CopyReport> {
+        match target
+            .as_any()
+            .and_then(|t| t.downcast_ref::<OciImageStore>())
+        {
+            Some(oci) => self.copy_image(repository, digest, oci).await,
+            None => br2k_core::store::copy_by_pull(self, repository, digest, target).await,
+        }
+    }
 }
