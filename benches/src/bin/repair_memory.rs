@@ -126,8 +126,8 @@ async fn main() {
             .expect("image");
         let digest = image.digest;
         // One repository per mode, so each copy starts with an empty target.
-        let repo_s = Repository::new(&format!("bench/repair-{nonce}-{size}-s")).unwrap();
-        let repo_p = Repository::new(&format!("bench/repair-{nonce}-{size}-p")).unwrap();
+        let repo_s = Repository::new(format!("bench/repair-{nonce}-{size}-s")).unwrap();
+        let repo_p = Repository::new(format!("bench/repair-{nonce}-{size}-p")).unwrap();
         source.push(&repo_s, &image, None).await.expect("push");
         source.push(&repo_p, &image, None).await.expect("push");
         drop(image);
