@@ -9,7 +9,7 @@ use br2k_operator::backends::ChainOciBackends;
 use br2k_operator::controller::Context;
 use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 /// The br2k operator: supervises every `Br2kService` of the cluster against its
@@ -18,6 +18,9 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(name = "br2k-operator", version)]
 struct Options {
+    /// Something else than running the operator.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Print the Br2kService CustomResourceDefinition as YAML and exit.
     #[arg(long)]
     print_crd: bool,
@@ -50,11 +53,50 @@ struct Options {
     insecure_loopback_registries: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the operator's OCI image from this executable (no Docker) and push it
+    /// to each registry; prints the digest-pinned reference for the primary.
+    PushImage {
+        /// A registry host to push to, primary first (repeat the option).
+        #[arg(long = "registry", required = true)]
+        registries: Vec<String>,
+        /// Tag to push.
+        #[arg(long, default_value = "dev")]
+        tag: String,
+        /// Plain HTTP (registries on a local stack).
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options::parse();
     if opts.print_crd {
         print!("{}", br2k_operator::crd::crd_yaml());
+        return Ok(());
+    }
+    if let Some(Command::PushImage {
+        registries,
+        tag,
+        insecure,
+    }) = opts.command
+    {
+        let exe = std::env::current_exe()?;
+        eprintln!("building the image from {} ...", exe.display());
+        let digest = br2k_operator::image::push(&exe, &registries, &tag, insecure).await?;
+        for host in &registries {
+            eprintln!(
+                "pushed and verified {host}/{}:{tag}",
+                br2k_operator::image::REPOSITORY
+            );
+        }
+        println!(
+            "{}/{}@{digest}",
+            registries[0],
+            br2k_operator::image::REPOSITORY
+        );
         return Ok(());
     }
     tracing_subscriber::fmt()
