@@ -292,6 +292,29 @@ async fn publish(ctx: &Context, obj: &Br2kService, report: &RecoveryReport) {
     }
 }
 
+/// Reports an invalid resource (`Valid=False` with `reason`) and waits for it to
+/// change: nothing is retried until then.
+async fn refuse(
+    obj: &Br2kService,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action, OperatorError> {
+    write_status(
+        obj,
+        &ctx.client,
+        "Error",
+        vec![
+            condition("Valid", false, reason, message),
+            condition("Ready", false, "InvalidSpec", "the spec is invalid"),
+        ],
+        None,
+        None,
+    )
+    .await?;
+    Ok(Action::await_change())
+}
+
 async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, OperatorError> {
     let cr_ns = obj.namespace().unwrap_or_default();
     let key = format!("{cr_ns}/{}", obj.name_any());
@@ -306,40 +329,13 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
     }
     let id = match ServiceId::new(&obj.spec.service_id) {
         Ok(id) => id,
-        Err(e) => {
-            write_status(
-                &obj,
-                &ctx.client,
-                "Error",
-                vec![
-                    condition("Valid", false, "InvalidServiceId", e.to_string()),
-                    condition("Ready", false, "InvalidSpec", "the spec is invalid"),
-                ],
-                None,
-                None,
-            )
-            .await?;
-            // Nothing to retry until the resource changes.
-            return Ok(Action::await_change());
-        }
+        Err(e) => return refuse(&obj, &ctx, "InvalidServiceId", e.to_string()).await,
     };
     lock(&ctx.index).insert((ns.clone(), id.to_string()), ObjectRef::from_obj(&*obj));
     let sup = match ctx.supervisor(&key, &cr_ns, &ns, &obj.spec).await {
         Ok(s) => s,
         Err(Error::InvalidInput(e)) => {
-            write_status(
-                &obj,
-                &ctx.client,
-                "Error",
-                vec![
-                    condition("Valid", false, "InvalidSpec", e.to_string()),
-                    condition("Ready", false, "InvalidSpec", "the spec is invalid"),
-                ],
-                None,
-                None,
-            )
-            .await?;
-            return Ok(Action::await_change());
+            return refuse(&obj, &ctx, "InvalidSpec", e.to_string()).await;
         }
         Err(e) => {
             ctx.metrics.chain_available(&key, false);
