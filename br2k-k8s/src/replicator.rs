@@ -576,9 +576,10 @@ impl KubeReplicator {
         let Some(hub) = self.cache().await else {
             return Rollout::Roll;
         };
-        let cm = hub
-            .cms
-            .get(&ObjectRef::new(&names.config).within(self.namespace()));
+        // A pod that started with the record's config hash read the record's values,
+        // whatever the live ConfigMap says now (it may be tampered): its environment
+        // is resolved against the ConfigMap the record asks for.
+        let cm = build::config_map(record, names, self.namespace());
         let want = WorkloadTemplate::from_spec(&record.spec);
         let want_config = build::config_hash(&record.spec);
         let pods: Vec<_> = hub
@@ -586,8 +587,8 @@ impl KubeReplicator {
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .collect();
-        // A pod resolves its environment from the ConfigMap as it is now, but read it
-        // when it started: the config hash it started with says which values it has.
+        // A pod read its environment when it started: the config hash it started with
+        // says which values it has.
         let runs_record = |p: &Pod| {
             let started_with = p
                 .metadata
@@ -597,7 +598,7 @@ impl KubeReplicator {
             started_with == Some(&want_config)
                 && p.spec
                     .as_ref()
-                    .and_then(|s| parse::template_of_pod(s, cm.as_deref()).ok())
+                    .and_then(|s| parse::template_of_pod(s, Some(&cm)).ok())
                     .is_some_and(|mut t| {
                         // The same digest from another registry (a switch to a
                         // mirror) is the same image: no reason to restart a pod.
