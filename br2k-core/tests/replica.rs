@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use br2k_core::conformance::sample_spec;
+use br2k_core::conformance::{eventually, sample_spec};
 use br2k_core::log::{InMemoryLog, ReplicatedLog};
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{
@@ -228,20 +228,37 @@ async fn checkpoints_compact_and_a_new_replica_joins_from_one() {
     for i in 0..45 {
         leader.replicate(None, add("a", i)).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let cp = c
-        .registry
-        .active(&c.id)
-        .await
-        .unwrap()
-        .checkpoint
-        .expect("a checkpoint");
-    assert!(cp.state_version >= 2, "{cp:?}");
-    assert!(c.log.first_index().await.unwrap() > 1, "log compacted");
+    // Checkpoints are taken in the background: wait for the second one (a fixed sleep
+    // failed on a loaded machine) and for the compaction it allows.
+    let cp = eventually(Duration::from_secs(10), "a second checkpoint", || async {
+        match c.registry.active(&c.id).await.unwrap().checkpoint {
+            Some(cp) if cp.state_version >= 2 => Ok(cp),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "log compacted", || async {
+        match c.log.first_index().await.unwrap() {
+            i if i > 1 => Ok(()),
+            i => Err(format!("first index {i}")),
+        }
+    })
+    .await;
     let (joined, _) = c.replica(3).await.unwrap();
     joined.wait_applied(leader.applied_index()).await;
     assert_eq!(joined.read_local(|s| s.values["a"]), (0..45).sum::<i64>());
-    // A snapshot whose bytes do not match its recorded digest is refused.
+    // A snapshot whose bytes do not match its recorded digest is refused: corrupt the
+    // newest one, once no checkpoint is being recorded any more.
+    let cp = eventually(Duration::from_secs(10), "checkpoints settled", || async {
+        let a = c.registry.active(&c.id).await.unwrap().checkpoint;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = c.registry.active(&c.id).await.unwrap().checkpoint;
+        match (a, b) {
+            (Some(a), Some(b)) if a == b => Ok(b),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     let image = c
         .store
         .pull(&"br2k/ledger/snapshots".parse_repo(), &cp.snapshot)

@@ -232,6 +232,8 @@ struct Shared<S: StateMachine> {
     ids: AtomicU64,
     nonce: u64,
     snapshotting: AtomicBool,
+    /// A checkpoint fell due while another was being taken: take one more after it.
+    snapshot_pending: AtomicBool,
     checkpoints: Mutex<VecDeque<u64>>,
     stats: Stats,
 }
@@ -314,6 +316,7 @@ impl<S: StateMachine> Replica<S> {
             ids: AtomicU64::new(0),
             nonce: rand::random(),
             snapshotting: AtomicBool::new(false),
+            snapshot_pending: AtomicBool::new(false),
             checkpoints: Mutex::default(),
             stats: Stats::default(),
         });
@@ -786,14 +789,34 @@ impl<S: StateMachine> Shared<S> {
                 }
             }
         }
-        if snapshot_due && !self.snapshotting.swap(true, Ordering::AcqRel) {
-            let copy = lock(&self.applied).clone();
+        if snapshot_due && self.snapshotting.swap(true, Ordering::AcqRel) {
+            // One is being taken: a due checkpoint must not be lost (entries can be
+            // applied faster than a snapshot is pushed and recorded).
+            self.snapshot_pending.store(true, Ordering::Release);
+        } else if snapshot_due {
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.checkpoint(copy).await {
-                    tracing::warn!(error = %e, "checkpoint failed");
+                loop {
+                    let copy = lock(&me.applied).clone();
+                    if let Err(e) = me.checkpoint(copy).await {
+                        tracing::warn!(error = %e, "checkpoint failed");
+                    }
+                    if me.snapshot_pending.swap(false, Ordering::AcqRel)
+                        && *me.role.borrow() == ReplicaRole::Leader
+                    {
+                        continue;
+                    }
+                    me.snapshotting.store(false, Ordering::Release);
+                    // One that fell due between the check and the release is taken
+                    // here, unless another task has started meanwhile.
+                    if !(me.snapshot_pending.load(Ordering::Acquire)
+                        && *me.role.borrow() == ReplicaRole::Leader
+                        && !me.snapshotting.swap(true, Ordering::AcqRel))
+                    {
+                        break;
+                    }
+                    me.snapshot_pending.store(false, Ordering::Release);
                 }
-                me.snapshotting.store(false, Ordering::Release);
             });
         }
     }
