@@ -928,12 +928,6 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
     }
 
     let desired = parse::sts_replicas(&live.sts);
-    let owned = |m: &ObjectMeta| {
-        m.labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_ID))
-            .is_some_and(|v| v == id.as_str())
-    };
     let mut foreign_fields = ownership::foreign_fields("statefulset", &live.sts.metadata);
     let parts = [
         ("configmap", live.cm.as_ref().map(|o| &o.metadata)),
@@ -945,7 +939,7 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
         ),
     ];
     for (kind, meta) in parts {
-        if let Some(m) = meta.filter(|m| owned(m)) {
+        if let Some(m) = meta.filter(|m| meta_owned_by(m, id)) {
             foreign_fields.extend(ownership::foreign_fields(kind, m));
         }
     }
@@ -1003,8 +997,12 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
 /// Whether a live object carries the service-id label of `id` (objects of the same
 /// name not made by br2k for this service are ignored).
 fn owned_by<K: Resource>(obj: &K, id: &ServiceId) -> bool {
-    obj.meta()
-        .labels
+    meta_owned_by(obj.meta(), id)
+}
+
+/// [`owned_by`] on an object's metadata.
+fn meta_owned_by(meta: &ObjectMeta, id: &ServiceId) -> bool {
+    meta.labels
         .as_ref()
         .and_then(|l| l.get(LABEL_SERVICE_ID))
         .is_some_and(|v| v == id.as_str())

@@ -286,12 +286,6 @@ fn classify(e: &Error) -> ImageStatus {
     }
 }
 
-/// The findings of the diagnosis `ctx` gives (when the workload cannot be observed
-/// again).
-fn ctx_findings(ctx: &Context, id: &ServiceId) -> Vec<Finding> {
-    Supervisor::diagnosis_of(id, ctx).findings
-}
-
 impl Supervisor {
     /// A builder; `registry` and `replicator` are required.
     pub fn builder() -> SupervisorBuilder {
@@ -675,7 +669,7 @@ impl Supervisor {
                 (Err(e), _) => {
                     if last_try {
                         tracing::warn!(%id, error = %e, "cannot observe the workload after recovering it");
-                        return (ctx_findings(ctx, id), false);
+                        return (Self::diagnosis_of(id, ctx).findings, false);
                     }
                 }
             }

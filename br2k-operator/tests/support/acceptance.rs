@@ -1300,6 +1300,20 @@ impl Harness {
     }
 
     /// Runs `kubectl --kubeconfig K -n NS ARGS...` (kubectl's own field managers).
+    /// `kubectl patch KIND NAME --type=TYPE -p PATCH` (kubectl's own field manager).
+    async fn kubectl_patch(
+        &self,
+        kind: &str,
+        name: &str,
+        patch_type: &str,
+        patch: &serde_json::Value,
+    ) -> Result<String, String> {
+        let patch_type = format!("--type={patch_type}");
+        let patch = patch.to_string();
+        self.kubectl(&["patch", kind, name, &patch_type, "-p", &patch])
+            .await
+    }
+
     async fn kubectl(&self, args: &[&str]) -> Result<String, String> {
         let out = tokio::process::Command::new(&self.kubectl)
             .arg("--kubeconfig")
@@ -1675,15 +1689,8 @@ impl Harness {
             json!([{"op": "add", "path": "/spec/template/spec/containers/0/env", "value": [var]}])
         };
         let before = self.reconciles().await.ok();
-        self.kubectl(&[
-            "patch",
-            "statefulset",
-            &base,
-            "--type=json",
-            "-p",
-            &patch.to_string(),
-        ])
-        .await?;
+        self.kubectl_patch("statefulset", &base, "json", &patch)
+            .await?;
         let t0 = Instant::now();
         self.measure(r, t0, before, "injected env var gone", async || {
             let s = self.live_sts(&base).await?;
@@ -1712,15 +1719,8 @@ impl Harness {
         let patch = json!({"spec": {"template": {"metadata": {
             "labels": {"injected": "1"}, "annotations": {"injected": "1"}}}}});
         let before = self.reconciles().await.ok();
-        self.kubectl(&[
-            "patch",
-            "statefulset",
-            &base,
-            "--type=merge",
-            "-p",
-            &patch.to_string(),
-        ])
-        .await?;
+        self.kubectl_patch("statefulset", &base, "merge", &patch)
+            .await?;
         let t0 = Instant::now();
         self.measure(
             r,
@@ -1762,15 +1762,8 @@ impl Harness {
             json!([{"op": "add", "path": "/spec/template/spec/volumes", "value": [vol]}])
         };
         let before = self.reconciles().await.ok();
-        self.kubectl(&[
-            "patch",
-            "statefulset",
-            &base,
-            "--type=json",
-            "-p",
-            &patch.to_string(),
-        ])
-        .await?;
+        self.kubectl_patch("statefulset", &base, "json", &patch)
+            .await?;
         let t0 = Instant::now();
         self.measure(r, t0, before, "injected volume gone", async || {
             let s = self.live_sts(&base).await?;
@@ -1797,14 +1790,12 @@ impl Harness {
         let selector = |s: &Service| s.spec.as_ref().and_then(|s| s.selector.clone());
         let old = selector(&services.get(&name).await.map_err(|e| e.to_string())?);
         let before = self.reconciles().await.ok();
-        self.kubectl(&[
-            "patch",
+        self.kubectl_patch(
             "service",
             &name,
-            "--type=merge",
-            "-p",
-            &json!({"spec": {"selector": {"injected": "1"}}}).to_string(),
-        ])
+            "merge",
+            &json!({"spec": {"selector": {"injected": "1"}}}),
+        )
         .await?;
         let t0 = Instant::now();
         self.measure(r, t0, before, "selector restored", async || {
@@ -1834,15 +1825,8 @@ impl Harness {
             .ok_or("the ConfigMap has no data")?;
         let patch = json!({"data": {"INJECTED": "1", key: format!("{value}-injected")}});
         let before = self.reconciles().await.ok();
-        self.kubectl(&[
-            "patch",
-            "configmap",
-            &name,
-            "--type=merge",
-            "-p",
-            &patch.to_string(),
-        ])
-        .await?;
+        self.kubectl_patch("configmap", &name, "merge", &patch)
+            .await?;
         let t0 = Instant::now();
         self.measure(r, t0, before, "ConfigMap data restored", async || {
             let now = maps
