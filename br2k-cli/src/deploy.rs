@@ -627,11 +627,16 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
         journal.save(&jpath)?;
     }
 
-    // Connect to the chain before pushing: a node that is down fails here, with
-    // nothing pushed.
+    // Reach the chain and the cluster before pushing: a node or an API server that is
+    // down fails here, with nothing pushed or published.
     let t = Instant::now();
     let registry = chain::connect(ctx, true).await?;
     phases.chain_ms += ms(t.elapsed());
+    let t = Instant::now();
+    let client = ctx.kube().await?;
+    let ns = ctx.namespace.clone();
+    k::get_cr(&client, &ns, &id).await?;
+    phases.apply_ms += ms(t.elapsed());
 
     // 2. Push and mirror.
     let t = Instant::now();
@@ -715,15 +720,13 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
 
     // 4. The resource.
     let t = Instant::now();
-    let client = ctx.kube().await?;
-    let ns = ctx.namespace.clone();
     let change = k::apply_cr(&client, &ns, &id, &k::cr_spec(ctx, &id)?).await?;
     let resource = format!("{ns}/{id}");
     if journal.apply.as_ref().map(|a| &a.resource) != Some(&resource) {
         journal.apply = Some(ApplyStep { resource });
         journal.save(&jpath)?;
     }
-    phases.apply_ms = ms(t.elapsed());
+    phases.apply_ms += ms(t.elapsed());
 
     // 5. The roll-out.
     let mut ready_replicas = 0;

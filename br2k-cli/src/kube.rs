@@ -18,7 +18,7 @@ fn kube_err(what: &str, e: kube::Error) -> CliError {
         kube::Error::Api(s) if s.code == 404 && what.contains("Br2kService") => CliError::fail(
             format!("{what}: the Br2kService resource type is not installed in the cluster"),
         )
-        .hint("install the operator's CRD and RBAC: kubectl apply -f br2k-operator/deploy/crd.yaml -f br2k-operator/deploy/rbac.yaml"),
+        .hint("install the operator's CRD and RBAC: kubectl apply -f deploy/crd.yaml -f deploy/rbac.yaml"),
         kube::Error::Api(s) => CliError::fail(format!("{what}: {} ({})", s.message, s.code)),
         e => CliError::fail(format!("{what}: cluster unreachable: {e}"))
             .hint("check the context's kubeconfig/kube_context (`br2k context show`) and that the API server is up"),

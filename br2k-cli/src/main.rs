@@ -396,6 +396,8 @@ async fn run(cli: Cli) -> CliResult<u8> {
             no_wait,
             timeout,
         } => {
+            // The project first: a malformed br2k.toml is reported before anything else.
+            deploy::open(&file.file)?;
             let (_, ctx) = current(&cli)?;
             let opts = deploy::Options {
                 file: file.file.clone(),
@@ -432,6 +434,7 @@ async fn run(cli: Cli) -> CliResult<u8> {
             Ok(EXIT_OK)
         }
         Command::Diff { file, exit_code } => {
+            deploy::open(&file.file)?;
             let (_, ctx) = current(&cli)?;
             let opts = deploy::Options {
                 file: file.file.clone(),
