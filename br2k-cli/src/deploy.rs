@@ -83,6 +83,8 @@ pub struct ChainStep {
 pub struct ApplyStep {
     /// `namespace/name` of the resource.
     pub resource: String,
+    /// Record version the resource was applied for (the roll-out waited on).
+    pub version: u64,
 }
 
 /// Result of the wait step.
@@ -721,9 +723,12 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
     // 4. The resource.
     let t = Instant::now();
     let change = k::apply_cr(&client, &ns, &id, &k::cr_spec(ctx, &id)?).await?;
-    let resource = format!("{ns}/{id}");
-    if journal.apply.as_ref().map(|a| &a.resource) != Some(&resource) {
-        journal.apply = Some(ApplyStep { resource });
+    let apply = ApplyStep {
+        resource: format!("{ns}/{id}"),
+        version: record.version,
+    };
+    if journal.apply.as_ref() != Some(&apply) {
+        journal.apply = Some(apply);
         journal.save(&jpath)?;
     }
     phases.apply_ms += ms(t.elapsed());
