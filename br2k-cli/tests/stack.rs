@@ -50,67 +50,15 @@ impl Chain {
     }
 }
 
-fn crd_path() -> PathBuf {
+fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// Installs the CRD and RBAC (idempotent) and creates namespace `ns`.
 fn prepare_cluster(stack: &Stack, ns: &str) {
-    let d = crd_path();
-    for f in ["crd.yaml", "rbac.yaml"] {
-        let (ok, text) = stack.kubectl(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager",
-            "br2k-cli-test",
-            "-f",
-            &d.join(f).to_string_lossy(),
-        ]);
-        assert!(ok, "apply {f}: {text}");
-    }
-    for n in ["br2k-system", ns] {
-        let (ok, text) = stack.kubectl(&["create", "namespace", n]);
-        assert!(ok || text.contains("AlreadyExists"), "{text}");
-    }
-    let (ok, text) = stack.kubectl(&["label", "namespace", ns, "br2k.io/test=true", "--overwrite"]);
-    assert!(ok, "{text}");
-    poll(Duration::from_secs(30), "CRD served", || {
-        let (ok, text) = stack.kubectl(&["get", "br2kservices", "-A"]);
-        if ok { Ok(()) } else { Err(text) }
-    });
+    support::prepare_cluster(stack, &deploy_dir(), ns);
 }
 
-/// Removes the test's resources (finalizers dropped: the operator may be gone) and
-/// namespace.
-fn cleanup(stack: &Stack, ns: &str, name: &str) {
-    let _ = stack.kubectl(&[
-        "-n",
-        ns,
-        "patch",
-        "br2kservice",
-        name,
-        "--type=merge",
-        "-p",
-        r#"{"metadata":{"finalizers":null}}"#,
-    ]);
-    let _ = stack.kubectl(&[
-        "-n",
-        ns,
-        "delete",
-        "br2kservice",
-        name,
-        "--wait=false",
-        "--ignore-not-found",
-    ]);
-    let _ = stack.kubectl(&[
-        "delete",
-        "namespace",
-        ns,
-        "--wait=false",
-        "--ignore-not-found",
-    ]);
-}
+use support::cleanup;
 
 /// The live StatefulSet summary: (spec replicas, ready replicas, template image).
 fn sts(stack: &Stack, ns: &str, name: &str) -> Option<(i64, i64, String)> {

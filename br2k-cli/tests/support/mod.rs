@@ -223,7 +223,7 @@ impl Br2k {
     }
 
     fn command(&self, cwd: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_br2k"));
+        let mut c = Command::new(br2k_bin());
         c.args(args)
             .current_dir(cwd)
             .env("BR2K_CONFIG_DIR", &self.config_dir)
@@ -397,12 +397,28 @@ impl Drop for OciRegistry {
     }
 }
 
-/// The operator binary (built on demand when `cargo test -p br2k-cli` did not).
+/// The `br2k` binary: cargo's for this package's tests, else `BR2K_BIN`, else the
+/// `br2k` beside the running executable (a bench binary).
+pub fn br2k_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_br2k") {
+        return p.into();
+    }
+    if let Ok(p) = std::env::var("BR2K_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.with_file_name("br2k")
+}
+
+/// The operator binary: `BR2K_OPERATOR_BIN`, else the one beside `br2k` (built on
+/// demand when `cargo test -p br2k-cli` did not build it).
 pub fn operator_bin() -> PathBuf {
-    let br2k = PathBuf::from(env!("CARGO_BIN_EXE_br2k"));
-    let bin = br2k.with_file_name("br2k-operator");
+    if let Ok(p) = std::env::var("BR2K_OPERATOR_BIN") {
+        return p.into();
+    }
+    let bin = br2k_bin().with_file_name("br2k-operator");
     if !bin.is_file() {
-        let status = Command::new(env!("CARGO"))
+        let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
             .args(["build", "-p", "br2k-operator", "--bin", "br2k-operator"])
             .status()
             .expect("cargo build br2k-operator");
@@ -583,4 +599,62 @@ pub fn context(cli: &Br2k, dir: &Path, rpc: &str, registries: &[&str], ns: &str,
         args.push(r);
     }
     cli.run(dir, &args).ok();
+}
+
+/// Installs the CRD and RBAC of `deploy/` (idempotent) and creates namespace `ns`
+/// (labelled `br2k.io/test=true`).
+pub fn prepare_cluster(stack: &Stack, deploy_dir: &Path, ns: &str) {
+    for f in ["crd.yaml", "rbac.yaml"] {
+        let (ok, text) = stack.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager",
+            "br2k-cli-test",
+            "-f",
+            &deploy_dir.join(f).to_string_lossy(),
+        ]);
+        assert!(ok, "apply {f}: {text}");
+    }
+    for n in ["br2k-system", ns] {
+        let (ok, text) = stack.kubectl(&["create", "namespace", n]);
+        assert!(ok || text.contains("AlreadyExists"), "{text}");
+    }
+    let (ok, text) = stack.kubectl(&["label", "namespace", ns, "br2k.io/test=true", "--overwrite"]);
+    assert!(ok, "{text}");
+    poll(Duration::from_secs(30), "CRD served", || {
+        let (ok, text) = stack.kubectl(&["get", "br2kservices", "-A"]);
+        if ok { Ok(()) } else { Err(text) }
+    });
+}
+
+/// Removes resource `name` (finalizers dropped: the operator may be gone) and
+/// namespace `ns`.
+pub fn cleanup(stack: &Stack, ns: &str, name: &str) {
+    let _ = stack.kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "br2kservice",
+        name,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    let _ = stack.kubectl(&[
+        "-n",
+        ns,
+        "delete",
+        "br2kservice",
+        name,
+        "--wait=false",
+        "--ignore-not-found",
+    ]);
+    let _ = stack.kubectl(&[
+        "delete",
+        "namespace",
+        ns,
+        "--wait=false",
+        "--ignore-not-found",
+    ]);
 }
