@@ -135,8 +135,8 @@ pub struct FieldChange {
     pub new: String,
 }
 
-/// The on-chain fields that differ between `old` and `new` (every field when `old`
-/// is `None`).
+/// The on-chain fields that differ between `old` and `new` (every field set in `new`
+/// when `old` is `None`).
 pub fn spec_changes(old: Option<&ServiceSpec>, new: &ServiceSpec) -> Vec<FieldChange> {
     let newv = serde_json::to_value(new).expect("spec serializes");
     let oldv = old.map(|o| serde_json::to_value(o).expect("spec serializes"));
@@ -144,6 +144,14 @@ pub fn spec_changes(old: Option<&ServiceSpec>, new: &ServiceSpec) -> Vec<FieldCh
     if let serde_json::Value::Object(n) = &newv {
         for (k, v) in n {
             let o = oldv.as_ref().and_then(|o| o.get(k));
+            let empty = v.is_null()
+                || v.as_array().is_some_and(Vec::is_empty)
+                || v.as_object()
+                    .is_some_and(|m| m.values().all(serde_json::Value::is_null));
+            // A new service lists only the fields it sets.
+            if old.is_none() && empty {
+                continue;
+            }
             if o != Some(v) {
                 out.push(FieldChange {
                     field: k.clone(),
@@ -791,7 +799,13 @@ mod tests {
         assert_eq!(c[1].old.as_deref(), Some("3"));
         assert_eq!(c[1].new, "5");
         let all = spec_changes(None, &a);
-        assert!(all.iter().all(|c| c.old.is_none()) && all.len() >= 2);
+        assert!(all.iter().all(|c| c.old.is_none()));
+        let fields: Vec<&str> = all.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["image", "replicas"],
+            "empty fields of a new service are left out"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde::Serialize;
 
+use br2k_k8s::names::{ANNOTATION_CONFIG_HASH, ANNOTATION_SPEC_HASH};
+
 use crate::context::Context;
 use crate::error::{CliError, CliResult};
 
@@ -113,6 +115,8 @@ pub struct LivePod {
     pub ready: bool,
     /// Digest of the image it runs.
     pub digest: Option<String>,
+    /// Hash of the environment values it started with.
+    pub config: Option<String>,
 }
 
 /// The live workload of a service.
@@ -126,6 +130,10 @@ pub struct Live {
     pub ready_replicas: i32,
     /// Digest of its pod template's image.
     pub template_digest: Option<String>,
+    /// Spec hash of the record it was applied from.
+    pub spec_hash: Option<String>,
+    /// Hash of the environment values of its pod template.
+    pub template_config: Option<String>,
     /// The pods (terminating ones left out).
     pub pods: Vec<LivePod>,
 }
@@ -154,6 +162,17 @@ pub async fn live(client: &kube::Client, ns: &str, id: &ServiceId) -> CliResult<
             .as_ref()
             .and_then(|st| st.ready_replicas)
             .unwrap_or(0);
+        live.spec_hash = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SPEC_HASH).cloned());
+        live.template_config = s
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_CONFIG_HASH).cloned());
         live.template_digest = s
             .spec
             .as_ref()
@@ -177,10 +196,16 @@ pub async fn live(client: &kube::Client, ns: &str, id: &ServiceId) -> CliResult<
             .and_then(|s| s.containers.first())
             .and_then(|c| c.image.as_deref())
             .and_then(image_digest);
+        let config = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_CONFIG_HASH).cloned());
         live.pods.push(LivePod {
             name: p.metadata.name.unwrap_or_default(),
             ready,
             digest,
+            config,
         });
     }
     live.pods.sort_by(|a, b| a.name.cmp(&b.name));
@@ -202,13 +227,19 @@ pub fn pending(record: &ServiceRecord, live: &Live) -> Option<String> {
                     live.replicas, record.replicas
                 ));
             }
+            if live.spec_hash.as_deref() != Some(record.spec_hash.to_string().as_str()) {
+                return Some(format!(
+                    "StatefulSet not applied from record v{} yet",
+                    record.version
+                ));
+            }
             if live.template_digest != digest {
                 return Some("StatefulSet template not on the recorded digest yet".into());
             }
             let good = live
                 .pods
                 .iter()
-                .filter(|p| p.ready && p.digest == digest)
+                .filter(|p| p.ready && p.digest == digest && p.config == live.template_config)
                 .count();
             if good != n || live.pods.len() != n {
                 return Some(format!(
@@ -219,7 +250,11 @@ pub fn pending(record: &ServiceRecord, live: &Live) -> Option<String> {
             None
         }
         ServiceState::Paused => {
-            if !live.statefulset || live.replicas != Some(0) || !live.pods.is_empty() {
+            if live.spec_hash.as_deref() != Some(record.spec_hash.to_string().as_str())
+                || !live.statefulset
+                || live.replicas != Some(0)
+                || !live.pods.is_empty()
+            {
                 return Some(format!(
                     "paused: StatefulSet replicas {:?}, {} pods",
                     live.replicas,
@@ -246,7 +281,7 @@ pub fn ready_on_digest(record: &ServiceRecord, live: &Live) -> usize {
     let digest = record.spec.image.digest().map(Digest::to_string);
     live.pods
         .iter()
-        .filter(|p| p.ready && p.digest == digest)
+        .filter(|p| p.ready && p.digest == digest && p.config == live.template_config)
         .count()
 }
 
@@ -348,6 +383,7 @@ mod tests {
                 name: format!("x-{i}"),
                 ready,
                 digest: Some(digest.to_string()),
+                config: Some("c1".into()),
             })
             .collect()
     }
@@ -361,9 +397,19 @@ mod tests {
             replicas: Some(3),
             ready_replicas: 3,
             template_digest: Some(d.to_string()),
+            spec_hash: Some(r.spec_hash.to_string()),
+            template_config: Some("c1".into()),
             pods: pods(3, true, &d),
         };
         assert_eq!(pending(&r, &l), None);
+        // Applied from another record version: not yet.
+        l.spec_hash = Some(Digest::of(b"other").to_string());
+        assert!(pending(&r, &l).expect("pending").contains("not applied"));
+        l.spec_hash = Some(r.spec_hash.to_string());
+        // Pods that started with other environment values: not yet.
+        l.template_config = Some("c2".into());
+        assert!(pending(&r, &l).expect("pending").contains("0/3"));
+        l.template_config = Some("c1".into());
         l.pods[1].ready = false;
         assert!(pending(&r, &l).expect("pending").contains("2/3"));
         l.pods = pods(3, true, &Digest::of(b"old"));
@@ -383,6 +429,8 @@ mod tests {
             replicas: Some(0),
             ready_replicas: 0,
             template_digest: Some(d.to_string()),
+            spec_hash: Some(record(ServiceState::Paused, 3).spec_hash.to_string()),
+            template_config: None,
             pods: vec![],
         };
         assert_eq!(pending(&record(ServiceState::Paused, 3), &paused), None);

@@ -120,6 +120,34 @@ fn assert_running(stack: &Stack, ns: &str, id: &str, replicas: i64, digest: &str
     );
 }
 
+/// Asserts the StatefulSet was applied from `rec` (its spec-hash annotation) and every
+/// pod started with the template's environment values (config-hash annotation).
+fn assert_applied(stack: &Stack, ns: &str, id: &str, rec: &ServiceRecord) {
+    let s = stack.get_json(ns, "statefulset", id).expect("StatefulSet");
+    assert_eq!(
+        s["metadata"]["annotations"]["br2k.io/spec-hash"],
+        rec.spec_hash.to_string().as_str()
+    );
+    let config = s["spec"]["template"]["metadata"]["annotations"]["br2k.io/config-hash"].clone();
+    let (ok, text) = stack.kubectl(&["-n", ns, "get", "pods", "-o", "json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("json");
+    for p in v["items"].as_array().into_iter().flatten() {
+        if p["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("{id}-"))
+            && p["metadata"]["deletionTimestamp"].is_null()
+        {
+            assert_eq!(
+                p["metadata"]["annotations"]["br2k.io/config-hash"], config,
+                "pod {}",
+                p["metadata"]["name"]
+            );
+        }
+    }
+}
+
 fn journal(dir: &Path) -> Value {
     std::fs::read(dir.join("br2k.journal.json"))
         .ok()
@@ -366,6 +394,32 @@ fn lifecycle_with_the_operator() {
             assert_running(&stack, &ns, &service, 3, &new_digest);
         }
 
+        // A change of environment values only (same digest): deploy waits until every
+        // pod runs with the new values.
+        let text = std::fs::read_to_string(proj.join("br2k.toml")).expect("toml");
+        std::fs::write(
+            proj.join("br2k.toml"),
+            text.replace("LOG_LEVEL = \"info\"", "LOG_LEVEL = \"debug\""),
+        )
+        .expect("write");
+        let r = cli
+            .run(&proj, &["deploy", "-o", "json", "--timeout", "120"])
+            .json();
+        assert_eq!(r["published"], true);
+        let rec = chain.active(&id);
+        assert_eq!(
+            rec.spec.env.get("LOG_LEVEL").map(String::as_str),
+            Some("debug")
+        );
+        assert_applied(&stack, &ns, &service, &rec);
+        assert_running(
+            &stack,
+            &ns,
+            &service,
+            3,
+            r["digest"].as_str().expect("digest"),
+        );
+
         // scale, rollback, pause, resume, stop: each ends in the recorded state.
         let latest = chain.active(&id).version;
         cli.run(dir, &["scale", &service, "2", "--wait", "--timeout", "60"])
@@ -403,6 +457,7 @@ fn lifecycle_with_the_operator() {
             (1, latest, 3)
         );
         assert_running(&stack, &ns, &service, 3, &digest);
+        assert_applied(&stack, &ns, &service, &rec);
 
         cli.run(dir, &["pause", &service, "--wait", "--timeout", "60"])
             .ok();

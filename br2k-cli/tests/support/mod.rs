@@ -431,6 +431,7 @@ pub fn operator_bin() -> PathBuf {
 /// The operator as its own process, killed on drop.
 pub struct Operator {
     child: Option<Child>,
+    stack: Stack,
     /// Its lease name.
     pub lease: String,
     /// Its log file.
@@ -474,16 +475,29 @@ impl Operator {
             .expect("spawn operator");
         Self {
             child: Some(child),
+            stack: stack.clone(),
             lease,
             log,
         }
     }
 
-    /// SIGTERM (it releases its lease), then SIGKILL after 10 s.
+    /// SIGTERM (it releases its lease), then SIGKILL after 10 s; deletes the lease.
     pub fn terminate(&mut self) {
         let Some(mut c) = self.child.take() else {
             return;
         };
+        let lease = self.lease.clone();
+        let stack = self.stack.clone();
+        let _guard = Defer(move || {
+            let _ = stack.kubectl(&[
+                "-n",
+                "br2k-system",
+                "delete",
+                "lease",
+                &lease,
+                "--ignore-not-found",
+            ]);
+        });
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(c.id().to_string())
@@ -504,6 +518,15 @@ impl Operator {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Runs a closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 
