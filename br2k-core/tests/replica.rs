@@ -230,7 +230,7 @@ async fn checkpoints_compact_and_a_new_replica_joins_from_one() {
     }
     // Checkpoints are taken in the background: wait for the second one (a fixed sleep
     // failed on a loaded machine) and for the compaction it allows.
-    let cp = eventually(Duration::from_secs(10), "a second checkpoint", || async {
+    eventually(Duration::from_secs(10), "a second checkpoint", || async {
         match c.registry.active(&c.id).await.unwrap().checkpoint {
             Some(cp) if cp.state_version >= 2 => Ok(cp),
             other => Err(format!("{other:?}")),
