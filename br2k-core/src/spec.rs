@@ -225,11 +225,22 @@ impl ServiceSpec {
             }
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut numbers = std::collections::BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
-            if !is_dns_label(&p.name, 15) {
+            // Kubernetes' IANA service name: a DNS label with a letter and no "--".
+            if !is_dns_label(&p.name, 15)
+                || !p.name.bytes().any(|c| c.is_ascii_lowercase())
+                || p.name.contains("--")
+            {
                 return Err(ValidationError::spec(
                     format!("ports[{i}].name"),
-                    "must be a DNS label of at most 15 characters",
+                    "must be a DNS label of at most 15 characters with a letter and no \"--\"",
+                ));
+            }
+            if !numbers.insert(p.port) {
+                return Err(ValidationError::spec(
+                    format!("ports[{i}].port"),
+                    "duplicate port number",
                 ));
             }
             if p.port == 0 {

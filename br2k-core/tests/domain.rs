@@ -214,6 +214,20 @@ fn spec_validation_names_the_field() {
     let mut s = ok.clone();
     s.ports[0].name = "a-very-long-port-name".into();
     assert_eq!(spec_err(&s), "ports[0].name");
+    // What the API server would refuse: a name without a letter or with "--", and a
+    // port number used twice.
+    for bad in ["8080", "a--b"] {
+        let mut s = ok.clone();
+        s.ports[0].name = bad.into();
+        assert_eq!(spec_err(&s), "ports[0].name", "{bad}");
+    }
+    let mut s = ok.clone();
+    let dup = s.ports[0].port;
+    s.ports.push(Port {
+        name: "other".into(),
+        port: dup,
+    });
+    assert_eq!(spec_err(&s), "ports[1].port");
 
     let mut s = ok.clone();
     s.env.insert("1BAD".into(), "x".into());
