@@ -165,6 +165,10 @@ pub struct ActionOutcome {
     pub duration: Duration,
     /// Error text when it failed.
     pub error: Option<String>,
+    /// The error's kind ([`crate::Error::kind`]) when it failed: `invalid_input` means
+    /// a backend refused what the record asks for, which no retry will change.
+    #[serde(default)]
+    pub error_kind: Option<String>,
 }
 
 /// Overall result of a recovery.

@@ -292,6 +292,16 @@ async fn publish(ctx: &Context, obj: &Br2kService, report: &RecoveryReport) {
     }
 }
 
+/// The message of a recovery action that a backend refused as invalid input (the
+/// API server answered 400/422 to what the record asks for), if any.
+fn refused_by_backend(report: &RecoveryReport) -> Option<String> {
+    report
+        .actions
+        .iter()
+        .find(|o| o.error_kind.as_deref() == Some("invalid_input"))
+        .and_then(|o| o.error.clone())
+}
+
 /// Reports an invalid resource (`Valid=False` with `reason`) and waits for it to
 /// change: nothing is retried until then.
 async fn refuse(
@@ -472,7 +482,16 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         .collect();
     let workload_ready = report.converged && workload_wrong.is_empty();
     let healthy = workload_ready && now_wrong.is_empty() && unrepairable.is_empty();
-    let phase = if healthy {
+    // The API server refused what the record asks for: no retry will change that,
+    // only a new record (checked again at the capped backoff) or a new operator.
+    let refused = refused_by_backend(&report);
+    let valid = match &refused {
+        Some(why) => condition("Valid", false, "RefusedByKubernetes", why.clone()),
+        None => condition("Valid", true, "Valid", "spec is valid"),
+    };
+    let phase = if refused.is_some() {
+        "Error"
+    } else if healthy {
         "Healthy"
     } else if workload_ready {
         // Serving the record, but something it relies on is wrong.
@@ -487,7 +506,7 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         &ctx.client,
         phase,
         vec![
-            condition("Valid", true, "Valid", "spec is valid"),
+            valid,
             condition(
                 "ChainAvailable",
                 !chain_down,
@@ -555,9 +574,18 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
             *n = n.saturating_add(1);
             *n
         };
-        Action::requeue(jittered(unsettled_backoff(n)))
+        // A refusal is not undone by retrying soon: at least 10 s between tries.
+        let floor = if refused.is_some() {
+            REFUSED_RETRY
+        } else {
+            Duration::ZERO
+        };
+        Action::requeue(jittered(unsettled_backoff(n).max(floor)))
     })
 }
+
+/// The shortest delay before a record the API server refused is tried again.
+const REFUSED_RETRY: Duration = Duration::from_secs(10);
 
 /// Delay before re-checking a resource that is not healthy after `n` consecutive
 /// reconciles: 500 ms, doubling, at most 60 s.

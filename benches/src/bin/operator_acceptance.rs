@@ -6,7 +6,9 @@
 //! Usage: `operator_acceptance [N] [--output json] [--classes a,b,...]` (N defaults to
 //! 5). Needs the stack's environment (`source .stack/env`); the operator binary is
 //! `BR2K_OPERATOR_BIN`, else `br2k-operator` beside this binary. `scripts/acceptance`
-//! builds both and runs this.
+//! builds both and runs this. The operator runs with `--resync-seconds` and
+//! `--verify-seconds` from `BR2K_ACCEPTANCE_RESYNC_SECONDS` and
+//! `BR2K_ACCEPTANCE_VERIFY_SECONDS` (2 each by default).
 
 #[path = "../../../br2k-operator/tests/support/acceptance.rs"]
 mod acceptance;
@@ -199,8 +201,10 @@ async fn main() {
     let o = options();
     let bin = operator_bin();
     eprintln!(
-        "[operator_acceptance] operator {}; {} round(s) of {} class(es)",
+        "[operator_acceptance] operator {} (resync {} s, verify {} s); {} round(s) of {} class(es)",
         bin.display(),
+        std::env::var("BR2K_ACCEPTANCE_RESYNC_SECONDS").unwrap_or("2".into()),
+        std::env::var("BR2K_ACCEPTANCE_VERIFY_SECONDS").unwrap_or("2".into()),
         o.runs,
         o.classes.len()
     );

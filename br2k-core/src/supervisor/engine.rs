@@ -687,10 +687,12 @@ impl Supervisor {
             if let Err(e) = &result {
                 tracing::warn!(id = %diagnosis.id, ?action, error = %e, "recovery action failed");
             }
+            let err = result.err();
             outcomes.push(ActionOutcome {
                 action,
                 duration: t.elapsed(),
-                error: result.err().map(|e| e.to_string()),
+                error_kind: err.as_ref().map(|e| e.kind().to_owned()),
+                error: err.map(|e| e.to_string()),
             });
         }
         let failed = outcomes.iter().filter(|o| o.error.is_some()).count();

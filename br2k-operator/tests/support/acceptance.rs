@@ -94,12 +94,15 @@ pub enum Class {
     OperatorKilledMidRecovery,
     /// A service whose spec has no ports deploys.
     NoPortsDeploys,
+    /// A service whose StatefulSet the cluster refuses (a ValidatingAdmissionPolicy):
+    /// reported as `Valid=False` without a loop, deployed once the policy is gone.
+    RefusedByCluster,
 }
 
 impl Class {
     /// Every class, in the order the harness runs them (the blob corruption last of
     /// the registry classes; it restores the bytes afterwards in any case).
-    pub const ALL: [Class; 15] = [
+    pub const ALL: [Class; 16] = [
         Class::StatefulSetDeleted,
         Class::ImageChanged,
         Class::Scaled,
@@ -115,6 +118,7 @@ impl Class {
         Class::ChainRpcStopped,
         Class::OperatorKilledMidRecovery,
         Class::NoPortsDeploys,
+        Class::RefusedByCluster,
     ];
 
     /// The class's name (snake case).
@@ -135,6 +139,7 @@ impl Class {
             Class::ChainRpcStopped => "chain_rpc_stopped",
             Class::OperatorKilledMidRecovery => "operator_killed_mid_recovery",
             Class::NoPortsDeploys => "no_ports_deploys",
+            Class::RefusedByCluster => "refused_by_cluster",
         }
     }
 
@@ -148,7 +153,10 @@ impl Class {
     pub fn lasting(self) -> bool {
         matches!(
             self,
-            Class::PrimaryStopped | Class::BlobCorruptedOnPrimary | Class::ChainRpcStopped
+            Class::PrimaryStopped
+                | Class::BlobCorruptedOnPrimary
+                | Class::ChainRpcStopped
+                | Class::RefusedByCluster
         )
     }
 }
@@ -628,6 +636,11 @@ impl OperatorProc {
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
         let _ = writeln!(out, "===== harness: starting {}", self.bin.display());
         let err = out.try_clone().map_err(|e| e.to_string())?;
+        // The periods can be shortened for a run (the bench's `--verify-seconds`):
+        // on-disk corruption has no signal, so its detection waits for them.
+        let resync = std::env::var("BR2K_ACCEPTANCE_RESYNC_SECONDS").unwrap_or("2".into());
+        let verify = std::env::var("BR2K_ACCEPTANCE_VERIFY_SECONDS").unwrap_or("2".into());
+        let _ = writeln!(out, "===== harness: resync {resync} s, verify {verify} s");
         let child = Command::new(&self.bin)
             .args([
                 "--metrics-addr",
@@ -640,9 +653,9 @@ impl OperatorProc {
                 self.identity.as_str(),
                 "--insecure-loopback-registries",
                 "--resync-seconds",
-                "2",
+                resync.as_str(),
                 "--verify-seconds",
-                "2",
+                verify.as_str(),
                 "--lease-seconds",
                 "4",
             ])
@@ -1446,6 +1459,7 @@ impl Harness {
             Class::ChainRpcStopped => self.chain_rpc_stopped(&mut r).await,
             Class::OperatorKilledMidRecovery => self.operator_killed(&mut r).await,
             Class::NoPortsDeploys => self.no_ports(&mut r).await,
+            Class::RefusedByCluster => self.refused_by_cluster(&mut r).await,
         };
         if let Err(e) = res {
             r.note(e);
@@ -2093,6 +2107,198 @@ impl Harness {
         }
         res
     }
+
+    /// A cluster policy refuses the service's StatefulSet: the resource must say
+    /// `Valid=False` (reason `RefusedByKubernetes`) with no StatefulSet created and no
+    /// loop while the policy stays; once it is deleted the service deploys.
+    async fn refused_by_cluster(&mut self, r: &mut ClassResult) -> Result<(), String> {
+        self.no_ports_runs += 1;
+        let n = self.no_ports_runs;
+        let id = ServiceId::new(format!("acc-{}-rf{n}", self.unique)).map_err(|e| e.to_string())?;
+        let names = Names::of(&id);
+        let policy = format!("br2k-acc-{}-{n}", self.unique);
+        let file = self.dir.join(format!("{policy}.yaml"));
+        fs::write(&file, deny_policy(&policy, &self.ns, DENIED_ENV))
+            .map_err(|e| format!("write {}: {e}", file.display()))?;
+        let file = file.display().to_string();
+        self.kubectl(&["apply", "-f", &file]).await?;
+        let res = self.refused_while_policy(r, &id, n, &names).await;
+        // Lift the policy whatever happened: the service then deploys.
+        if let Err(e) = self.kubectl(&["delete", "-f", &file, "--wait=true"]).await {
+            r.problem(format!("delete the policy: {e}"));
+        }
+        let cr_name = format!("refused-{n}");
+        if res.is_ok() {
+            let t0 = Instant::now();
+            match poll(
+                RECOVERY_TIMEOUT,
+                "deployed once the policy is gone",
+                async || {
+                    let s = self.live_sts(&names.base).await?;
+                    if ready(&s) == REPLICAS && observed(&s) {
+                        Ok(())
+                    } else {
+                        Err(sts_summary(&s))
+                    }
+                },
+            )
+            .await
+            {
+                Ok(()) => r.note(format!(
+                    "deployed {} ms after the policy was deleted (backoff)",
+                    t0.elapsed().as_millis()
+                )),
+                Err(e) => r.problem(e),
+            }
+        }
+        let crs = self.crs();
+        if let Err(e) = crs.delete(&cr_name, &DeleteParams::default()).await {
+            r.problem(format!("delete {cr_name}: {e}"));
+        } else if let Err(e) = poll(
+            RECOVERY_TIMEOUT,
+            "refused resource removed",
+            async || match crs.get_opt(&cr_name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_owned()),
+            },
+        )
+        .await
+        {
+            r.problem(e);
+        }
+        res
+    }
+
+    /// With the deny policy in place: registers the service, creates its resource and
+    /// measures the time until it is reported refused; then the CPU window.
+    async fn refused_while_policy(
+        &mut self,
+        r: &mut ClassResult,
+        id: &ServiceId,
+        n: u32,
+        names: &Names,
+    ) -> Result<(), String> {
+        // The API server enforces a new policy once its informer has it: wait until a
+        // server-side dry run of such a StatefulSet is refused.
+        let probe = self.dir.join(format!("probe-{n}.yaml"));
+        fs::write(
+            &probe,
+            denied_statefulset(&format!("probe-{n}"), DENIED_ENV),
+        )
+        .map_err(|e| e.to_string())?;
+        let probe = probe.display().to_string();
+        poll(RECOVERY_TIMEOUT, "policy enforced", async || {
+            match self
+                .kubectl(&["apply", "--dry-run=server", "-f", &probe])
+                .await
+            {
+                Err(e) if e.contains("BR2K_ACCEPTANCE_DENY") => Ok(()),
+                Err(e) => Err(e),
+                Ok(out) => Err(format!("not refused yet: {}", out.trim())),
+            }
+        })
+        .await?;
+        let mut spec =
+            ServiceSpec::new(self.image.clone(), REPLICAS as u32).map_err(|e| e.to_string())?;
+        spec.env = BTreeMap::from([(DENIED_ENV.to_owned(), "1".to_owned())]);
+        register(&self.chain, id, &spec).await?;
+        let cr_name = format!("refused-{n}");
+        let before = self.reconciles().await.ok();
+        self.crs()
+            .create(
+                &PostParams::default(),
+                &Br2kService::new(&cr_name, self.cr_spec(id)),
+            )
+            .await
+            .map_err(|e| format!("create {cr_name}: {e}"))?;
+        let t0 = Instant::now();
+        let sts: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.ns);
+        self.measure(r, t0, before, "reported refused", async || {
+            let o = self.crs().get(&cr_name).await.map_err(|e| e.to_string())?;
+            let st = o.status.unwrap_or_default();
+            let valid = st.conditions.iter().find(|c| c.type_ == "Valid");
+            let refused = valid.is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == "RefusedByKubernetes"
+                    && c.message.contains("BR2K_ACCEPTANCE_DENY")
+            });
+            if !refused {
+                return Err(format!("phase {:?}, Valid {valid:?}", st.phase));
+            }
+            // Independently: the API server holds no StatefulSet for it.
+            match sts.get_opt(&names.base).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err(format!("StatefulSet {} exists", names.base)),
+            }
+        })
+        .await?;
+        self.measure_cpu(r).await;
+        Ok(())
+    }
+}
+
+/// The env var the acceptance policy forbids.
+const DENIED_ENV: &str = "BR2K_ACCEPTANCE_DENY";
+
+/// A ValidatingAdmissionPolicy (and its binding, for namespace `ns`) that refuses any
+/// StatefulSet whose containers set env var `env`.
+fn deny_policy(name: &str, ns: &str, env: &str) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {name}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: ["apps"]
+      apiVersions: ["v1"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["statefulsets"]
+  validations:
+  - expression: "!object.spec.template.spec.containers.exists(c, has(c.env) && c.env.exists(e, e.name == '{env}'))"
+    message: "this cluster forbids {env}"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {name}
+spec:
+  policyName: {name}
+  validationActions: ["Deny"]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {ns}
+"#
+    )
+}
+
+/// A minimal StatefulSet `name` that sets env var `env` (for a server-side dry run).
+fn denied_statefulset(name: &str, env: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: {name}
+spec:
+  serviceName: {name}
+  replicas: 0
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+      - name: c
+        image: example.invalid/probe:1
+        env:
+        - name: {env}
+          value: "1"
+"#
+    )
 }
 
 impl Drop for Harness {
