@@ -8,7 +8,8 @@
 //! `BR2K_OPERATOR_BIN`, else `br2k-operator` beside this binary. `scripts/acceptance`
 //! builds both and runs this. The operator runs with `--resync-seconds` and
 //! `--verify-seconds` from `BR2K_ACCEPTANCE_RESYNC_SECONDS` and
-//! `BR2K_ACCEPTANCE_VERIFY_SECONDS` (2 each by default).
+//! `BR2K_ACCEPTANCE_VERIFY_SECONDS` (2 each by default). The work directory (with the
+//! operator's log) is kept when a class fails or `BR2K_ACCEPTANCE_KEEP` is set.
 
 #[path = "../../../br2k-operator/tests/support/acceptance.rs"]
 mod acceptance;
@@ -226,6 +227,8 @@ async fn main() {
     let any_failed = results.iter().any(|r| !r.passed());
     if any_failed {
         eprintln!("--- operator log (tail) ---\n{}", h.log_tail(100));
+    }
+    if any_failed || std::env::var_os("BR2K_ACCEPTANCE_KEEP").is_some() {
         h.keep_dir();
     }
     h.shutdown().await;
