@@ -122,6 +122,10 @@ enum Command {
         service: Option<String>,
         #[command(flatten)]
         file: FileArg,
+        /// Keep running: print again on every change (watch events of the StatefulSet,
+        /// its pods and the resource; registry changes). With `-o json`, one line each.
+        #[arg(long)]
+        watch: bool,
     },
     /// Every version with publisher, block, transaction and time.
     #[command(after_help = EXIT_CODES)]
@@ -444,7 +448,11 @@ async fn run(cli: Cli) -> CliResult<u8> {
             };
             diff(&cli, &ctx, &opts, *exit_code).await
         }
-        Command::Status { service, file } => status(&cli, service.as_deref(), &file.file).await,
+        Command::Status {
+            service,
+            file,
+            watch,
+        } => status(&cli, service.as_deref(), &file.file, *watch).await,
         Command::History { service } => history(&cli, service).await,
         Command::Scale {
             service,
@@ -976,17 +984,16 @@ fn state_name(s: ServiceState) -> String {
     s.to_string()
 }
 
-async fn status(cli: &Cli, service: Option<&str>, file: &std::path::Path) -> CliResult<u8> {
-    let (_, ctx) = current(cli)?;
-    let id = match service {
-        Some(s) => service_id(s)?,
-        None => deploy::open(file)?.0.id(),
-    };
-    let reg = chain::connect(&ctx, false).await?;
-    let rec = reg.active(&id).await.for_service(&id)?;
-    let client = ctx.kube().await?;
-    let live = kube::live(&client, &ctx.namespace, &id).await?;
-    let st = kube::cr_status(&client, &ctx.namespace, &id).await?;
+/// The status of `id` as JSON: the record next to the live state and the operator's.
+async fn snapshot(
+    reg: &br2k_chain::ChainRegistry,
+    client: &::kube::Client,
+    ns: &str,
+    id: &ServiceId,
+) -> CliResult<serde_json::Value> {
+    let rec = reg.active(id).await.for_service(id)?;
+    let live = kube::live(client, ns, id).await?;
+    let st = kube::cr_status(client, ns, id).await?;
     let pending = kube::pending(&rec, &live);
     let digest = rec
         .spec
@@ -998,103 +1005,218 @@ async fn status(cli: &Cli, service: Option<&str>, file: &std::path::Path) -> Cli
     let mut running: Vec<String> = live.pods.iter().filter_map(|p| p.digest.clone()).collect();
     running.sort();
     running.dedup();
-    if cli.output == Output::Json {
-        print_json(&json!({
-            "service": id.as_str(),
-            "record": {
-                "version": rec.version,
-                "latest_version": rec.latest_version,
-                "digest": digest,
-                "image": rec.spec.image.to_string(),
-                "replicas": rec.replicas,
-                "state": state_name(rec.state),
-                "owner": rec.owner.0,
-                "location": rec.location,
-                "checkpoint": rec.checkpoint,
-                "block": rec.as_of,
-            },
-            "live": {
-                "statefulset": live.statefulset,
-                "replicas": live.replicas,
-                "ready_replicas": live.ready_replicas,
-                "ready_on_digest": ready,
-                "running_digests": running,
-                "pods": live.pods,
-            },
-            "in_sync": pending.is_none(),
-            "pending": pending,
-            "operator": st,
-        }));
+    Ok(json!({
+        "service": id.as_str(),
+        "record": {
+            "version": rec.version,
+            "latest_version": rec.latest_version,
+            "digest": digest,
+            "image": rec.spec.image.to_string(),
+            "replicas": rec.replicas,
+            "state": state_name(rec.state),
+            "owner": rec.owner.0,
+            "location": rec.location,
+            "checkpoint": rec.checkpoint,
+            "block": rec.as_of,
+            "stale": rec.stale,
+        },
+        "live": {
+            "statefulset": live.statefulset,
+            "replicas": live.replicas,
+            "ready_replicas": live.ready_replicas,
+            "ready_on_digest": ready,
+            "running_digests": running,
+            "pods": live.pods,
+        },
+        "in_sync": pending.is_none(),
+        "pending": pending,
+        "operator": st,
+    }))
+}
+
+fn render_status(v: &serde_json::Value) {
+    let s = |p: &serde_json::Value| match p {
+        serde_json::Value::String(x) => x.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let r = &v["record"];
+    let l = &v["live"];
+    let op = &v["operator"];
+    let cond = op["conditions"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| format!("{}={}", s(&c["type"]), s(&c["status"])))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "-".into());
+    let last = &op["lastRecovery"];
+    let last = if last.is_null() {
+        "-".into()
     } else {
-        let cond = st
-            .as_ref()
-            .map(|s| {
-                s.conditions
-                    .iter()
-                    .map(|c| format!("{}={}", c.type_, c.status))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_else(|| "-".into());
-        let last = st
-            .as_ref()
-            .and_then(|s| s.last_recovery.as_ref())
-            .map(|l| {
-                format!(
-                    "{} {} ({} ms, {})",
-                    l.time,
-                    l.outcome,
-                    l.duration_ms,
-                    l.findings.join(",")
-                )
-            })
-            .unwrap_or_else(|| "-".into());
-        let rows = vec![
-            vec![
-                "version".into(),
-                format!("{} (latest {})", rec.version, rec.latest_version),
-                String::new(),
-            ],
-            vec!["state".into(), state_name(rec.state), String::new()],
-            vec!["digest".into(), digest.clone(), running.join(",")],
-            vec![
-                "replicas".into(),
-                rec.replicas.to_string(),
-                format!("{ready} ready on the digest ({} pods)", live.pods.len()),
-            ],
-            vec![
-                "location".into(),
-                rec.location
-                    .as_ref()
-                    .map(|l| l.endpoint.clone())
-                    .unwrap_or_else(|| "-".into()),
-                String::new(),
-            ],
-            vec![
-                "checkpoint".into(),
-                rec.checkpoint
-                    .as_ref()
-                    .map(|c| format!("v{} @{}", c.state_version, c.log_index))
-                    .unwrap_or_else(|| "-".into()),
-                String::new(),
-            ],
-            vec![
-                "operator".into(),
-                String::new(),
-                st.as_ref()
-                    .and_then(|s| s.phase.clone())
-                    .unwrap_or_else(|| "-".into()),
-            ],
-            vec!["conditions".into(), String::new(), cond],
-            vec!["last recovery".into(), String::new(), last],
-            vec![
-                "in sync".into(),
-                String::new(),
-                pending.clone().map_or("yes".into(), |p| format!("no: {p}")),
-            ],
-        ];
-        println!("service {id}");
-        table(&["", "on chain", "live"], &rows);
+        format!(
+            "{} {} ({} ms, {})",
+            s(&last["time"]),
+            s(&last["outcome"]),
+            s(&last["durationMs"]),
+            last["findings"]
+                .as_array()
+                .map(|f| f.iter().map(&s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default()
+        )
+    };
+    let running = l["running_digests"]
+        .as_array()
+        .map(|d| d.iter().map(&s).collect::<Vec<_>>().join(","))
+        .unwrap_or_default();
+    let checkpoint = if r["checkpoint"].is_null() {
+        "-".into()
+    } else {
+        format!(
+            "v{} @{}",
+            s(&r["checkpoint"]["state_version"]),
+            s(&r["checkpoint"]["log_index"])
+        )
+    };
+    let rows = vec![
+        vec![
+            "version".into(),
+            format!("{} (latest {})", s(&r["version"]), s(&r["latest_version"])),
+            String::new(),
+        ],
+        vec!["state".into(), s(&r["state"]), String::new()],
+        vec!["digest".into(), s(&r["digest"]), running],
+        vec![
+            "replicas".into(),
+            s(&r["replicas"]),
+            format!(
+                "{} ready on the digest ({} pods)",
+                s(&l["ready_on_digest"]),
+                l["pods"].as_array().map_or(0, Vec::len)
+            ),
+        ],
+        vec![
+            "location".into(),
+            if r["location"].is_null() {
+                "-".into()
+            } else {
+                s(&r["location"]["endpoint"])
+            },
+            String::new(),
+        ],
+        vec!["checkpoint".into(), checkpoint, String::new()],
+        vec!["operator".into(), String::new(), s(&op["phase"])],
+        vec!["conditions".into(), String::new(), cond],
+        vec!["last recovery".into(), String::new(), last],
+        vec![
+            "in sync".into(),
+            String::new(),
+            if v["in_sync"] == true {
+                "yes".into()
+            } else {
+                format!("no: {}", s(&v["pending"]))
+            },
+        ],
+    ];
+    println!("service {}", s(&v["service"]));
+    table(&["", "on chain", "live"], &rows);
+}
+
+/// The snapshot without what changes on every read (the block it was read at).
+fn comparable(v: &serde_json::Value) -> serde_json::Value {
+    let mut v = v.clone();
+    v["record"]["block"] = serde_json::Value::Null;
+    v
+}
+
+async fn status(
+    cli: &Cli,
+    service: Option<&str>,
+    file: &std::path::Path,
+    watch: bool,
+) -> CliResult<u8> {
+    let (_, ctx) = current(cli)?;
+    let id = match service {
+        Some(s) => service_id(s)?,
+        None => deploy::open(file)?.0.id(),
+    };
+    let reg = chain::connect(&ctx, false).await?;
+    let client = ctx.kube().await?;
+    let ns = ctx.namespace.clone();
+    let v = snapshot(&reg, &client, &ns, &id).await?;
+    let show = |v: &serde_json::Value| {
+        if cli.output == Output::Json {
+            if watch {
+                // One line per change.
+                println!("{v}");
+            } else {
+                print_json(v);
+            }
+        } else {
+            if watch && std::io::stdout().is_terminal() {
+                print!("\x1b[2J\x1b[H");
+            }
+            render_status(v);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    };
+    show(&v);
+    if !watch {
+        return Ok(EXIT_OK);
+    }
+    // Refresh on every watch event of the StatefulSet, the pods and the resource, and
+    // on every registry change of the service (the chain is polled every second).
+    use ::kube::runtime::watcher;
+    use futures::StreamExt;
+    let names = br2k_k8s::Names::of(&id);
+    let sts = watcher(
+        ::kube::Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client.clone(), &ns),
+        watcher::Config::default().fields(&format!("metadata.name={}", names.base)),
+    )
+    .map(|_| ());
+    let pods = watcher(
+        ::kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns),
+        watcher::Config::default().labels(&br2k_k8s::names::selector_string(&id)),
+    )
+    .map(|_| ());
+    let crs = watcher(
+        ::kube::Api::<br2k_operator::crd::Br2kService>::namespaced(client.clone(), &ns),
+        watcher::Config::default().fields(&format!("metadata.name={id}")),
+    )
+    .map(|_| ());
+    let changes = reg
+        .changes()
+        .await
+        .for_service(&id)?
+        .filter(|c| {
+            let ours = c.as_ref().map(|c| c.id == id).unwrap_or(true);
+            async move { ours }
+        })
+        .map(|_| ());
+    let mut events = futures::stream::select_all(vec![
+        sts.boxed(),
+        pods.boxed(),
+        crs.boxed(),
+        changes.boxed(),
+    ]);
+    let mut last = comparable(&v);
+    while events.next().await.is_some() {
+        // Coalesce a burst of events into one read.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Some(Some(())) = futures::FutureExt::now_or_never(events.next()) {}
+        match snapshot(&reg, &client, &ns, &id).await {
+            Ok(v) => {
+                let c = comparable(&v);
+                if c != last {
+                    last = c;
+                    show(&v);
+                }
+            }
+            Err(e) => eprintln!("{e}"),
+        }
     }
     Ok(EXIT_OK)
 }

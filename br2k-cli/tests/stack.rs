@@ -422,8 +422,45 @@ fn lifecycle_with_the_operator() {
 
         // scale, rollback, pause, resume, stop: each ends in the recorded state.
         let latest = chain.active(&id).version;
+        // `status --watch` prints a line on each change: it sees the scale through.
+        let (mut watcher, lines) =
+            cli.spawn_lines(dir, &["status", &service, "--watch", "-o", "json"]);
+        poll(Duration::from_secs(30), "first status line", || {
+            let n = lines.lock().expect("lines").len();
+            if n > 0 {
+                Ok(())
+            } else {
+                Err("no line".to_owned())
+            }
+        });
         cli.run(dir, &["scale", &service, "2", "--wait", "--timeout", "60"])
             .ok();
+        poll(
+            Duration::from_secs(30),
+            "status --watch shows 2 replicas in sync",
+            || {
+                let l = lines.lock().expect("lines");
+                let seen: Vec<Value> = l
+                    .iter()
+                    .filter_map(|x| serde_json::from_str(x).ok())
+                    .collect();
+                if seen.iter().any(|v| {
+                    v["record"]["replicas"] == 2
+                        && v["live"]["ready_on_digest"] == 2
+                        && v["in_sync"] == true
+                }) {
+                    Ok(())
+                } else {
+                    Err(format!("{} lines, last {:?}", seen.len(), l.last()))
+                }
+            },
+        );
+        assert!(
+            lines.lock().expect("lines").len() >= 2,
+            "at least the first state and the scaled one"
+        );
+        let _ = watcher.kill();
+        let _ = watcher.wait();
         let rec = chain.active(&id);
         assert_eq!(rec.replicas, 2);
         let cur = rec
@@ -528,12 +565,17 @@ fn lifecycle_with_the_operator() {
                 Err(format!("{spec} {ready} {image}"))
             }
         });
-        let healthy = cli.run(dir, &["recover", &service, "-o", "json"]).json();
-        assert_eq!(
-            healthy["diagnosis"]["findings"],
-            serde_json::json!([]),
-            "{healthy}"
-        );
+        // Then a read-only diagnosis finds nothing (the adopted pods settle first).
+        poll(Duration::from_secs(30), "healthy after recover", || {
+            let d = cli
+                .run(dir, &["recover", &service, "--dry-run", "-o", "json"])
+                .json();
+            if d["diagnosis"]["findings"] == serde_json::json!([]) {
+                Ok(())
+            } else {
+                Err(d["diagnosis"]["findings"].to_string())
+            }
+        });
     }));
     let tail = operator.log_tail(40);
     operator.terminate();

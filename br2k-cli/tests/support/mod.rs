@@ -247,6 +247,31 @@ impl Br2k {
         }
     }
 
+    /// Starts `br2k ARGS` in `cwd`; its stdout lines are collected into the returned
+    /// list by a thread (stderr discarded).
+    pub fn spawn_lines(
+        &self,
+        cwd: &Path,
+        args: &[&str],
+    ) -> (Child, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::BufRead;
+        let mut child = self
+            .command(cwd, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn br2k");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        (child, lines)
+    }
+
     /// Starts `br2k ARGS` in `cwd` (output discarded).
     pub fn spawn(&self, cwd: &Path, args: &[&str]) -> Child {
         self.command(cwd, args)
