@@ -648,3 +648,107 @@ async fn waits_for_the_configured_confirmations() {
         "read at block {head}, registered in block {registered_at}: 3 confirmations"
     );
 }
+
+/// Calls a no-parameter anvil method (`evm_snapshot`) or one with a snapshot id
+/// (`evm_revert`) on `node`.
+async fn anvil_call(node: &AnvilInstance, method: &'static str, arg: Option<String>) -> String {
+    use alloy::providers::Provider;
+    let provider = ProviderBuilder::new().connect_http(url(node));
+    let answer: serde_json::Value = match arg {
+        None => provider.raw_request(method.into(), ()).await,
+        Some(a) => provider.raw_request(method.into(), (a,)).await,
+    }
+    .unwrap_or_else(|e| panic!("{method}: {e}"));
+    answer.to_string().trim_matches('"').to_owned()
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn a_reverted_chain_never_rolls_the_supervisor_back_nor_removes_the_workload() {
+    use br2k_core::conformance::sample_image;
+    use br2k_core::memory::{InMemoryImageStore, InMemoryReplicator};
+    use br2k_core::supervisor::Supervisor;
+    use br2k_core::{ImageRef, ImageStore, Replicator, Repository, ServiceSpec};
+
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let id = fresh("revert");
+    let store = InMemoryImageStore::new("primary.local");
+    let repo = Repository::new("br2k/app").unwrap();
+    let image = sample_image(7, 1, 256);
+    store.push(&repo, &image, Some("1")).await.unwrap();
+    let reference = ImageRef::new("primary.local", repo, Some("1"), Some(image.digest)).unwrap();
+    let v1 = ServiceSpec::new(reference, 2).unwrap();
+    let mut v2 = v1.clone();
+    v2.env.insert("MODE".into(), "v2".into());
+
+    let before_register = anvil_call(&node, "evm_snapshot", None).await;
+    owner.register(&id, &v1).await.expect("register");
+    owner
+        .set_state(&id, ServiceState::Running)
+        .await
+        .expect("start");
+    let before_v2 = anvil_call(&node, "evm_snapshot", None).await;
+    owner.publish(&id, &v2).await.expect("publish v2");
+
+    // The supervisor reads through a handle of its own (no signer needed).
+    let reader =
+        ChainRegistry::connect(ChainConfig::new(vec![url(&node)]).with_registry(owner.address()))
+            .await
+            .expect("read-only handle");
+    let replicator = InMemoryReplicator::new();
+    let sup = Supervisor::builder()
+        .registry(Arc::new(reader.clone()))
+        .replicator(Arc::new(replicator.clone()))
+        .image_store(Arc::new(store))
+        .build()
+        .unwrap();
+    sup.reconcile(&id).await.expect("deploy v2");
+    let applied = |r: &InMemoryReplicator| {
+        let r = r.clone();
+        let id = id.clone();
+        async move { r.observe(&id).await.unwrap().map(|o| o.applied_version) }
+    };
+    assert_eq!(applied(&replicator).await, Some(Some(2)), "v2 deployed");
+
+    // The chain goes back to before v2 (what a reorg or a lagging endpoint shows).
+    assert_eq!(
+        anvil_call(&node, "evm_revert", Some(before_v2)).await,
+        "true"
+    );
+    let read = reader.active(&id).await.expect("read after the revert");
+    assert_eq!(
+        (read.version, read.latest_version),
+        (1, 1),
+        "the chain itself now says v1"
+    );
+    let report = sup
+        .reconcile(&id)
+        .await
+        .expect("reconcile after the revert");
+    assert_eq!(report.diagnosis.record_version, Some(2), "{report:?}");
+    assert_eq!(
+        applied(&replicator).await,
+        Some(Some(2)),
+        "not rolled back to v1"
+    );
+
+    // Further back: the service is not registered at all. The workload stays.
+    assert_eq!(
+        anvil_call(&node, "evm_revert", Some(before_register)).await,
+        "true"
+    );
+    expect_kind(
+        reader.active(&id).await,
+        "not_found",
+        "after the second revert",
+    );
+    sup.reconcile(&id)
+        .await
+        .expect("reconcile after the second revert");
+    assert_eq!(
+        applied(&replicator).await,
+        Some(Some(2)),
+        "a single NotFound removed nothing"
+    );
+}

@@ -278,6 +278,23 @@ impl fmt::Debug for Supervisor {
     }
 }
 
+/// Whether `read` is older than `verified`, a record of the same service verified
+/// before: fewer versions (versions are only ever appended), an older checkpoint, or
+/// a different answer read at an earlier block.
+fn regresses(read: &ServiceRecord, verified: &ServiceRecord) -> bool {
+    let checkpoint = |r: &ServiceRecord| r.checkpoint.as_ref().map_or(0, |c| c.state_version);
+    if read.latest_version < verified.latest_version || checkpoint(read) < checkpoint(verified) {
+        return true;
+    }
+    let earlier = matches!((read.as_of, verified.as_of), (Some(a), Some(b)) if a < b);
+    earlier
+        && ServiceRecord {
+            as_of: verified.as_of,
+            stale: verified.stale,
+            ..read.clone()
+        } != *verified
+}
+
 fn classify(e: &Error) -> ImageStatus {
     match e {
         Error::NotFound { .. } => ImageStatus::Missing,
@@ -349,17 +366,41 @@ impl Supervisor {
             Ok(rec) => rec.verify().map(|()| rec),
             Err(e) => Err(e),
         };
+        let verified = lock(&self.records).get(id).cloned();
         match read {
             Ok(rec) => {
+                if let Some(prev) = verified.filter(|prev| regresses(&rec, prev)) {
+                    tracing::warn!(
+                        %id,
+                        read_version = rec.version,
+                        read_latest = rec.latest_version,
+                        read_as_of = ?rec.as_of,
+                        verified_as_of = ?prev.as_of,
+                        "the chain answered with an older record than one already verified (a lagging or lying endpoint, or a reorg); keeping the verified one"
+                    );
+                    return Ok(Some(ServiceRecord {
+                        stale: true,
+                        ..prev
+                    }));
+                }
                 if !rec.stale {
                     lock(&self.records).insert(id.clone(), rec.clone());
                 }
                 Ok(Some(rec))
             }
-            Err(Error::NotFound { .. }) => {
-                lock(&self.records).remove(id);
-                Ok(None)
-            }
+            Err(Error::NotFound { .. }) => match verified {
+                // Services are never deregistered: a service verified before that a
+                // read says does not exist is a lagging or lying answer, and must not
+                // remove a running workload.
+                Some(prev) => {
+                    tracing::warn!(%id, verified_as_of = ?prev.as_of, "the chain says the service is not registered although its record was verified before; keeping the verified one");
+                    Ok(Some(ServiceRecord {
+                        stale: true,
+                        ..prev
+                    }))
+                }
+                None => Ok(None),
+            },
             Err(e) if e.is_retryable() || matches!(e, Error::Tampered { .. }) => {
                 let cached = lock(&self.records).get(id).cloned();
                 match cached {
