@@ -603,9 +603,7 @@ fn failures_change_nothing_on_chain() {
     let mut primary = OciRegistry::spawn(&stack.registry_bin, dir, "primary");
     let mut mirror = OciRegistry::spawn(&stack.registry_bin, dir, "mirror");
     prepare_cluster(&stack, &ns);
-    let cli = Br2k::new(dir)
-        .with_env("OWNER_KEY", support::KEY8)
-        .with_env("STRANGER_KEY", support::KEY9);
+    let cli = Br2k::new(dir).with_env("OWNER_KEY", support::KEY8);
     support::context(
         &cli,
         dir,
@@ -762,9 +760,45 @@ fn failures_change_nothing_on_chain() {
         );
         assert!(primary.has_manifest(&repo, &digest) && mirror.has_manifest(&repo, &digest));
 
+        // A layer corrupted on the mirror's disk: verify names that registry, exit 1.
+        let layer = mirror.manifest(&repo, &digest)["layers"][0]["digest"]
+            .as_str()
+            .expect("layer digest")
+            .to_owned();
+        let file = mirror.blob_data(&layer);
+        let good = std::fs::read(&file).expect("layer data");
+        std::fs::write(&file, vec![0u8; good.len()]).expect("corrupt");
+        let out = cli.run(&proj, &["image", "verify", "-o", "json"]);
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        let rows: Value = serde_json::from_str(&out.stdout).expect("rows");
+        let ok: Vec<(String, bool)> = rows
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                (
+                    r["registry"].as_str().unwrap_or_default().to_owned(),
+                    r["ok"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ok,
+            vec![(primary.addr.clone(), true), (mirror.addr.clone(), false)]
+        );
+        assert!(
+            out.stderr.contains("1 of 2 registries do not serve"),
+            "{}",
+            out.stderr
+        );
+        std::fs::write(&file, good).expect("restore");
+
         // A key without the role: the revert in words, nothing changed.
         let out = cli.run(dir, &["scale", &service, "5", "--context", "stranger"]);
         assert_eq!(out.code, 2, "no such context yet: {}", out.stderr);
+        // This context signs with a key file (its path is stored, not the key).
+        let key_file = dir.join("stranger.key");
+        std::fs::write(&key_file, format!("{}\n", support::KEY9)).expect("key file");
         cli.run(
             dir,
             &[
@@ -779,11 +813,16 @@ fn failures_change_nothing_on_chain() {
                 &primary.addr,
                 "--namespace",
                 &ns,
-                "--key-env",
-                "STRANGER_KEY",
+                "--key-file",
+                &key_file.to_string_lossy(),
             ],
         )
         .ok();
+        let config = std::fs::read_to_string(cli.config_dir.join("config.toml")).expect("config");
+        assert!(
+            !config.contains(&support::KEY9[2..]) && config.contains("stranger.key"),
+            "{config}"
+        );
         let out = cli.run(dir, &["--context", "stranger", "scale", &service, "5"]);
         assert_eq!(out.code, 1, "{}", out.stderr);
         assert!(

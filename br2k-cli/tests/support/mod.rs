@@ -298,6 +298,7 @@ pub fn poll<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<
 pub struct OciRegistry {
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    root: PathBuf,
     config: PathBuf,
     log: PathBuf,
     bin: String,
@@ -321,6 +322,7 @@ impl OciRegistry {
         .expect("registry config");
         let mut r = Self {
             addr,
+            root: root.clone(),
             log: root.join("registry.log"),
             config,
             bin: bin.to_owned(),
@@ -394,6 +396,30 @@ impl OciRegistry {
             .flatten()
             .filter_map(|t| t.as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// The data file of blob `digest` (`sha256:…`) in this registry's storage.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.root
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// The manifest `digest` of `repo`, as JSON.
+    pub fn manifest(&self, repo: &str, digest: &str) -> Value {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-H",
+                "Accept: application/vnd.oci.image.manifest.v1+json",
+                &format!("http://{}/v2/{repo}/manifests/{digest}", self.addr),
+            ])
+            .output()
+            .expect("curl");
+        serde_json::from_slice(&out.stdout).expect("manifest JSON")
     }
 
     /// Whether the manifest `digest` of `repo` is served (HTTP 200 on HEAD).
