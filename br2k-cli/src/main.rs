@@ -1259,7 +1259,7 @@ async fn history(cli: &Cli, service: &str) -> CliResult<u8> {
             v.publisher.0.clone(),
             ev.map_or("-".into(), |e| e.block.to_string()),
             ev.map_or("-".into(), |e| e.tx.clone()),
-            v.published_at.map_or("-".into(), |t| t.to_string()),
+            v.published_at.map_or("-".into(), utc),
         ]);
     }
     if cli.output == Output::Json {
@@ -1273,7 +1273,7 @@ async fn history(cli: &Cli, service: &str) -> CliResult<u8> {
                 "publisher",
                 "block",
                 "tx",
-                "time (unix)",
+                "time (utc)",
             ],
             &rows,
         );
@@ -1436,4 +1436,43 @@ async fn recover(cli: &Cli, service: &str, dry_run: bool) -> CliResult<u8> {
         )));
     }
     Ok(EXIT_OK)
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_unix_seconds() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_796_536_670), "2026-12-06 05:57:50");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
