@@ -102,6 +102,27 @@ pub(crate) fn endpoint_label(url: &Url) -> String {
     redact_url(url)
 }
 
+/// `text` (an error of the HTTP client, which quotes the request's URL) with every
+/// secret part of `url` removed: the whole URL becomes its label, and its user,
+/// password, path (API keys live there) and query are replaced wherever they appear.
+pub(crate) fn scrub(text: &str, url: &Url) -> String {
+    let full = url.as_str();
+    let mut out = text
+        .replace(full, &redact_url(url))
+        .replace(full.trim_end_matches('/'), &redact_url(url));
+    let path = url.path().trim_matches('/');
+    let secrets = [
+        url.username(),
+        url.password().unwrap_or(""),
+        path,
+        url.query().unwrap_or(""),
+    ];
+    for s in secrets.into_iter().filter(|s| s.len() >= 3) {
+        out = out.replace(s, "<redacted>");
+    }
+    out
+}
+
 fn read_secret_file(var: &str, path: &str) -> Result<Secret, ChainError> {
     std::fs::read_to_string(path)
         .map(|s| Secret(s.trim().to_owned()))

@@ -9,13 +9,14 @@ use alloy::providers::RootProvider;
 use alloy::transports::http::reqwest::Url;
 use alloy::transports::{RpcError, TransportErrorKind};
 
-use crate::config::endpoint_label;
+use crate::config::{endpoint_label, scrub};
 use crate::error::ChainError;
 
 /// The endpoints, the preferred one, and a count of requests sent (round trips).
 #[derive(Debug)]
 pub(crate) struct Endpoints {
-    providers: Vec<(String, RootProvider)>,
+    /// Label (no secrets), the URL (to scrub error texts) and the provider.
+    providers: Vec<(String, Url, RootProvider)>,
     preferred: AtomicUsize,
     timeout: Duration,
     requests: AtomicU64,
@@ -29,7 +30,13 @@ impl Endpoints {
         Ok(Self {
             providers: urls
                 .iter()
-                .map(|u| (endpoint_label(u), RootProvider::new_http(u.clone())))
+                .map(|u| {
+                    (
+                        endpoint_label(u),
+                        u.clone(),
+                        RootProvider::new_http(u.clone()),
+                    )
+                })
                 .collect(),
             preferred: AtomicUsize::new(0),
             timeout,
@@ -55,7 +62,7 @@ impl Endpoints {
         let mut last = String::new();
         for k in 0..n {
             let i = (start + k) % n;
-            let (label, provider) = &self.providers[i];
+            let (label, url, provider) = &self.providers[i];
             self.requests.fetch_add(1, Ordering::Relaxed);
             match tokio::time::timeout(self.timeout, f(provider.clone())).await {
                 Ok(Ok(v)) => {
@@ -68,6 +75,7 @@ impl Endpoints {
                     return Err(ChainError::from_payload(&payload));
                 }
                 Ok(Err(e)) => {
+                    let e = scrub(&e.to_string(), url);
                     tracing::debug!(endpoint = %label, error = %e, "{what}: endpoint failed");
                     last = format!("{label}: {e}");
                 }

@@ -752,3 +752,26 @@ async fn a_reverted_chain_never_rolls_the_supervisor_back_nor_removes_the_worklo
         "a single NotFound removed nothing"
     );
 }
+
+#[tokio::test]
+async fn error_texts_never_carry_the_secrets_of_an_rpc_url() {
+    let dead = closed_port().await;
+    let port = dead.port().expect("port");
+    let secret_url = Url::parse(&format!(
+        "http://alice:s3cretpw@127.0.0.1:{port}/v3/apikey123?token=tok456"
+    ))
+    .expect("url");
+    let config = ChainConfig::new(vec![secret_url]).with_registry(Address::repeat_byte(7));
+    let err = match ChainRegistry::connect(config).await {
+        Ok(_) => panic!("connected to a closed port"),
+        Err(e) => e,
+    };
+    let texts = [err.to_string(), format!("{err:?}")];
+    for text in &texts {
+        for secret in ["alice", "s3cretpw", "apikey123", "tok456"] {
+            assert!(!text.contains(secret), "{secret} leaked in {text}");
+        }
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    }
+    assert_eq!(err.kind(), "unavailable", "{err}");
+}
