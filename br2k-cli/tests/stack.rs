@@ -728,16 +728,64 @@ fn failures_change_nothing_on_chain() {
         );
         assert!(!chain.registered(&id));
 
-        // Now a real deploy (no operator: no wait), then verify and ls.
+        // `image push` completes the copies (only the mirror's two blobs are missing),
+        // then a real deploy (no operator: no wait) pushes nothing.
+        let p = cli.run(&proj, &["image", "push", "-o", "json"]).json();
+        assert_eq!(p["blobs_pushed"], 2, "{p}");
         let d = cli
             .run(&proj, &["deploy", "--no-wait", "-o", "json"])
             .json();
         let digest = d["digest"].as_str().expect("digest").to_owned();
-        assert_eq!(
-            d["blobs_pushed"], 2,
-            "the rerun copies only the mirror's two blobs: {d}"
-        );
+        assert_eq!(d["digest"], p["digest"]);
+        assert_eq!(d["blobs_pushed"], 0, "{d}");
         assert_eq!(chain.active(&id).replicas, 3);
+
+        // A project whose image is an existing reference: copied into its own
+        // repository in both registries and pinned by digest.
+        let other = format!("{service}-ref");
+        cli.run(dir, &["init", "ref", "--service", &other]).ok();
+        let ref_proj = dir.join("ref");
+        let text = std::fs::read_to_string(ref_proj.join("br2k.toml")).expect("toml");
+        let text = text
+            .replace("dir = \"app\"\n", "")
+            .replace("entrypoint = [\"/app/run.sh\"]\n", "")
+            .replace(
+                "tag = \"latest\"",
+                &format!("reference = \"{}/{repo}:latest\"", primary.addr),
+            );
+        std::fs::write(ref_proj.join("br2k.toml"), text).expect("write");
+        let r = cli
+            .run(&ref_proj, &["deploy", "--no-wait", "-o", "json"])
+            .json();
+        assert_eq!(
+            r["digest"],
+            digest.as_str(),
+            "the tag resolves to the same digest"
+        );
+        let other_id = ServiceId::new(&other).expect("id");
+        let rec = chain.active(&other_id);
+        assert_eq!(
+            rec.spec.image.to_string(),
+            format!("{}/br2k/{other}@{digest}", primary.addr)
+        );
+        for reg in [&primary, &mirror] {
+            assert!(
+                reg.has_manifest(&format!("br2k/{other}"), &digest),
+                "{} lacks the copy",
+                reg.addr
+            );
+        }
+        let _ = stack.kubectl(&[
+            "-n",
+            &ns,
+            "patch",
+            "br2kservice",
+            &other,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
+        let _ = stack.kubectl(&["-n", &ns, "delete", "br2kservice", &other, "--wait=false"]);
         let v = cli.run(&proj, &["image", "verify", "-o", "json"]).json();
         assert_eq!(
             v.as_array()
