@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
-use br2k_core::{Error, ValidationError};
+use br2k_core::{Digest, Error, ValidationError};
 
 /// A secret string (password or token). Its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -121,6 +122,51 @@ impl fmt::Display for PlatformSpec {
     }
 }
 
+/// One step of a blob transfer into a store, for progress displays (see
+/// [`OciConfig::with_progress`]). Reported by the store that receives the blob: the
+/// target of a push or of a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobProgress {
+    /// The blob starts moving (`size` bytes).
+    Started {
+        /// Blob digest.
+        digest: Digest,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// `bytes` more bytes of a streamed copy went through.
+    Bytes {
+        /// Blob digest.
+        digest: Digest,
+        /// Bytes since the last event.
+        bytes: u64,
+    },
+    /// The store already had the blob (or mounted it from another repository).
+    Skipped {
+        /// Blob digest.
+        digest: Digest,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// The blob is stored.
+    Done {
+        /// Blob digest.
+        digest: Digest,
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+/// A receiver of [`BlobProgress`] events.
+#[derive(Clone)]
+pub(crate) struct ProgressSink(pub(crate) Arc<dyn Fn(BlobProgress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<progress callback>")
+    }
+}
+
 /// Settings of an [`crate::OciImageStore`]; build with [`OciConfig::new`] and `with_*`.
 #[derive(Clone, Debug)]
 pub struct OciConfig {
@@ -131,6 +177,7 @@ pub struct OciConfig {
     pub(crate) concurrency: usize,
     pub(crate) connect_timeout: std::time::Duration,
     pub(crate) read_timeout: std::time::Duration,
+    pub(crate) progress: Option<ProgressSink>,
 }
 
 impl OciConfig {
@@ -148,6 +195,7 @@ impl OciConfig {
             concurrency: 6,
             connect_timeout: std::time::Duration::from_secs(5),
             read_timeout: std::time::Duration::from_secs(60),
+            progress: None,
         })
     }
 
@@ -201,6 +249,21 @@ impl OciConfig {
     pub fn with_connect_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Calls `progress` for every blob this store receives (pushes to it and copies
+    /// into it): started, bytes (streamed copies), skipped, done. For progress bars;
+    /// the callback must not block.
+    pub fn with_progress(mut self, progress: Arc<dyn Fn(BlobProgress) + Send + Sync>) -> Self {
+        self.progress = Some(ProgressSink(progress));
+        self
+    }
+
+    /// Reports `event` to the progress callback, if any.
+    pub(crate) fn report(&self, event: BlobProgress) {
+        if let Some(p) = &self.progress {
+            (p.0)(event);
+        }
     }
 
     /// The registry host.

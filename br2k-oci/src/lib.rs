@@ -79,7 +79,7 @@ mod store;
 
 pub use builder::ImageBuilder;
 pub use client::RequestCounts;
-pub use config::{Auth, OciConfig, PlatformSpec, Secret};
+pub use config::{Auth, BlobProgress, OciConfig, PlatformSpec, Secret};
 pub use index::{ImageIndex, IndexEntry, ManifestDoc, Platform, parse_manifest_doc};
 pub use layout::{REF_NAME, write_layout};
 pub use mirror::{MirroredImageStore, PullReport, RepairReport, RepairStatus, Skipped};

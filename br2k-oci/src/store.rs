@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt, TryStreamExt, stream};
 use sha2::{Digest as _, Sha256};
 
 use crate::client::{Http, Need, RequestCounts};
-use crate::config::OciConfig;
+use crate::config::{BlobProgress, OciConfig};
 use crate::error::{OciError, is_digest_io};
 use crate::index::{ImageIndex, ManifestDoc, parse_manifest_doc};
 
@@ -384,17 +384,30 @@ impl OciImageStore {
         target: &OciImageStore,
         target_repo: &Repository,
     ) -> Result<BlobOutcome> {
+        let (digest, size) = (d.digest, d.size);
         if target.http.head_blob(target_repo, &d.digest).await? {
+            target.cfg.report(BlobProgress::Skipped { digest, size });
             return Ok(BlobOutcome::Skipped);
         }
         let same_registry = self.cfg.registry == target.cfg.registry && repo != target_repo;
         if same_registry && target.http.mount(target_repo, &d.digest, repo).await? {
+            target.cfg.report(BlobProgress::Skipped { digest, size });
             return Ok(BlobOutcome::Mounted);
         }
         let what = format!("blob {repo}@{} from {}", d.digest, self.cfg.registry);
         let mut retried = false;
+        target.cfg.report(BlobProgress::Started { digest, size });
         loop {
             let src = self.http.get_blob(repo, &d.digest, d.size).await?;
+            let progress = target.cfg.progress.clone();
+            let src = src.inspect(move |chunk| {
+                if let (Some(p), Ok(b)) = (&progress, chunk) {
+                    (p.0)(BlobProgress::Bytes {
+                        digest,
+                        bytes: b.len() as u64,
+                    });
+                }
+            });
             let (body, verdict) = verified_body(src, d.digest, d.size, what.clone());
             let res = target
                 .http
@@ -404,7 +417,10 @@ impl OciImageStore {
                 return Err(e.into());
             }
             match res {
-                Ok(()) => return Ok(BlobOutcome::Copied(d.size)),
+                Ok(()) => {
+                    target.cfg.report(BlobProgress::Done { digest, size });
+                    return Ok(BlobOutcome::Copied(d.size));
+                }
                 // A refused token: a new one, and the blob once more from the source.
                 Err(e)
                     if !retried && target.http.retry_after(&e, Need::Push(target_repo)).await? =>
@@ -687,10 +703,15 @@ impl ImageStore for OciImageStore {
         }
         stream::iter(blobs)
             .map(|b: br2k_core::Blob| async move {
-                if !self.http.head_blob(repository, &b.digest).await? {
+                let (digest, size) = (b.digest, b.data.len() as u64);
+                if self.http.head_blob(repository, &b.digest).await? {
+                    self.cfg.report(BlobProgress::Skipped { digest, size });
+                } else {
+                    self.cfg.report(BlobProgress::Started { digest, size });
                     self.http
                         .upload_bytes(repository, &b.digest, b.data)
                         .await?;
+                    self.cfg.report(BlobProgress::Done { digest, size });
                 }
                 Ok::<_, Error>(())
             })
