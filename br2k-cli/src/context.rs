@@ -226,10 +226,21 @@ impl Context {
 
 /// A store for registry `host` (plain HTTP for loopback hosts).
 pub fn store_for(host: &str) -> CliResult<br2k_oci::OciImageStore> {
+    store_with_progress(host, None)
+}
+
+/// A store for registry `host` reporting blob progress to `progress`.
+pub fn store_with_progress(
+    host: &str,
+    progress: Option<std::sync::Arc<dyn Fn(br2k_oci::BlobProgress) + Send + Sync>>,
+) -> CliResult<br2k_oci::OciImageStore> {
     let loopback = host.starts_with("127.") || host.starts_with("localhost");
-    let cfg = br2k_oci::OciConfig::new(host.to_owned())?
+    let mut cfg = br2k_oci::OciConfig::new(host.to_owned())?
         .with_insecure(loopback)
         .with_connect_timeout(Duration::from_secs(3));
+    if let Some(p) = progress {
+        cfg = cfg.with_progress(p);
+    }
     Ok(br2k_oci::OciImageStore::new(cfg)?)
 }
 

@@ -383,8 +383,63 @@ pub async fn presence(
     futures::future::join_all(stores.iter().map(|s| s.has(repo, digest))).await
 }
 
+/// A progress callback for the blobs a registry receives: a bar per blob (bytes) in
+/// `multi`, or, when stderr is not a terminal, one line per started, finished or
+/// present blob.
+fn blob_reporter(
+    multi: &indicatif::MultiProgress,
+    registry: &str,
+) -> std::sync::Arc<dyn Fn(br2k_oci::BlobProgress) + Send + Sync> {
+    use br2k_oci::BlobProgress as P;
+    use std::io::IsTerminal;
+    let plain = !std::io::stderr().is_terminal();
+    let multi = multi.clone();
+    let registry = registry.to_owned();
+    let bars: std::sync::Mutex<std::collections::HashMap<Digest, indicatif::ProgressBar>> =
+        Default::default();
+    let style = indicatif::ProgressStyle::with_template(
+        "  {prefix:<40} [{bar:20}] {bytes}/{total_bytes} {bytes_per_sec}",
+    )
+    .expect("template")
+    .progress_chars("=> ");
+    std::sync::Arc::new(move |e| {
+        let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
+        let short = |d: &Digest| format!("{}…", &d.to_string()[..19]);
+        match e {
+            P::Started { digest, size } => {
+                if plain {
+                    eprintln!("{registry}: blob {digest} ({size} bytes) started");
+                }
+                let bar = multi.add(indicatif::ProgressBar::new(size));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{registry} {}", short(&digest)));
+                bars.insert(digest, bar);
+            }
+            P::Bytes { digest, bytes } => {
+                if let Some(b) = bars.get(&digest) {
+                    b.inc(bytes);
+                }
+            }
+            P::Done { digest, size } => {
+                if plain {
+                    eprintln!("{registry}: blob {digest} ({size} bytes) done");
+                }
+                if let Some(b) = bars.remove(&digest) {
+                    b.set_position(size);
+                    b.finish();
+                }
+            }
+            P::Skipped { digest, size } => {
+                if plain {
+                    eprintln!("{registry}: blob {digest} ({size} bytes) already present");
+                }
+            }
+        }
+    })
+}
+
 /// Pushes to the primary and mirrors to every registry that lacks the image, with a
-/// progress bar per registry on stderr. Returns the blobs uploaded.
+/// progress bar per registry and per blob on stderr. Returns the blobs uploaded.
 pub async fn push_and_mirror(
     project: &Project,
     stores: &[br2k_oci::OciImageStore],
@@ -413,6 +468,22 @@ pub async fn push_and_mirror(
     };
     let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<22} {msg} ({elapsed})")
         .expect("template");
+    // With progress, the stores report every blob they receive.
+    let reporting: Vec<br2k_oci::OciImageStore>;
+    let stores: &[br2k_oci::OciImageStore] = if progress {
+        reporting = stores
+            .iter()
+            .map(|s| {
+                crate::context::store_with_progress(
+                    s.registry(),
+                    Some(blob_reporter(&multi, s.registry())),
+                )
+            })
+            .collect::<CliResult<_>>()?;
+        &reporting
+    } else {
+        stores
+    };
     let mut blobs = 0;
     let mut done = present.iter().filter(|p| **p).count();
     // The primary first.

@@ -730,8 +730,27 @@ fn failures_change_nothing_on_chain() {
 
         // `image push` completes the copies (only the mirror's two blobs are missing),
         // then a real deploy (no operator: no wait) pushes nothing.
-        let p = cli.run(&proj, &["image", "push", "-o", "json"]).json();
+        let out = cli
+            .clone()
+            .with_env("BR2K_PROGRESS", "1")
+            .run(&proj, &["image", "push", "-o", "json"]);
+        let p = out.json();
         assert_eq!(p["blobs_pushed"], 2, "{p}");
+        // Progress per blob (plain lines: stderr is not a terminal): both blobs of the
+        // image streamed into the mirror, none into the primary (it has them).
+        let done: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{}: blob sha256:", mirror.addr)) && l.ends_with(" done")
+            })
+            .collect();
+        assert_eq!(done.len(), 2, "{}", out.stderr);
+        assert!(
+            !out.stderr.contains(&format!("{}: blob", primary.addr)),
+            "{}",
+            out.stderr
+        );
         let d = cli
             .run(&proj, &["deploy", "--no-wait", "-o", "json"])
             .json();
