@@ -10,11 +10,11 @@ use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource,
-    ExecAction, HTTPGetAction, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec,
-    Probe as KProbe, ResourceRequirements, SecretKeySelector, Service, ServicePort,
-    ServiceSpec as KServiceSpec, TCPSocketAction, Toleration, TopologySpreadConstraint,
-    WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, ConfigMapKeySelector, Container, ContainerPort, EnvVar,
+    EnvVarSource, ExecAction, HTTPGetAction, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    PodTemplateSpec, Probe as KProbe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec as KServiceSpec, TCPSocketAction,
+    Toleration, TopologySpreadConstraint, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -176,7 +176,27 @@ fn container(spec: &ServiceSpec, names: &Names) -> Container {
         startup_probe: spec.probes.startup.as_ref().map(probe),
         readiness_probe: spec.probes.readiness.as_ref().map(probe),
         liveness_probe: spec.probes.liveness.as_ref().map(probe),
+        security_context: Some(hardened()),
         ..Container::default()
+    }
+}
+
+/// The container's security context: not privileged, no privilege escalation, every
+/// capability dropped, the runtime's default seccomp profile. (`runAsNonRoot` is not
+/// set: images built without a user run as root, and would not start.)
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
     }
 }
 
@@ -222,6 +242,8 @@ pub fn stateful_set(
     let pod = PodSpec {
         containers: vec![container(&record.spec, names)],
         enable_service_links: Some(false),
+        // A service talks to its chain and peers, not to the Kubernetes API.
+        automount_service_account_token: Some(false),
         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
             max_skew: 1,
             topology_key: HOSTNAME_KEY.into(),

@@ -765,3 +765,57 @@ async fn a_service_without_ports_deploys_with_a_headless_service_only() {
     assert!(obs.missing_parts.is_empty(), "{:?}", obs.missing_parts);
     ns.cleanup().await;
 }
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn pods_are_hardened_and_a_privileged_patch_is_reverted() {
+    let (ns, r, rec) = start("hardened").await;
+    let names = Names::of(&rec.id);
+    let stss: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_frozen(&stss, &names.base).await;
+    let hardened = |sts: &StatefulSet| {
+        let pod = sts.spec.as_ref()?.template.spec.as_ref()?;
+        let c = pod.containers.first()?.security_context.as_ref()?;
+        Some((
+            pod.automount_service_account_token,
+            c.privileged,
+            c.allow_privilege_escalation,
+            c.capabilities.as_ref()?.drop.clone(),
+            c.seccomp_profile.as_ref()?.type_.clone(),
+        ))
+    };
+    let want = Some((
+        Some(false),
+        Some(false),
+        Some(false),
+        Some(vec!["ALL".to_owned()]),
+        "RuntimeDefault".to_owned(),
+    ));
+    // Read back from the API server: the template br2k applied.
+    assert_eq!(hardened(&stss.get(&names.base).await.expect("sts")), want);
+    // Another manager makes the pods privileged and mounts the token.
+    stss.patch(
+        &names.base,
+        &intruder(),
+        &Patch::Strategic(json!({"spec": {"template": {"spec": {
+            "automountServiceAccountToken": true,
+            "containers": [{"name": "app", "securityContext": {
+                "privileged": true, "allowPrivilegeEscalation": true,
+                "capabilities": {"add": ["SYS_ADMIN"]}
+            }}]
+        }}}})),
+    )
+    .await
+    .expect("patch");
+    // Seen through the replicator's watch cache, then repaired.
+    let found = wait_finding(&r, &rec, |f| {
+        matches!(f, Finding::ForeignFields { fields } if fields.iter().any(|f| f.contains("privileged")))
+    })
+    .await;
+    heal(&r, &rec).await;
+    let sts = stss.get(&names.base).await.expect("sts");
+    assert_eq!(hardened(&sts), want, "after repairing {found:?}");
+    let caps = serde_json::to_string(&sts.spec).unwrap();
+    assert!(!caps.contains("SYS_ADMIN"), "{caps}");
+    ns.cleanup().await;
+}
