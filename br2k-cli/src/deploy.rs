@@ -799,6 +799,14 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
         ),
     );
 
+    if matches!(record.state, ServiceState::Paused | ServiceState::Stopped) {
+        // Deploy never changes a state the owner chose; say what runs.
+        eprintln!(
+            "note: {id} is {}: version {} is recorded but runs no replica (`br2k resume {id}` starts it)",
+            record.state, record.version
+        );
+    }
+
     // 4. The resource.
     let t = Instant::now();
     let change = k::apply_cr(&client, &ns, &id, &k::cr_spec(ctx, &id)?).await?;

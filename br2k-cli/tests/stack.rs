@@ -517,6 +517,23 @@ fn lifecycle_with_the_operator() {
             "a stopped service has no StatefulSet"
         );
         assert_eq!(pods_on(&stack, &ns, &service, &digest).1, 0);
+        // deploy publishes the file's spec (the active record is the rolled-back v1)
+        // but leaves a stopped service stopped, and says so.
+        let out = cli.run(&proj, &["deploy", "-o", "json", "--timeout", "30"]);
+        let r = out.json();
+        assert_eq!(r["published"], true, "{r}");
+        assert!(
+            out.stderr.contains(&format!("note: {service} is stopped")),
+            "{}",
+            out.stderr
+        );
+        let rec = chain.active(&id);
+        assert_eq!(
+            (rec.state.to_string(), rec.version),
+            ("stopped".to_owned(), latest + 1)
+        );
+        assert!(sts(&stack, &ns, &service).is_none());
+        let digest = r["digest"].as_str().expect("digest").to_owned();
 
         cli.run(dir, &["resume", &service, "--wait", "--timeout", "60"])
             .ok();
