@@ -41,8 +41,12 @@ pub struct VersionEvent {
 }
 
 /// The block and transaction of each version of `id`, from the contract's
-/// `Registered` and `Published` events.
-pub async fn version_events(ctx: &Context, id: &ServiceId) -> CliResult<Vec<VersionEvent>> {
+/// `Registered` and `Published` events since block `from` (the contract's deployment).
+pub async fn version_events(
+    ctx: &Context,
+    id: &ServiceId,
+    from: u64,
+) -> CliResult<Vec<VersionEvent>> {
     let url = ctx.urls()?.remove(0);
     let address = ctx.contract()?;
     let provider = ProviderBuilder::new().connect_http(url);
@@ -54,7 +58,7 @@ pub async fn version_events(ctx: &Context, id: &ServiceId) -> CliResult<Vec<Vers
             C::Published::SIGNATURE_HASH,
         ])
         .topic1(key)
-        .from_block(0);
+        .from_block(from);
     let logs = provider
         .get_logs(&filter)
         .await

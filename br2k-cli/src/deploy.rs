@@ -773,7 +773,7 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
         let c = journal.chain.as_ref().expect("checked");
         (c.tx.clone(), c.block)
     } else {
-        let events = chain::version_events(ctx, &id).await?;
+        let events = chain::version_events(ctx, &id, registry.deploy_block()).await?;
         let ev = events.into_iter().find(|e| e.version == record.version);
         journal.chain = Some(ChainStep {
             spec_hash: hash.to_string(),

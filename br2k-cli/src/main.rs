@@ -1227,7 +1227,7 @@ async fn history(cli: &Cli, service: &str) -> CliResult<u8> {
     let reg = chain::connect(&ctx, false).await?;
     let versions = reg.history(&id).await.for_service(&id)?;
     let active = reg.active(&id).await.for_service(&id)?.version;
-    let events = chain::version_events(&ctx, &id).await?;
+    let events = chain::version_events(&ctx, &id, reg.deploy_block()).await?;
     let mut out = Vec::new();
     let mut rows = Vec::new();
     for v in &versions {
