@@ -775,3 +775,49 @@ async fn error_texts_never_carry_the_secrets_of_an_rpc_url() {
     }
     assert_eq!(err.kind(), "unavailable", "{err}");
 }
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn only_services_of_allowed_owners_are_deployed() {
+    use br2k_core::conformance::sample_image;
+    use br2k_core::memory::{InMemoryImageStore, InMemoryReplicator};
+    use br2k_core::supervisor::Supervisor;
+    use br2k_core::{ImageRef, ImageStore, Replicator, Repository, ServiceSpec};
+
+    let node = anvil();
+    let owner = deploy(&node).await;
+    let squatter = handle(&node, &owner, 1).await;
+    let store = InMemoryImageStore::new("primary.local");
+    let repo = Repository::new("br2k/app").unwrap();
+    let image = sample_image(9, 1, 128);
+    store.push(&repo, &image, Some("1")).await.unwrap();
+    let spec = ServiceSpec::new(
+        ImageRef::new("primary.local", repo, Some("1"), Some(image.digest)).unwrap(),
+        2,
+    )
+    .unwrap();
+    let (ours, theirs) = (fresh("ours"), fresh("theirs"));
+    for (who, id) in [(&owner, &ours), (&squatter, &theirs)] {
+        who.register(id, &spec).await.expect("register");
+        who.set_state(id, ServiceState::Running)
+            .await
+            .expect("start");
+    }
+    let replicator = InMemoryReplicator::new();
+    let sup = Supervisor::builder()
+        .registry(Arc::new(owner.clone()))
+        .replicator(Arc::new(replicator.clone()))
+        .image_store(Arc::new(store))
+        // Checksummed or not, the same account.
+        .allowed_owners([Account(owner.account().0.to_lowercase())])
+        .build()
+        .unwrap();
+    sup.reconcile(&ours).await.expect("deploy ours");
+    assert!(replicator.observe(&ours).await.unwrap().is_some());
+    let refused = sup.reconcile(&theirs).await;
+    expect_kind(refused, "permission_denied", "a squatter's service");
+    assert!(
+        replicator.observe(&theirs).await.unwrap().is_none(),
+        "nothing deployed for an owner not allowed"
+    );
+}

@@ -63,6 +63,10 @@ pub struct ChainOciBackends {
     /// How long a verification of an image's bytes is trusted (`None`: the
     /// supervisor's default). Applies always verify anew.
     pub verify_ttl: Option<Duration>,
+    /// The chain id every endpoint must serve (`None`: not checked).
+    pub chain_id: Option<u64>,
+    /// Accounts whose services may be deployed (`None`: any owner).
+    pub allowed_owners: Option<Vec<br2k_core::Account>>,
 }
 
 async fn oci_auth(client: &Client, ns: &str, spec: &Br2kServiceSpec) -> Result<br2k_oci::Auth> {
@@ -107,9 +111,12 @@ impl Backends for ChainOciBackends {
             .parse()
             .map_err(|e| ValidationError::malformed("registry contract address", e))?;
         // The supervisor only reads the registry: a read-only connection, no key.
-        let config = br2k_chain::ChainConfig::new(urls)
+        let mut config = br2k_chain::ChainConfig::new(urls)
             .with_registry(address)
             .with_request_timeout(Duration::from_secs(5));
+        if let Some(id) = self.chain_id {
+            config = config.with_chain_id(id);
+        }
         let registry: Arc<dyn Registry> =
             Arc::new(br2k_chain::ChainRegistry::connect(config).await?);
         let auth = oci_auth(client, cr_namespace, spec).await?;
@@ -120,6 +127,9 @@ impl Backends for ChainOciBackends {
             .replicator(self.replicators.get(client, namespace));
         if let Some(ttl) = self.verify_ttl {
             b = b.verify_ttl(ttl);
+        }
+        if let Some(owners) = &self.allowed_owners {
+            b = b.allowed_owners(owners.iter().cloned());
         }
         for host in &spec.oci_registries {
             let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");

@@ -373,6 +373,23 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
     ctx.metrics.reconcile();
     let report = match sup.reconcile(&id).await {
         Ok(r) => r,
+        Err(Error::PermissionDenied { reason }) => {
+            // The record's owner is not one this operator may deploy for: nothing is
+            // applied; checked again rarely (an ownership transfer may change it).
+            write_status(
+                &obj,
+                &ctx.client,
+                "Error",
+                vec![
+                    condition("Valid", false, "OwnerNotAllowed", reason),
+                    condition("Ready", false, "OwnerNotAllowed", "not deployed"),
+                ],
+                None,
+                None,
+            )
+            .await?;
+            return Ok(Action::requeue(jittered(Duration::from_secs(60))));
+        }
         Err(e) => {
             write_status(
                 &obj,

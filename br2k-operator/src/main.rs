@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use br2k_core::Account;
 use br2k_operator::backends::ChainOciBackends;
 use br2k_operator::controller::Context;
 use br2k_operator::lease::LeaseConfig;
@@ -51,6 +52,19 @@ struct Options {
     /// Talk plain HTTP to OCI registries on 127.0.0.1/localhost (local stacks).
     #[arg(long)]
     insecure_loopback_registries: bool,
+    /// The chain id every RPC endpoint must answer (a resource whose endpoints serve
+    /// another chain is not served). Strongly recommended.
+    #[arg(long, env = "BR2K_CHAIN_ID")]
+    chain_id: Option<u64>,
+    /// An account (0x address) whose services may be deployed; repeat the option or
+    /// separate with commas. Without it, whoever registers a service id on the
+    /// contract decides what runs for a resource naming that id.
+    #[arg(
+        long = "allowed-owner",
+        env = "BR2K_ALLOWED_OWNERS",
+        value_delimiter = ','
+    )]
+    allowed_owners: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +139,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         insecure_loopback: opts.insecure_loopback_registries,
         replicators: Default::default(),
         verify_ttl: Some(Duration::from_secs(opts.verify_seconds)),
+        chain_id: opts.chain_id,
+        allowed_owners: parse_owners(&opts.allowed_owners)?,
     });
     let ctx = Context::new(
         client.clone(),
@@ -145,4 +161,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     br2k_operator::run_with_leader_election(ctx, client, lease, stop_rx).await;
     Ok(())
+}
+
+/// The `--allowed-owner` accounts, each a 0x-prefixed 20-byte hex address.
+fn parse_owners(values: &[String]) -> Result<Option<Vec<Account>>, Box<dyn std::error::Error>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    values
+        .iter()
+        .map(|v| {
+            let v = v.trim();
+            let hex = v.strip_prefix("0x").unwrap_or("");
+            if hex.len() == 40 && hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                Ok(Account(v.to_owned()))
+            } else {
+                Err(format!("--allowed-owner {v:?}: not a 0x-prefixed 20-byte address").into())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

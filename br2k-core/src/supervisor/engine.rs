@@ -21,7 +21,7 @@ use crate::error::{Error, Result, ValidationError};
 use crate::id::ServiceId;
 use crate::image::Repository;
 use crate::observed::ObservedState;
-use crate::record::{ServiceRecord, ServiceState};
+use crate::record::{Account, ServiceRecord, ServiceState};
 use crate::recoverer::Recoverer;
 use crate::registry::Registry;
 use crate::replicator::Replicator;
@@ -83,6 +83,8 @@ pub(super) struct Config {
     pub verify_ttl: Duration,
     pub event_buffer: usize,
     pub settle_timeout: Duration,
+    /// Accounts whose services may be deployed (`None`: any owner).
+    pub allowed_owners: Option<Vec<Account>>,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             verify_ttl: Duration::from_secs(300),
             event_buffer: EVENT_BUFFER,
             settle_timeout: Duration::from_secs(15),
+            allowed_owners: None,
         }
     }
 }
@@ -181,6 +184,15 @@ impl SupervisorBuilder {
     /// instead of [`Outcome::Recovered`] (default 15 s).
     pub fn settle_timeout(mut self, timeout: Duration) -> Self {
         self.config.settle_timeout = timeout;
+        self
+    }
+
+    /// Deploys only services whose on-chain owner is one of `owners` (compared
+    /// without regard to case); any other record is refused with
+    /// [`Error::PermissionDenied`] and nothing is applied for it. Without this, any
+    /// account that registers a service id decides what runs.
+    pub fn allowed_owners(mut self, owners: impl IntoIterator<Item = Account>) -> Self {
+        self.config.allowed_owners = Some(owners.into_iter().collect());
         self
     }
 
@@ -362,6 +374,20 @@ impl Supervisor {
     /// the registry is unavailable or serves a record that fails verification.
     /// `Ok(None)` when the service is not registered.
     async fn read_record(&self, id: &ServiceId) -> Result<Option<ServiceRecord>> {
+        let record = self.read_record_unchecked(id).await?;
+        if let (Some(r), Some(allowed)) = (&record, &self.config.allowed_owners)
+            && !allowed.iter().any(|a| a.0.eq_ignore_ascii_case(&r.owner.0))
+        {
+            return Err(Error::permission_denied(format!(
+                "service {id} is owned by {}, which is not an allowed owner",
+                r.owner
+            )));
+        }
+        Ok(record)
+    }
+
+    /// [`Self::read_record`] without the owner check.
+    async fn read_record_unchecked(&self, id: &ServiceId) -> Result<Option<ServiceRecord>> {
         let read = match self.registry.active(id).await {
             Ok(rec) => rec.verify().map(|()| rec),
             Err(e) => Err(e),

@@ -97,12 +97,16 @@ pub enum Class {
     /// A service whose StatefulSet the cluster refuses (a ValidatingAdmissionPolicy):
     /// reported as `Valid=False` without a loop, deployed once the policy is gone.
     RefusedByCluster,
+    /// A service registered by an account the operator is not configured to trust
+    /// (`--allowed-owner`): reported `Valid=False` (`OwnerNotAllowed`), nothing
+    /// created, no loop.
+    OwnerNotAllowed,
 }
 
 impl Class {
     /// Every class, in the order the harness runs them (the blob corruption last of
     /// the registry classes; it restores the bytes afterwards in any case).
-    pub const ALL: [Class; 16] = [
+    pub const ALL: [Class; 17] = [
         Class::StatefulSetDeleted,
         Class::ImageChanged,
         Class::Scaled,
@@ -119,6 +123,7 @@ impl Class {
         Class::OperatorKilledMidRecovery,
         Class::NoPortsDeploys,
         Class::RefusedByCluster,
+        Class::OwnerNotAllowed,
     ];
 
     /// The class's name (snake case).
@@ -140,6 +145,7 @@ impl Class {
             Class::OperatorKilledMidRecovery => "operator_killed_mid_recovery",
             Class::NoPortsDeploys => "no_ports_deploys",
             Class::RefusedByCluster => "refused_by_cluster",
+            Class::OwnerNotAllowed => "owner_not_allowed",
         }
     }
 
@@ -157,6 +163,7 @@ impl Class {
                 | Class::BlobCorruptedOnPrimary
                 | Class::ChainRpcStopped
                 | Class::RefusedByCluster
+                | Class::OwnerNotAllowed
         )
     }
 }
@@ -619,6 +626,8 @@ struct OperatorProc {
     lease: String,
     identity: String,
     metrics_addr: String,
+    /// Trust anchors: `--chain-id` and `--allowed-owner`.
+    anchors: Vec<String>,
     child: Option<Child>,
 }
 
@@ -659,6 +668,7 @@ impl OperatorProc {
                 "--lease-seconds",
                 "4",
             ])
+            .args(&self.anchors)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -874,6 +884,12 @@ impl Harness {
             lease: format!("br2k-acceptance-{run}"),
             identity: format!("acceptance-{run}"),
             metrics_addr: String::new(),
+            anchors: vec![
+                "--chain-id".into(),
+                chain.chain_id().to_string(),
+                "--allowed-owner".into(),
+                chain.account().to_string(),
+            ],
             child: None,
         };
         let http = reqwest::Client::builder()
@@ -1460,6 +1476,7 @@ impl Harness {
             Class::OperatorKilledMidRecovery => self.operator_killed(&mut r).await,
             Class::NoPortsDeploys => self.no_ports(&mut r).await,
             Class::RefusedByCluster => self.refused_by_cluster(&mut r).await,
+            Class::OwnerNotAllowed => self.owner_not_allowed(&mut r).await,
         };
         if let Err(e) = res {
             r.note(e);
@@ -2236,6 +2253,94 @@ impl Harness {
         Ok(())
     }
 }
+
+impl Harness {
+    /// Another chain account registers a service and a resource names it: the
+    /// operator (trusting only the harness's account) must deploy nothing.
+    async fn owner_not_allowed(&mut self, r: &mut ClassResult) -> Result<(), String> {
+        self.no_ports_runs += 1;
+        let n = self.no_ports_runs;
+        let id = ServiceId::new(format!("acc-{}-ow{n}", self.unique)).map_err(|e| e.to_string())?;
+        let names = Names::of(&id);
+        let url = reqwest::Url::parse(&self.proxy.url()).map_err(|e| e.to_string())?;
+        let stranger = ChainRegistry::connect(
+            ChainConfig::new(vec![url])
+                .with_private_key(ANVIL_KEY1)
+                .with_registry(self.chain.address()),
+        )
+        .await
+        .map_err(|e| format!("connect as account 1: {e}"))?;
+        let spec =
+            ServiceSpec::new(self.image.clone(), REPLICAS as u32).map_err(|e| e.to_string())?;
+        register(&stranger, &id, &spec).await?;
+        let cr_name = format!("stranger-{n}");
+        let before = self.reconciles().await.ok();
+        self.crs()
+            .create(
+                &PostParams::default(),
+                &Br2kService::new(&cr_name, self.cr_spec(&id)),
+            )
+            .await
+            .map_err(|e| format!("create {cr_name}: {e}"))?;
+        let t0 = Instant::now();
+        let sts: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.ns);
+        let stranger_account = stranger.account().to_string();
+        let res = self
+            .measure(r, t0, before, "reported not allowed", async || {
+                let o = self.crs().get(&cr_name).await.map_err(|e| e.to_string())?;
+                let st = o.status.unwrap_or_default();
+                let valid = st.conditions.iter().find(|c| c.type_ == "Valid");
+                let refused = valid.is_some_and(|c| {
+                    c.status == "False"
+                        && c.reason == "OwnerNotAllowed"
+                        && c.message
+                            .to_lowercase()
+                            .contains(&stranger_account.to_lowercase())
+                });
+                if !refused {
+                    return Err(format!("phase {:?}, Valid {valid:?}", st.phase));
+                }
+                // Independently: the API server holds no StatefulSet for it.
+                match sts.get_opt(&names.base).await.map_err(|e| e.to_string())? {
+                    None => Ok(()),
+                    Some(_) => Err(format!("StatefulSet {} exists", names.base)),
+                }
+            })
+            .await;
+        if res.is_ok() {
+            self.measure_cpu(r).await;
+            // Still nothing after the window.
+            if sts
+                .get_opt(&names.base)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                r.problem(format!("StatefulSet {} created later", names.base));
+            }
+        }
+        let crs = self.crs();
+        if let Err(e) = crs.delete(&cr_name, &DeleteParams::default()).await {
+            r.problem(format!("delete {cr_name}: {e}"));
+        } else if let Err(e) =
+            poll(
+                RECOVERY_TIMEOUT,
+                "stranger resource removed",
+                async || match crs.get_opt(&cr_name).await.map_err(|e| e.to_string())? {
+                    None => Ok(()),
+                    Some(_) => Err("still there".to_owned()),
+                },
+            )
+            .await
+        {
+            r.problem(e);
+        }
+        res
+    }
+}
+
+/// anvil's default account 1 (not trusted by the harness's operator).
+const ANVIL_KEY1: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 
 /// The env var the acceptance policy forbids.
 const DENIED_ENV: &str = "BR2K_ACCEPTANCE_DENY";
