@@ -222,6 +222,15 @@ fn walk(
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
+        // br2k's own files never go into the image (a `dir = "."` project would
+        // otherwise change its digest with every journal write).
+        let name = entry.file_name();
+        if matches!(
+            name.to_str(),
+            Some(".br2k" | "br2k.toml" | "br2k.journal.json" | "br2k.journal.json.tmp")
+        ) {
+            continue;
+        }
         let meta = std::fs::metadata(&path)?;
         if meta.is_dir() {
             walk(root, &path, dest, out)?;
@@ -387,6 +396,24 @@ mod tests {
         assert!(e.cause.contains("unknown field"), "{}", e.cause);
         let id = base.replace("service = \"hello\"", "service = \"Hello_World\"");
         assert!(Project::parse(&id, Path::new("br2k.toml")).is_err());
+    }
+
+    #[test]
+    fn br2k_own_files_are_not_packaged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let base = dir.path();
+        std::fs::write(base.join("run.sh"), b"#!/bin/sh\n").expect("write");
+        std::fs::write(base.join("br2k.journal.json"), b"{}").expect("write");
+        std::fs::write(base.join("br2k.toml"), b"service = 'x'").expect("write");
+        std::fs::create_dir_all(base.join(".br2k/image")).expect("dir");
+        std::fs::write(base.join(".br2k/image/index.json"), b"{}").expect("write");
+        let text = template("hello").replace("dir = \"app\"", "dir = \".\"");
+        let p = Project::parse(&text, Path::new("br2k.toml")).expect("project");
+        let Source::Files(files) = p.source(base).expect("source") else {
+            panic!("a directory source");
+        };
+        let paths: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(paths, vec!["/app/run.sh"]);
     }
 
     #[test]
