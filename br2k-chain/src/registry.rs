@@ -417,8 +417,31 @@ impl ChainRegistry {
         Ok(())
     }
 
+    /// The logs of the registry matching `filter`, fetched in pages of at most
+    /// `log_block_range` blocks (providers refuse wide ranges); a filter without an
+    /// end block ends at the current head.
     async fn logs(&self, what: &str, filter: Filter) -> Result<Vec<Log>, ChainError> {
         let filter = filter.address(self.inner.address);
+        let Some(from) = filter.get_from_block() else {
+            return self.logs_once(what, &filter).await;
+        };
+        let to = match filter.get_to_block() {
+            Some(to) => to,
+            None => self.head().await?,
+        };
+        let range = self.inner.log_block_range;
+        let mut out = Vec::new();
+        let mut start = from;
+        while start <= to {
+            let end = to.min(start.saturating_add(range - 1));
+            let page = filter.clone().from_block(start).to_block(end);
+            out.extend(self.logs_once(what, &page).await?);
+            start = end + 1;
+        }
+        Ok(out)
+    }
+
+    async fn logs_once(&self, what: &str, filter: &Filter) -> Result<Vec<Log>, ChainError> {
         self.inner
             .rpc
             .run(what, |p| {
@@ -607,6 +630,25 @@ impl ChainRegistry {
                     },
                 )
                 .await?;
+            // An endpoint that answers fewer records, or another service's record,
+            // is not trusted.
+            if r.records.len() != chunk.len() {
+                return Err(ChainError::Decode(format!(
+                    "getRecords: {} records for {} ids",
+                    r.records.len(),
+                    chunk.len()
+                )));
+            }
+            if let Some((want, got)) = chunk
+                .iter()
+                .zip(&r.records)
+                .find(|(want, got)| got.exists && got.id != **want)
+            {
+                return Err(ChainError::Decode(format!(
+                    "getRecords: the record of {} answered for {want}",
+                    got.id
+                )));
+            }
             raws.extend(r.records.into_iter().map(|rec| (r.blockNumber, rec)));
         }
         let mut spec_wants = Vec::new();
@@ -944,7 +986,9 @@ impl Registry for ChainRegistry {
     async fn active(&self, id: &ServiceId) -> Result<ServiceRecord> {
         match self.read_many(std::slice::from_ref(id)).await {
             Ok(mut v) => {
-                let rec = v.pop().expect("one result per id")?;
+                let rec = v
+                    .pop()
+                    .ok_or_else(|| ChainError::Decode("getRecords: no record".into()))??;
                 self.remember(&rec);
                 Ok(rec)
             }
@@ -973,7 +1017,9 @@ impl Registry for ChainRegistry {
                 e => e,
             })?;
         let mut out = self.versions(id, vec![(version, v)]).await?;
-        Ok(out.pop().expect("one version"))
+        Ok(out
+            .pop()
+            .ok_or_else(|| ChainError::Decode(format!("version {version} of {id}")))?)
     }
 
     async fn history(&self, id: &ServiceId) -> Result<Vec<VersionInfo>> {
@@ -1016,7 +1062,8 @@ impl Registry for ChainRegistry {
         const PAGE: usize = 1000;
         let count = self.call("serviceCount", C::serviceCountCall {}).await?;
         let count: usize = count.try_into().unwrap_or(usize::MAX);
-        let mut keys = Vec::with_capacity(count);
+        // The count comes from an endpoint: never allocate by it.
+        let mut keys = Vec::with_capacity(count.min(PAGE));
         while keys.len() < count {
             let page = self
                 .call(
@@ -1029,6 +1076,13 @@ impl Registry for ChainRegistry {
                 .await?;
             if page.is_empty() {
                 break;
+            }
+            if page.len() > PAGE {
+                return Err(ChainError::Decode(format!(
+                    "serviceIds: {} ids for a page of {PAGE}",
+                    page.len()
+                ))
+                .into());
             }
             keys.extend(page);
         }
