@@ -126,6 +126,10 @@ enum Command {
         /// its pods and the resource; registry changes). With `-o json`, one line each.
         #[arg(long)]
         watch: bool,
+        /// Also diagnose once (the supervisor's read-only check: record, workload and
+        /// every registry's image bytes) and list the findings.
+        #[arg(long, conflicts_with = "watch")]
+        diagnose: bool,
     },
     /// Every version with publisher, block, transaction and time.
     #[command(after_help = EXIT_CODES)]
@@ -452,7 +456,8 @@ async fn run(cli: Cli) -> CliResult<u8> {
             service,
             file,
             watch,
-        } => status(&cli, service.as_deref(), &file.file, *watch).await,
+            diagnose,
+        } => status(&cli, service.as_deref(), &file.file, *watch, *diagnose).await,
         Command::History { service } => history(&cli, service).await,
         Command::Scale {
             service,
@@ -1120,6 +1125,19 @@ fn render_status(v: &serde_json::Value) {
             },
         ],
     ];
+    let mut rows = rows;
+    if let Some(f) = v["findings"].as_array() {
+        let names: Vec<String> = f.iter().map(|x| s(&x["finding"])).collect();
+        rows.push(vec![
+            "findings".into(),
+            String::new(),
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            },
+        ]);
+    }
     println!("service {}", s(&v["service"]));
     table(&["", "on chain", "live"], &rows);
 }
@@ -1136,6 +1154,7 @@ async fn status(
     service: Option<&str>,
     file: &std::path::Path,
     watch: bool,
+    diagnose: bool,
 ) -> CliResult<u8> {
     let (_, ctx) = current(cli)?;
     let id = match service {
@@ -1145,7 +1164,12 @@ async fn status(
     let reg = chain::connect(&ctx, false).await?;
     let client = ctx.kube().await?;
     let ns = ctx.namespace.clone();
-    let v = snapshot(&reg, &client, &ns, &id).await?;
+    let mut v = snapshot(&reg, &client, &ns, &id).await?;
+    if diagnose {
+        let sup = supervisor(&ctx, &client, &id).await?;
+        let d = sup.diagnose(&id).await.for_service(&id)?;
+        v["findings"] = serde_json::to_value(&d.findings).expect("findings serialize");
+    }
     let show = |v: &serde_json::Value| {
         if cli.output == Output::Json {
             if watch {
@@ -1369,20 +1393,30 @@ async fn roles(
     Ok(EXIT_OK)
 }
 
-async fn recover(cli: &Cli, service: &str, dry_run: bool) -> CliResult<u8> {
+/// The core supervisor over the real backends of `ctx` (read-only chain connection,
+/// the context's registries, the cluster): the operator's composition, run once.
+async fn supervisor(
+    ctx: &Context,
+    client: &::kube::Client,
+    id: &ServiceId,
+) -> CliResult<br2k_core::supervisor::Supervisor> {
     use br2k_operator::backends::Backends;
-    let id = service_id(service)?;
-    let (_, ctx) = current(cli)?;
-    let client = ctx.kube().await?;
-    let spec = kube::cr_spec(&ctx, &id)?;
+    let spec = kube::cr_spec(ctx, id)?;
     let backends = br2k_operator::backends::ChainOciBackends {
         insecure_loopback: true,
         ..Default::default()
     };
-    let sup = backends
-        .supervisor(&client, &ctx.namespace, &ctx.namespace, &spec)
+    backends
+        .supervisor(client, &ctx.namespace, &ctx.namespace, &spec)
         .await
-        .for_service(&id)?;
+        .for_service(id)
+}
+
+async fn recover(cli: &Cli, service: &str, dry_run: bool) -> CliResult<u8> {
+    let id = service_id(service)?;
+    let (_, ctx) = current(cli)?;
+    let client = ctx.kube().await?;
+    let sup = supervisor(&ctx, &client, &id).await?;
     let diagnosis = sup.diagnose(&id).await.for_service(&id)?;
     let report = if dry_run || diagnosis.is_healthy() {
         None

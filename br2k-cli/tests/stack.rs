@@ -283,6 +283,10 @@ fn lifecycle_with_the_operator() {
         assert_eq!(s["live"]["ready_on_digest"], 3);
         assert_eq!(s["live"]["running_digests"], serde_json::json!([digest]));
         assert_eq!(s["in_sync"], true);
+        let s = cli
+            .run(&proj, &["status", "--diagnose", "-o", "json"])
+            .json();
+        assert_eq!(s["findings"], serde_json::json!([]), "{s}");
         let tx = d["tx"].as_str().expect("tx");
         let h = cli.run(&proj, &["history", &service, "-o", "json"]).json();
         assert_eq!(h[0]["tx"], tx);
@@ -550,6 +554,18 @@ fn lifecycle_with_the_operator() {
             "--cascade=orphan",
         ]);
         assert!(ok, "{text}");
+        let s = cli
+            .run(dir, &["status", &service, "--diagnose", "-o", "json"])
+            .json();
+        assert_eq!(s["in_sync"], false, "{s}");
+        assert!(
+            s["findings"]
+                .as_array()
+                .expect("findings")
+                .iter()
+                .any(|f| f["finding"] == "missing_workload"),
+            "{s}"
+        );
         let diag = cli
             .run(dir, &["recover", &service, "--dry-run", "-o", "json"])
             .json();
