@@ -784,9 +784,18 @@ fn failures_change_nothing_on_chain() {
             "{}",
             out.stderr
         );
-        let d = cli
-            .run(&proj, &["deploy", "--no-wait", "-o", "json"])
-            .json();
+        let out = cli
+            .clone()
+            .with_env("BR2K_PROGRESS", "1")
+            .run(&proj, &["deploy", "--no-wait", "-o", "json"]);
+        // The key never shows, not even with progress on.
+        for text in [&out.stdout, &out.stderr] {
+            assert!(
+                !text.contains(&support::KEY8[2..]),
+                "the key was printed: {text}"
+            );
+        }
+        let d = out.json();
         let digest = d["digest"].as_str().expect("digest").to_owned();
         assert_eq!(d["digest"], p["digest"]);
         assert_eq!(d["blobs_pushed"], 0, "{d}");
