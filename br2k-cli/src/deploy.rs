@@ -687,6 +687,15 @@ pub async fn plan(ctx: &Context, opts: &Options) -> CliResult<Plan> {
     })
 }
 
+/// A seam for the crash tests: with `BR2K_DEPLOY_PAUSE_AFTER=STEP` (push, chain or
+/// apply) the deploy sleeps 5 s after recording that step, so that a test kills it at
+/// exactly that point. Unset, it does nothing.
+async fn pause_after(step: &str) {
+    if std::env::var("BR2K_DEPLOY_PAUSE_AFTER").is_ok_and(|s| s == step) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
 /// Runs a deploy (see the module docs).
 pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
     let t0 = Instant::now();
@@ -733,6 +742,7 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
         journal.push = Some(push);
         journal.save(&jpath)?;
     }
+    pause_after("push").await;
     phases.push_ms = ms(t.elapsed());
     say(p, format!("image {digest} in {} registries", stores.len()));
 
@@ -782,6 +792,7 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
             block: ev.as_ref().map(|e| e.block),
         });
         journal.save(&jpath)?;
+        pause_after("chain").await;
         (ev.as_ref().map(|e| e.tx.clone()), ev.map(|e| e.block))
     };
     let _ = block;
@@ -817,6 +828,7 @@ pub async fn run(ctx: &Context, opts: &Options) -> CliResult<Report> {
     if journal.apply.as_ref() != Some(&apply) {
         journal.apply = Some(apply);
         journal.save(&jpath)?;
+        pause_after("apply").await;
     }
     phases.apply_ms += ms(t.elapsed());
 

@@ -343,7 +343,14 @@ fn lifecycle_with_the_operator() {
                 .map(|d| d.to_string())
                 .unwrap_or_default();
             let old_hash = before.spec_hash.to_string();
-            let mut child = cli.spawn(&proj, &["deploy", "--timeout", "120"]);
+            // After the push and after the chain step the deploy pauses (a test seam),
+            // so the kill lands exactly there; the wait is killed while it polls.
+            let runner = if phase == "wait" {
+                cli.clone()
+            } else {
+                cli.clone().with_env("BR2K_DEPLOY_PAUSE_AFTER", phase)
+            };
+            let mut child = runner.spawn(&proj, &["deploy", "--timeout", "120"]);
             poll(
                 Duration::from_secs(60),
                 &format!("deploy reaches {phase}"),
@@ -372,6 +379,26 @@ fn lifecycle_with_the_operator() {
             );
             let _ = child.kill();
             let _ = child.wait();
+            // Where it died, read independently.
+            let at_kill = chain.active(&id);
+            let j = journal(&proj);
+            match phase {
+                "push" => assert_eq!(
+                    at_kill.latest_version, before.latest_version,
+                    "killed after the push: no transaction yet"
+                ),
+                "chain" => {
+                    assert_eq!(at_kill.latest_version, before.latest_version + 1);
+                    assert_ne!(
+                        j["apply"]["version"], j["chain"]["version"],
+                        "not applied yet"
+                    );
+                }
+                _ => assert_ne!(
+                    j["ready"]["version"], j["chain"]["version"],
+                    "killed before Ready"
+                ),
+            }
             let r = cli
                 .run(&proj, &["deploy", "-o", "json", "--timeout", "120"])
                 .json();
