@@ -174,6 +174,9 @@ fn lifecycle_with_the_operator() {
     let mut primary = OciRegistry::spawn(&stack.registry_bin, dir, "primary");
     let mirror = OciRegistry::spawn(&stack.registry_bin, dir, "mirror");
     let _ = &mut primary;
+    // Wait for the cluster to be free before creating anything that would be left
+    // behind should the wait time out.
+    support::no_other_operator(&stack);
     prepare_cluster(&stack, &ns);
     let mut operator = Operator::start(&stack, dir, &run);
     let cli = Br2k::new(dir).with_env("BR2K_TEST_KEY", support::KEY7);
