@@ -182,8 +182,14 @@ contract ServiceRegistry {
         }
     }
 
-    function _checkVersion(bytes32 specHash, uint32 replicas, bytes calldata spec) internal pure {
-        if (specHash == bytes32(0) || spec.length == 0 || spec.length > MAX_SPEC_BYTES) revert InvalidSpec();
+    function _checkVersion(bytes32 specHash, bytes32 imageDigest, uint32 replicas, bytes calldata spec)
+        internal
+        pure
+    {
+        if (specHash == bytes32(0) || imageDigest == bytes32(0)) revert InvalidSpec();
+        if (spec.length == 0 || spec.length > MAX_SPEC_BYTES) revert InvalidSpec();
+        // The recorded hash is the spec's: readers need not trust the writer for it.
+        if (sha256(spec) != specHash) revert InvalidSpec();
         if (replicas > MAX_REPLICAS) revert InvalidReplicas(replicas);
     }
 
@@ -214,7 +220,7 @@ contract ServiceRegistry {
         returns (bytes32 id)
     {
         _checkName(name);
-        _checkVersion(specHash, replicas, spec);
+        _checkVersion(specHash, imageDigest, replicas, spec);
         id = keccak256(bytes(name));
         Service storage s = services[id];
         if (s.owner != address(0)) revert AlreadyRegistered(id);
@@ -233,7 +239,7 @@ contract ServiceRegistry {
         returns (uint64 version)
     {
         Service storage s = _operated(id);
-        _checkVersion(specHash, replicas, spec);
+        _checkVersion(specHash, imageDigest, replicas, spec);
         if (s.versions[s.active - 1].specHash == specHash) return s.active;
         version = _push(s, specHash, imageDigest, replicas);
         emit Published(id, version, msg.sender, specHash, imageDigest, replicas, spec);

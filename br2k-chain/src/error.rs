@@ -115,7 +115,11 @@ impl From<ChainError> for Error {
                     ValidationError::malformed("service name", "refused by the registry").into()
                 }
                 E::InvalidSpec(_) => {
-                    ValidationError::malformed("spec", "empty, too large or without hash").into()
+                    ValidationError::malformed(
+                    "spec",
+                    "refused by the registry: empty, too large, no image digest, or its sha256 is not the recorded hash",
+                )
+                .into()
                 }
                 E::InvalidReplicas(x) => ValidationError::spec(
                     "replicas",

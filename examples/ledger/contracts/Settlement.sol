@@ -21,6 +21,9 @@ contract Settlement {
     /// Number of settlements recorded.
     uint256 public count;
 
+    /// The only account that may settle (the ledger's leader signs with its key).
+    address public immutable settler;
+
     /// Emitted once per key.
     event Settled(bytes32 indexed key, bytes32 indexed account, uint128 amount, address settler);
 
@@ -28,9 +31,20 @@ contract Settlement {
     error AlreadySettled(bytes32 key, uint64 blockNumber);
     /// Zero key or zero amount.
     error InvalidSettlement();
+    /// The caller is not the settler.
+    error NotSettler(address caller);
+    /// The zero address cannot settle.
+    error ZeroSettler();
+
+    /// A contract whose settlements only `settler_` may record.
+    constructor(address settler_) {
+        if (settler_ == address(0)) revert ZeroSettler();
+        settler = settler_;
+    }
 
     /// Records the settlement `key` of `amount` for `account`; refuses a key twice.
     function settle(bytes32 key, bytes32 account, uint128 amount) external {
+        if (msg.sender != settler) revert NotSettler(msg.sender);
         if (key == bytes32(0) || amount == 0) revert InvalidSettlement();
         Record storage r = records[key];
         if (r.blockNumber != 0) revert AlreadySettled(key, r.blockNumber);
@@ -43,7 +57,7 @@ contract Settlement {
     function settledAt(bytes32 key)
         external
         view
-        returns (bytes32 account, uint128 amount, uint64 blockNumber, address settler)
+        returns (bytes32 account, uint128 amount, uint64 blockNumber, address settledBy)
     {
         Record storage r = records[key];
         return (r.account, r.amount, r.blockNumber, r.settler);

@@ -20,7 +20,7 @@ const USAGE: &str = "usage:
                [--namespace NS] [--oci-registry HOST] [--settlement ADDR]
                [--snapshot-every N] [--max-body BYTES] [--request-timeout-ms MS]
                [--lease-ttl-secs S]
-  ledger setup [--service ID] [--replica-accounts 0xA,0xB,...] [--replicas N]
+  ledger setup [--service ID] [--replica-accounts 0xA,0xB,...] [--replicas N] [--settler 0xS]
 Keys only from the environment: BR2K_PRIVATE_KEY[_FILE] (registry writes),
 LEDGER_SETTLER_KEY[_FILE] (settlements). See examples/ledger/README.md.";
 
@@ -188,7 +188,15 @@ async fn setup(args: &Args) -> Result<()> {
                     "set BR2K_PRIVATE_KEY or BR2K_PRIVATE_KEY_FILE",
                 )
             })?;
-            SettleEffect::deploy(rpc, key.expose()).await?
+            // Only the settler's account may settle (default: the owner's).
+            let settler = match args.get("settler", "LEDGER_SETTLER_ACCOUNT") {
+                Some(a) => Some(
+                    a.parse()
+                        .map_err(|e| br2k_core::ValidationError::malformed("settler account", e))?,
+                ),
+                None => None,
+            };
+            SettleEffect::deploy(rpc, key.expose(), settler).await?
         }
     };
     println!("BR2K_REGISTRY_ADDRESS={:#x}", registry.address());

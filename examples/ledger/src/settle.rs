@@ -55,6 +55,12 @@ impl From<SettleError> for Error {
                         Settlement::SettlementErrors::InvalidSettlement(_) => {
                             ValidationError::malformed("settlement", "zero key or amount").into()
                         }
+                        Settlement::SettlementErrors::NotSettler(x) => Error::permission_denied(
+                            format!("{:#x} is not the settlement contract's settler", x.caller),
+                        ),
+                        Settlement::SettlementErrors::ZeroSettler(_) => {
+                            ValidationError::malformed("settler", "the zero address").into()
+                        }
                     };
                 }
                 let transport = matches!(
@@ -130,10 +136,11 @@ impl SettleEffect {
         })
     }
 
-    /// Deploys a new `Settlement` contract signed by `key` and returns its address.
-    pub async fn deploy(rpc: Url, key: &str) -> Result<Address> {
+    /// Deploys a new `Settlement` contract signed by `key` whose only settler is
+    /// `settler` (default: `key`'s account), and returns its address.
+    pub async fn deploy(rpc: Url, key: &str, settler: Option<Address>) -> Result<Address> {
         let me = Self::new(rpc, Address::ZERO, key)?;
-        let c = Settlement::deploy(&me.provider)
+        let c = Settlement::deploy(&me.provider, settler.unwrap_or(me.from))
             .await
             .map_err(|e| Error::from(SettleError::Contract(e)))?;
         Ok(*c.address())
@@ -162,6 +169,11 @@ impl SettleEffect {
 
     /// The recorded settlement of `key`, with the transaction that made it.
     pub async fn find(&self, key: &str) -> Result<Option<SettlementReceipt>> {
+        Ok(self.find_recorded(key).await?.map(|(r, _, _)| r))
+    }
+
+    /// [`Self::find`] with the recorded account hash and amount.
+    async fn find_recorded(&self, key: &str) -> Result<Option<(SettlementReceipt, B256, u128)>> {
         let k = settlement_key(key);
         let c = Settlement::new(self.address, &self.provider);
         let rec = c
@@ -187,10 +199,38 @@ impl SettleEffect {
             .first()
             .and_then(|l| l.transaction_hash)
             .ok_or_else(|| Error::unavailable("settlement event not found (yet)"))?;
-        Ok(Some(SettlementReceipt {
-            tx: format!("{tx:#x}"),
-            block: rec.blockNumber,
-        }))
+        Ok(Some((
+            SettlementReceipt {
+                tx: format!("{tx:#x}"),
+                block: rec.blockNumber,
+            },
+            rec.account,
+            rec.amount,
+        )))
+    }
+
+    /// The settlement of `key` if it is the one `command` asks for; a settlement of
+    /// the same key for another account or amount is a conflict, never reported as
+    /// done.
+    async fn find_matching(
+        &self,
+        key: &str,
+        command: &Command,
+    ) -> Result<Option<SettlementReceipt>> {
+        let Some((receipt, account_hash, amount)) = self.find_recorded(key).await? else {
+            return Ok(None);
+        };
+        match command {
+            Command::Settle {
+                account, amount: a, ..
+            } if keccak256(account.as_bytes()) == account_hash && u128::from(*a) == amount => {
+                Ok(Some(receipt))
+            }
+            _ => Err(Error::conflict(format!(
+                "settlement key {key} was settled (block {}) for another account or amount",
+                receipt.block
+            ))),
+        }
     }
 
     async fn send(&self, key: &str, account: &str, amount: u64) -> Result<SettlementReceipt> {
@@ -228,8 +268,8 @@ fn encode(r: &SettlementReceipt) -> Result<Vec<u8>> {
 
 #[async_trait]
 impl Effect<Command> for SettleEffect {
-    async fn lookup(&self, key: &str, _command: &Command) -> Result<Option<Vec<u8>>> {
-        match self.find(key).await? {
+    async fn lookup(&self, key: &str, command: &Command) -> Result<Option<Vec<u8>>> {
+        match self.find_matching(key, command).await? {
             Some(r) => Ok(Some(encode(&r)?)),
             None => Ok(None),
         }
@@ -251,7 +291,7 @@ impl Effect<Command> for SettleEffect {
             Ok(r) => encode(&r),
             // Sent before (e.g. by a deposed leader whose transaction was still
             // pending when its intent was looked up): report that settlement.
-            Err(Error::AlreadyExists { .. }) => match self.find(key).await? {
+            Err(Error::AlreadyExists { .. }) => match self.find_matching(key, command).await? {
                 Some(r) => encode(&r),
                 None => Err(Error::unavailable("settlement exists but is not readable")),
             },

@@ -92,6 +92,8 @@ impl World {
         let out = Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(["setup", "--service", &service, "--replica-accounts"])
             .arg(accounts.join(","))
+            .arg("--settler")
+            .arg(format!("{:#x}", anvil.addresses()[SETTLER]))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("BR2K_RPC_URLS", anvil.endpoint())
@@ -1056,4 +1058,49 @@ async fn paused_leader_is_fenced_after_resuming() {
             dump_logs(&rs.iter().collect::<Vec<_>>())
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs stack"]
+async fn only_the_settler_settles_and_a_different_settlement_of_a_key_is_a_conflict() {
+    use br2k_core::replica::Effect;
+    use br2k_ledger::{Command as LedgerCommand, SettleEffect};
+    let w = World::new("settler", 0, None);
+    let rpc: alloy::transports::http::reqwest::Url = w.anvil.endpoint().parse().unwrap();
+    let settle = |account: &str, amount: u64| LedgerCommand::Settle {
+        key: "s-1".into(),
+        account: account.into(),
+        amount,
+    };
+    // Another account (here the registry's owner) cannot settle.
+    let stranger = SettleEffect::new(rpc.clone(), w.settlement, &key(&w.anvil, 0)).unwrap();
+    match stranger.run("s-1", &settle("alice", 10)).await {
+        Err(e) => assert_eq!(e.kind(), "permission_denied", "{e}"),
+        Ok(r) => panic!("a stranger settled: {}", String::from_utf8_lossy(&r)),
+    }
+    let settler = SettleEffect::new(rpc, w.settlement, &key(&w.anvil, SETTLER)).unwrap();
+    assert_eq!(
+        settler.lookup("s-1", &settle("alice", 10)).await.unwrap(),
+        None
+    );
+    let done = settler
+        .run("s-1", &settle("alice", 10))
+        .await
+        .expect("settle");
+    // After a leader change the lookup finds it only for the same account and amount.
+    assert_eq!(
+        settler.lookup("s-1", &settle("alice", 10)).await.unwrap(),
+        Some(done)
+    );
+    for other in [settle("bob", 10), settle("alice", 11)] {
+        match settler.lookup("s-1", &other).await {
+            Err(e) => assert_eq!(e.kind(), "conflict", "{e}"),
+            Ok(r) => panic!("{other:?} reported as settled: {r:?}"),
+        }
+        match settler.run("s-1", &other).await {
+            Err(e) => assert_eq!(e.kind(), "conflict", "{e}"),
+            Ok(r) => panic!("{other:?} settled: {}", String::from_utf8_lossy(&r)),
+        }
+    }
+    assert_eq!(settler.count().await.unwrap(), 1);
 }
