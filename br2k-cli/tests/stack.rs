@@ -280,6 +280,12 @@ fn lifecycle_with_the_operator() {
                 "{} lacks the image",
                 r.addr
             );
+            // The upload counter used below sees this first push (or copy).
+            assert!(
+                r.uploads_started() > 0,
+                "{}: no upload in its access log",
+                r.addr
+            );
         }
         let s = cli.run(&proj, &["status", "-o", "json"]).json();
         assert_eq!(s["record"]["digest"], digest.as_str());
@@ -402,12 +408,19 @@ fn lifecycle_with_the_operator() {
                     "killed before Ready"
                 ),
             }
+            let uploads = (primary.uploads_started(), mirror.uploads_started());
             let r = cli
                 .run(&proj, &["deploy", "-o", "json", "--timeout", "120"])
                 .json();
             assert_eq!(
                 r["blobs_pushed"], 0,
                 "round {round} ({phase}): the rerun pushed blobs again"
+            );
+            // The registries' own access logs agree: no upload started by the rerun.
+            assert_eq!(
+                (primary.uploads_started(), mirror.uploads_started()),
+                uploads,
+                "round {round} ({phase}): uploads started on the registries by the rerun"
             );
             let after = chain.active(&id);
             assert_eq!(

@@ -366,6 +366,18 @@ impl OciRegistry {
         }
     }
 
+    /// Blob uploads started on this registry so far, read from its own access log
+    /// (`POST /v2/<repo>/blobs/uploads/`; cross-repository mounts not counted).
+    pub fn uploads_started(&self) -> usize {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.contains("\"POST /v2/") && l.contains("/blobs/uploads/") && !l.contains("mount=")
+            })
+            .count()
+    }
+
     /// Tags of `repo` (empty when the repository does not exist).
     pub fn tags(&self, repo: &str) -> Vec<String> {
         let out = Command::new("curl")
