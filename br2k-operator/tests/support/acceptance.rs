@@ -2103,25 +2103,7 @@ impl Harness {
         if let Err(e) = self.wait_healthy(&cr_name).await {
             r.problem(e);
         }
-        let crs = self.crs();
-        if let Err(e) = crs.delete(&cr_name, &DeleteParams::default()).await {
-            r.problem(format!("delete {cr_name}: {e}"));
-        } else if let Err(e) =
-            poll(
-                RECOVERY_TIMEOUT,
-                "no-ports resource removed",
-                async || match crs.get_opt(&cr_name).await.map_err(|e| e.to_string())? {
-                    None => Ok(()),
-                    Some(o) => Err(format!(
-                        "still there, finalizers {:?}",
-                        o.metadata.finalizers
-                    )),
-                },
-            )
-            .await
-        {
-            r.problem(e);
-        }
+        self.remove_resource(&cr_name, r).await;
         res
     }
 
@@ -2168,21 +2150,7 @@ impl Harness {
                 Err(e) => r.problem(e),
             }
         }
-        let crs = self.crs();
-        if let Err(e) = crs.delete(&cr_name, &DeleteParams::default()).await {
-            r.problem(format!("delete {cr_name}: {e}"));
-        } else if let Err(e) = poll(
-            RECOVERY_TIMEOUT,
-            "refused resource removed",
-            async || match crs.get_opt(&cr_name).await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(_) => Err("still there".to_owned()),
-            },
-        )
-        .await
-        {
-            r.problem(e);
-        }
+        self.remove_resource(&cr_name, r).await;
         res
     }
 
@@ -2319,23 +2287,33 @@ impl Harness {
                 r.problem(format!("StatefulSet {} created later", names.base));
             }
         }
+        self.remove_resource(&cr_name, r).await;
+        res
+    }
+
+    /// Deletes the extra resource `name` and waits until it is gone (its finalizer
+    /// done); a failure is recorded in `r`.
+    async fn remove_resource(&self, name: &str, r: &mut ClassResult) {
         let crs = self.crs();
-        if let Err(e) = crs.delete(&cr_name, &DeleteParams::default()).await {
-            r.problem(format!("delete {cr_name}: {e}"));
-        } else if let Err(e) =
-            poll(
-                RECOVERY_TIMEOUT,
-                "stranger resource removed",
-                async || match crs.get_opt(&cr_name).await.map_err(|e| e.to_string())? {
-                    None => Ok(()),
-                    Some(_) => Err("still there".to_owned()),
-                },
-            )
-            .await
-        {
+        if let Err(e) = crs.delete(name, &DeleteParams::default()).await {
+            r.problem(format!("delete {name}: {e}"));
+            return;
+        }
+        let gone = poll(
+            RECOVERY_TIMEOUT,
+            &format!("{name} removed"),
+            async || match crs.get_opt(name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(o) => Err(format!(
+                    "still there, finalizers {:?}",
+                    o.metadata.finalizers
+                )),
+            },
+        )
+        .await;
+        if let Err(e) = gone {
             r.problem(e);
         }
-        res
     }
 }
 
