@@ -1219,6 +1219,18 @@ impl Harness {
         Ok(t0.elapsed())
     }
 
+    /// Waits for condition `type_`=`status` of the main resource and notes in `r`
+    /// how long it took after `event`; a timeout is a problem.
+    async fn note_condition(&self, r: &mut ClassResult, type_: &str, status: &str, event: &str) {
+        match self.wait_condition(type_, status).await {
+            Ok(d) => r.note(format!(
+                "{type_} {status} {} ms after {event}",
+                d.as_millis()
+            )),
+            Err(e) => r.problem(format!("after {event}: {e}")),
+        }
+    }
+
     /// Waits until resource `name` is `Healthy`.
     async fn wait_healthy(&self, name: &str) -> Result<(), String> {
         poll(RECOVERY_TIMEOUT, &format!("{name} Healthy"), async || {
@@ -1913,13 +1925,8 @@ impl Harness {
             self.measure_cpu(r).await;
         }
         self.primary.start().await?;
-        match self.wait_condition("ImageVerified", "True").await {
-            Ok(d) => r.note(format!(
-                "ImageVerified True {} ms after the primary restarted",
-                d.as_millis()
-            )),
-            Err(e) => r.problem(format!("primary restarted: {e}")),
-        }
+        self.note_condition(r, "ImageVerified", "True", "the primary restarted")
+            .await;
         res
     }
 
@@ -1975,27 +1982,17 @@ impl Harness {
             Ok(()) => {}
             Err(e) => r.problem(format!("primary after restoring the bytes: {e}")),
         }
-        match self.wait_condition("ImageVerified", "True").await {
-            Ok(d) => r.note(format!(
-                "ImageVerified True {} ms after the bytes were restored",
-                d.as_millis()
-            )),
-            Err(e) => r.problem(format!("bytes restored: {e}")),
-        }
+        self.note_condition(r, "ImageVerified", "True", "the bytes were restored")
+            .await;
         res
     }
 
     async fn chain_rpc_stopped(&mut self, r: &mut ClassResult) -> Result<(), String> {
         let base = self.names.base.clone();
         self.proxy.kill().await;
-        match self.wait_condition("ChainAvailable", "False").await {
-            Ok(d) => r.note(format!(
-                "ChainAvailable False {} ms after the RPC stopped",
-                d.as_millis()
-            )),
-            // Reported state only: the recovery below is checked all the same.
-            Err(e) => r.problem(format!("RPC stopped: {e}")),
-        }
+        // Reported state only: the recovery below is checked all the same.
+        self.note_condition(r, "ChainAvailable", "False", "the RPC stopped")
+            .await;
         let old = self.live_sts(&base).await?;
         let old_uid = old.metadata.uid.clone().unwrap_or_default();
         let before = self.reconciles().await.ok();
@@ -2015,13 +2012,8 @@ impl Harness {
             self.measure_cpu(r).await;
         }
         self.proxy.resume().await?;
-        match self.wait_condition("ChainAvailable", "True").await {
-            Ok(d) => r.note(format!(
-                "ChainAvailable True {} ms after the RPC came back",
-                d.as_millis()
-            )),
-            Err(e) => r.problem(format!("RPC back: {e}")),
-        }
+        self.note_condition(r, "ChainAvailable", "True", "the RPC came back")
+            .await;
         res
     }
 
