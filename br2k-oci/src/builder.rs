@@ -14,7 +14,11 @@ use crate::config::PlatformSpec;
 ///
 /// Output is reproducible: entries are sorted, owned by root, with mtime 0, and the
 /// gzip header carries no timestamp; equal inputs give equal digests.
-#[derive(Debug, Clone, Default)]
+///
+/// The image runs as a numeric non-root user ([`DEFAULT_USER`] unless
+/// [`ImageBuilder::user`] says otherwise), so that pods with `runAsNonRoot: true` (as
+/// br2k-k8s makes them) start it; the files stay owned by root and readable by all.
+#[derive(Debug, Clone)]
 pub struct ImageBuilder {
     files: BTreeMap<String, (Vec<u8>, u32)>,
     entrypoint: Vec<String>,
@@ -23,6 +27,26 @@ pub struct ImageBuilder {
     workdir: Option<String>,
     labels: BTreeMap<String, String>,
     platform: PlatformSpec,
+    user: (u32, u32),
+}
+
+/// The user (uid, gid) images run as by default: 65532, the distroless `nonroot`
+/// user, recorded as `"65532:65532"` in the config.
+pub const DEFAULT_USER: (u32, u32) = (65532, 65532);
+
+impl Default for ImageBuilder {
+    fn default() -> Self {
+        Self {
+            files: BTreeMap::new(),
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            labels: BTreeMap::new(),
+            platform: PlatformSpec::default(),
+            user: DEFAULT_USER,
+        }
+    }
 }
 
 fn check_path(path: &str) -> Result<String> {
@@ -104,6 +128,20 @@ impl ImageBuilder {
         self
     }
 
+    /// Sets the numeric user and group the image runs as (default [`DEFAULT_USER`]).
+    /// Root (uid 0) is refused: Kubernetes does not start it under `runAsNonRoot`.
+    pub fn user(mut self, uid: u32, gid: u32) -> Result<Self> {
+        if uid == 0 {
+            return Err(ValidationError::malformed(
+                "image user",
+                "uid 0 is root; images run as a non-root user",
+            )
+            .into());
+        }
+        self.user = (uid, gid);
+        Ok(self)
+    }
+
     /// The uncompressed layer tar.
     fn layer_tar(&self) -> Result<Vec<u8>> {
         let mut dirs = BTreeSet::new();
@@ -163,6 +201,8 @@ impl ImageBuilder {
         gz.write_all(&tar).map_err(gz_err)?;
         let layer = gz.finish().map_err(gz_err)?;
         let mut cfg = serde_json::Map::new();
+        let (uid, gid) = self.user;
+        cfg.insert("User".into(), json!(format!("{uid}:{gid}")));
         if !self.entrypoint.is_empty() {
             cfg.insert("Entrypoint".into(), json!(self.entrypoint));
         }
@@ -255,6 +295,18 @@ mod tests {
         );
         assert!(names.iter().any(|(n, _, _)| n == "usr/local/bin/"));
         assert!(names.iter().all(|(_, _, m)| *m == 0));
+    }
+
+    #[test]
+    fn images_run_as_a_numeric_non_root_user() {
+        let cfg = |b: ImageBuilder| {
+            let img = b.build().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&img.config.data).unwrap();
+            v["config"]["User"].clone()
+        };
+        assert_eq!(cfg(sample()), "65532:65532");
+        assert_eq!(cfg(sample().user(1000, 2000).unwrap()), "1000:2000");
+        assert!(sample().user(0, 0).is_err(), "root refused");
     }
 
     #[test]

@@ -77,7 +77,7 @@ mod layout;
 mod mirror;
 mod store;
 
-pub use builder::ImageBuilder;
+pub use builder::{DEFAULT_USER, ImageBuilder};
 pub use client::RequestCounts;
 pub use config::{Auth, BlobProgress, OciConfig, PlatformSpec, Secret};
 pub use index::{ImageIndex, IndexEntry, ManifestDoc, Platform, parse_manifest_doc};

@@ -68,6 +68,56 @@ async fn snapshot_artifacts_and_built_images() {
     assert_eq!(store.pull(&repo, &img.digest).await.unwrap(), img);
 }
 
+/// What a registry serves as a built image's config: the manifest read over plain
+/// HTTP names a config blob whose bytes give a numeric non-root user (so pods with
+/// `runAsNonRoot: true` start it).
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn built_images_run_as_a_numeric_non_root_user_in_the_registry() {
+    let (addrs, _own) = shared_registries();
+    let store = OciImageStore::insecure(&addrs[0]).unwrap();
+    let repo = fresh_repo("nonroot");
+    let img = ImageBuilder::new()
+        .file("/app/svc", vec![9u8; 1000], 0o755)
+        .unwrap()
+        .entrypoint(["/app/svc"])
+        .build()
+        .unwrap();
+    store.push(&repo, &img, Some("nonroot")).await.unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://{}/v2/{}", addrs[0], repo.as_str());
+    let manifest: serde_json::Value = http
+        .get(format!("{base}/manifests/nonroot"))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(config_digest, img.config.digest.to_string());
+    let bytes = http
+        .get(format!("{base}/blobs/{config_digest}"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let user = config["config"]["User"].as_str().unwrap_or_default();
+    let (uid, gid) = user.split_once(':').unwrap_or((user, ""));
+    let uid: u32 = uid.parse().unwrap_or_else(|_| panic!("user {user:?}"));
+    assert!(uid != 0, "user {user:?} is root");
+    assert!(gid.parse::<u32>().is_ok(), "group of {user:?}");
+    assert_eq!(user, "65532:65532");
+}
+
 fn index_of(entries: &[(&Image, &str)]) -> bytes::Bytes {
     let manifests: Vec<serde_json::Value> = entries
         .iter()
