@@ -14,6 +14,9 @@
 pub mod bindings;
 mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod registry;
 mod rpc;
 mod sender;

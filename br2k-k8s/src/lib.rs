@@ -19,6 +19,9 @@
 
 pub mod build;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod names;
 pub mod ownership;
 pub mod parse;

@@ -429,7 +429,7 @@ pub(crate) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// A token and its lifetime, from the token server's JSON answer: `token`, else
 /// `access_token`; `expires_in` seconds, 60 when absent.
-fn parse_token_answer(body: &[u8]) -> Result<(String, Duration), String> {
+pub(crate) fn parse_token_answer(body: &[u8]) -> Result<(String, Duration), String> {
     let a: TokenAnswer =
         serde_json::from_slice(body).map_err(|e| format!("token answer is not JSON: {e}"))?;
     let token = a

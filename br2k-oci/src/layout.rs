@@ -182,7 +182,7 @@ async fn read_small(path: &Path) -> Result<Bytes> {
         .map_err(io(format!("{}", path.display())))
 }
 
-fn unpack(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn unpack(src: &Path, dst: &Path) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(src).map_err(io(format!("layout {}", src.display())))?;
     let mut magic = [0u8; 2];

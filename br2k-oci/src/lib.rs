@@ -72,6 +72,9 @@ mod builder;
 mod client;
 mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 mod layout;
 mod mirror;

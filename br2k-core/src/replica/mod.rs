@@ -42,6 +42,9 @@ use crate::record::{Checkpoint, Location};
 use crate::registry::Registry;
 use crate::store::ImageStore;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod snapshot;
 pub mod testkit;
 
