@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use br2k_core::{Digest, ImageRef, ServiceId, ServiceRecord, ServiceState};
-use br2k_operator::crd::{Br2kService, Br2kServiceSpec, Br2kServiceStatus, CredentialRefs};
+use br2k_operator::crd::{Br2kService, Br2kServiceSpec, Br2kServiceStatus};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -27,16 +27,11 @@ fn kube_err(what: &str, e: kube::Error) -> CliError {
     }
 }
 
-/// The resource spec for service `id` in context `ctx`.
-pub fn cr_spec(ctx: &Context, id: &ServiceId) -> CliResult<Br2kServiceSpec> {
-    Ok(Br2kServiceSpec {
-        service_id: id.to_string(),
-        registry_contract: format!("{:#x}", ctx.contract()?),
-        rpc_endpoints: ctx.rpc_urls.clone(),
-        oci_registries: ctx.oci_registries.clone(),
-        credentials: CredentialRefs::default(),
-        namespace: None,
-    })
+/// The resource spec for service `id`: only the service id. The chain, contract
+/// and registries are the operator's own configuration; the context's must be the
+/// same for the operator to deploy what `br2k deploy` published.
+pub fn cr_spec(_ctx: &Context, id: &ServiceId) -> CliResult<Br2kServiceSpec> {
+    Ok(Br2kServiceSpec::for_service(id.as_str()))
 }
 
 /// What applying the resource does (or did).

@@ -178,7 +178,6 @@ fn lifecycle_with_the_operator() {
     // behind should the wait time out.
     support::no_other_operator(&stack);
     prepare_cluster(&stack, &ns);
-    let mut operator = Operator::start(&stack, dir, &run);
     let cli = Br2k::new(dir).with_env("BR2K_TEST_KEY", support::KEY7);
     support::context(
         &cli,
@@ -188,14 +187,35 @@ fn lifecycle_with_the_operator() {
         &ns,
         "BR2K_TEST_KEY",
     );
+    // The operator's trust anchors are the context's (the resource `br2k deploy`
+    // writes names only the service): the contract comes first.
+    let c = cli
+        .run(dir, &["contract", "deploy", "--new", "-o", "json"])
+        .json();
+    let address = c["address"].as_str().expect("address").to_owned();
+    let mut operator = Operator::start(
+        &stack,
+        dir,
+        &run,
+        &[
+            "--chain-id",
+            &stack.chain_id().to_string(),
+            "--rpc-url",
+            &stack.rpc,
+            "--registry-contract",
+            &address,
+            "--oci-registry",
+            &primary.addr,
+            "--oci-registry",
+            &mirror.addr,
+            "--allowed-owner",
+            ACCOUNT7,
+        ],
+    );
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Contract: deployed once, then reused.
-        let c = cli
-            .run(dir, &["contract", "deploy", "--new", "-o", "json"])
-            .json();
         assert_eq!(c["deployed"], true);
-        let address = c["address"].as_str().expect("address").to_owned();
         let again = cli.run(dir, &["contract", "deploy", "-o", "json"]).json();
         assert_eq!(
             (again["deployed"].clone(), again["address"].clone()),

@@ -19,7 +19,7 @@ use br2k_core::memory::InMemoryRegistry;
 use br2k_core::{Replicator, ServiceId};
 use br2k_operator::backends::{ReplicatorPool, SharedBackends};
 use br2k_operator::controller::Context;
-use br2k_operator::crd::{Br2kService, Br2kServiceSpec, CredentialRefs};
+use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -146,12 +146,8 @@ async fn main() -> Result<(), Error> {
     let crs: Api<Br2kService> = Api::namespaced(client.clone(), &ns);
     for i in 0..services {
         let spec = Br2kServiceSpec {
-            service_id: format!("s{i}"),
-            registry_contract: "memory".into(),
-            rpc_endpoints: vec![],
-            oci_registries: vec![],
-            credentials: CredentialRefs::default(),
             namespace: Some(ns.clone()),
+            ..Br2kServiceSpec::for_service(format!("s{i}"))
         };
         crs.create(
             &PostParams::default(),

@@ -51,11 +51,18 @@ impl ReplicatorPool {
     }
 }
 
-/// The real backends: the on-chain registry (`br2k-chain`) at the resource's
-/// contract and RPC endpoints, and one OCI registry store (`br2k-oci`) per listed
-/// registry, with credentials from the named Secret.
-#[derive(Debug, Clone, Default)]
+/// The real backends: the on-chain registry (`br2k-chain`) and the OCI registries
+/// (`br2k-oci`) of the operator's own configuration, the trust anchors. A resource
+/// only chooses the service id (and a credential Secret of its own namespace).
+///
+/// `Debug` shows the RPC endpoints without credentials, path or query (see
+/// [`br2k_chain::ChainConfig`]).
+#[derive(Debug, Clone)]
 pub struct ChainOciBackends {
+    /// The chain: RPC endpoints, registry contract, chain id, read depth, quorum.
+    pub chain: br2k_chain::ChainConfig,
+    /// OCI registries holding the service images, primary first (`host:port`).
+    pub oci_registries: Vec<String>,
     /// Treat loopback OCI registries (127.0.0.1, localhost) as plain HTTP.
     pub insecure_loopback: bool,
     /// The shared replicators.
@@ -63,10 +70,49 @@ pub struct ChainOciBackends {
     /// How long a verification of an image's bytes is trusted (`None`: the
     /// supervisor's default). Applies always verify anew.
     pub verify_ttl: Option<Duration>,
-    /// The chain id every endpoint must serve (`None`: not checked).
-    pub chain_id: Option<u64>,
     /// Accounts whose services may be deployed (`None`: any owner).
     pub allowed_owners: Option<Vec<br2k_core::Account>>,
+}
+
+impl ChainOciBackends {
+    /// Backends reading the registry of `chain` (which must name RPC endpoints, the
+    /// registry contract and the chain id) and verifying images in `oci_registries`
+    /// (at least one, primary first); any owner, default verification period, TLS
+    /// registries.
+    pub fn new(chain: br2k_chain::ChainConfig, oci_registries: Vec<String>) -> Result<Self> {
+        if chain.rpc_urls.is_empty() {
+            return Err(
+                ValidationError::malformed("operator configuration", "no RPC endpoint").into(),
+            );
+        }
+        if chain.registry_address.is_none() {
+            return Err(ValidationError::malformed(
+                "operator configuration",
+                "no registry contract",
+            )
+            .into());
+        }
+        if chain.expected_chain_id.is_none() {
+            return Err(ValidationError::malformed("operator configuration", "no chain id").into());
+        }
+        if oci_registries.is_empty() {
+            return Err(
+                ValidationError::malformed("operator configuration", "no OCI registry").into(),
+            );
+        }
+        for host in &oci_registries {
+            br2k_oci::OciConfig::new(host.clone())
+                .map_err(|e| ValidationError::malformed("oci registry", e))?;
+        }
+        Ok(Self {
+            chain,
+            oci_registries,
+            insecure_loopback: false,
+            replicators: ReplicatorPool::default(),
+            verify_ttl: None,
+            allowed_owners: None,
+        })
+    }
 }
 
 async fn oci_auth(client: &Client, ns: &str, spec: &Br2kServiceSpec) -> Result<br2k_oci::Auth> {
@@ -105,20 +151,9 @@ impl Backends for ChainOciBackends {
         namespace: &str,
         spec: &Br2kServiceSpec,
     ) -> Result<Supervisor> {
-        let urls = br2k_chain::ChainConfig::parse_urls(&spec.rpc_endpoints.join(","))?;
-        let address: alloy::primitives::Address = spec
-            .registry_contract
-            .parse()
-            .map_err(|e| ValidationError::malformed("registry contract address", e))?;
         // The supervisor only reads the registry: a read-only connection, no key.
-        let mut config = br2k_chain::ChainConfig::new(urls)
-            .with_registry(address)
-            .with_request_timeout(Duration::from_secs(5));
-        if let Some(id) = self.chain_id {
-            config = config.with_chain_id(id);
-        }
         let registry: Arc<dyn Registry> =
-            Arc::new(br2k_chain::ChainRegistry::connect(config).await?);
+            Arc::new(br2k_chain::ChainRegistry::connect(self.chain.clone()).await?);
         let auth = oci_auth(client, cr_namespace, spec).await?;
         let mut b = Supervisor::builder()
             // The controller calls `reconcile` and never subscribes to events.
@@ -131,7 +166,7 @@ impl Backends for ChainOciBackends {
         if let Some(owners) = &self.allowed_owners {
             b = b.allowed_owners(owners.iter().cloned());
         }
-        for host in &spec.oci_registries {
+        for host in &self.oci_registries {
             let loopback = host.starts_with("127.0.0.1") || host.starts_with("localhost");
             let cfg = br2k_oci::OciConfig::new(host.clone())
                 .map_err(|e| ValidationError::malformed("oci registry", e))?
@@ -145,8 +180,7 @@ impl Backends for ChainOciBackends {
 }
 
 /// In-process backends (`br2k_core::memory` or any other implementation) shared by
-/// every resource: for tests and demos. The resource's contract, endpoints and
-/// registries are ignored.
+/// every resource: for tests and demos.
 #[derive(Debug, Clone)]
 pub struct SharedBackends {
     /// The registry.

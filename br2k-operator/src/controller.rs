@@ -48,6 +48,37 @@ pub enum OperatorError {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<OperatorError>>),
 }
 
+/// Which namespaces the operator serves, from its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Namespaces whose `Br2kService` resources (and workloads) are watched; empty:
+    /// every namespace. With a list, every watch is namespaced, so namespaced Roles
+    /// suffice (Nodes, cluster-scoped, are only read).
+    pub watch_namespaces: Vec<String>,
+    /// Namespaces other than its own that a resource may run its workload in
+    /// (`spec.namespace`); any other is refused with `NamespaceNotAllowed`.
+    pub allowed_target_namespaces: Vec<String>,
+}
+
+impl Scope {
+    /// Whether a resource in `resource_ns` may run its workload in `target`.
+    pub fn allows_target(&self, resource_ns: &str, target: &str) -> bool {
+        target == resource_ns || self.allowed_target_namespaces.iter().any(|n| n == target)
+    }
+
+    /// The namespaces whose workloads a controller for the resources of `ns` must
+    /// watch: `ns` and every allowed target namespace.
+    fn workload_namespaces(&self, ns: &str) -> Vec<String> {
+        let mut out = vec![ns.to_owned()];
+        for n in &self.allowed_target_namespaces {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+}
+
 type Index = Arc<Mutex<HashMap<(String, String), ObjectRef<Br2kService>>>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -61,6 +92,7 @@ pub struct Context {
     metrics: Metrics,
     identity: String,
     resync: Duration,
+    scope: Scope,
     supervisors: Mutex<HashMap<String, (Br2kServiceSpec, Arc<Supervisor>)>>,
     index: Index,
     failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
@@ -73,13 +105,14 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("backends", &self.backends)
             .field("resync", &self.resync)
+            .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
 }
 
 impl Context {
     /// A context reporting events as `identity`, resyncing healthy services every
-    /// `resync`.
+    /// `resync`, serving every namespace (workloads only in their resource's own).
     pub fn new(
         client: Client,
         backends: Arc<dyn Backends>,
@@ -87,12 +120,32 @@ impl Context {
         identity: &str,
         resync: Duration,
     ) -> Arc<Self> {
+        Self::scoped(
+            client,
+            backends,
+            metrics,
+            identity,
+            resync,
+            Scope::default(),
+        )
+    }
+
+    /// Like [`Context::new`], serving the namespaces of `scope`.
+    pub fn scoped(
+        client: Client,
+        backends: Arc<dyn Backends>,
+        metrics: Metrics,
+        identity: &str,
+        resync: Duration,
+        scope: Scope,
+    ) -> Arc<Self> {
         Arc::new(Self {
             identity: identity.to_owned(),
             client,
             backends,
             metrics,
             resync,
+            scope,
             supervisors: Mutex::default(),
             index: Arc::default(),
             failures: Mutex::default(),
@@ -341,6 +394,20 @@ async fn apply(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Opera
         Ok(id) => id,
         Err(e) => return refuse(&obj, &ctx, "InvalidServiceId", e.to_string()).await,
     };
+    // The workload stays in the resource's namespace unless the operator's own
+    // configuration allows another: nothing is read or applied for it otherwise.
+    if !ctx.scope.allows_target(&cr_ns, &ns) {
+        lock(&ctx.supervisors).remove(&key);
+        return refuse(
+            &obj,
+            &ctx,
+            "NamespaceNotAllowed",
+            format!(
+                "the workload namespace {ns} is not the resource's ({cr_ns}) and the operator's configuration does not allow it (--allow-target-namespace)"
+            ),
+        )
+        .await;
+    }
     lock(&ctx.index).insert((ns.clone(), id.to_string()), ObjectRef::from_obj(&*obj));
     let sup = match ctx.supervisor(&key, &cr_ns, &ns, &obj.spec).await {
         Ok(s) => s,
@@ -622,6 +689,12 @@ async fn cleanup(obj: Arc<Br2kService>, ctx: Arc<Context>) -> Result<Action, Ope
     lock(&ctx.unsettled).remove(&key);
     ctx.metrics.forget(&key);
     let ns = workload_namespace(&obj);
+    let cr_ns = obj.namespace().unwrap_or_default();
+    // A resource naming a namespace it may not use never deployed there: removing
+    // the service of that id there would delete a workload it does not own.
+    if !ctx.scope.allows_target(&cr_ns, &ns) {
+        return Ok(Action::await_change());
+    }
     if let Ok(id) = ServiceId::new(&obj.spec.service_id) {
         lock(&ctx.index).remove(&(ns.clone(), id.to_string()));
         KubeReplicator::new(ctx.client.clone(), &ns)
@@ -668,11 +741,20 @@ pub fn error_policy(obj: Arc<Br2kService>, err: &OperatorError, ctx: Arc<Context
     Action::requeue(delay)
 }
 
-fn mapper<K: Resource>(index: Index) -> impl Fn(K) -> Option<ObjectRef<Br2kService>> + Clone {
+/// Maps a workload object to the resource managing it (by namespace and service id
+/// label); with `only`, only resources of that namespace.
+fn mapper<K: Resource>(
+    index: Index,
+    only: Option<String>,
+) -> impl Fn(K) -> Option<ObjectRef<Br2kService>> + Clone {
     move |obj: K| {
         let ns = obj.meta().namespace.clone()?;
         let id = obj.meta().labels.as_ref()?.get(LABEL_SERVICE_ID)?.clone();
-        lock(&index).get(&(ns, id)).cloned()
+        let found = lock(&index).get(&(ns, id)).cloned()?;
+        match &only {
+            Some(n) if found.namespace.as_deref() != Some(n.as_str()) => None,
+            _ => Some(found),
+        }
     }
 }
 
@@ -688,43 +770,101 @@ fn spec_or_lifecycle(obj: &Br2kService) -> Option<u64> {
 }
 
 /// Runs the controller until `shutdown` completes: `Br2kService`s in every
-/// namespace, woken by changes to the workloads they manage (StatefulSets, Pods,
-/// Services and ConfigMaps labelled `app.kubernetes.io/managed-by=br2k`).
+/// namespace of the context's [`Scope`] (all when it lists none), woken by changes
+/// to the workloads they manage (StatefulSets, Pods, Services and ConfigMaps
+/// labelled `app.kubernetes.io/managed-by=br2k`). With a list of namespaces, one
+/// controller per namespace runs, and every watch is namespaced.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    use futures::FutureExt;
+    let boxed: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> =
+        Box::pin(shutdown);
+    let shutdown = boxed.shared();
+    if ctx.scope.watch_namespaces.is_empty() {
+        run_in(ctx, None, shutdown).await;
+    } else {
+        let runs = ctx
+            .scope
+            .watch_namespaces
+            .clone()
+            .into_iter()
+            .map(|ns| run_in(ctx.clone(), Some(ns), shutdown.clone()));
+        futures::future::join_all(runs).await;
+    }
+}
+
+/// A stream of the managed objects of kind `K` in `namespaces` (all when `None`).
+fn managed_objects<K>(
+    client: &Client,
+    namespaces: Option<&[String]>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default,
+{
+    let cfg = || watcher::Config::default().labels(MANAGED_SELECTOR);
+    let apis: Vec<Api<K>> = match namespaces {
+        None => vec![Api::all(client.clone())],
+        Some(list) => list
+            .iter()
+            .map(|n| Api::namespaced(client.clone(), n))
+            .collect(),
+    };
+    futures::stream::select_all(apis.into_iter().map(|api| {
+        watcher(api, cfg())
+            .default_backoff()
+            .touched_objects()
+            .boxed()
+    }))
+}
+
+/// One controller: the resources of namespace `only` (every namespace when `None`).
+async fn run_in(
+    ctx: Arc<Context>,
+    only: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
-    let managed = || watcher::Config::default().labels(MANAGED_SELECTOR);
     let index = ctx.index.clone();
+    let workload_ns = only.as_deref().map(|n| ctx.scope.workload_namespaces(n));
+    let workload_ns = workload_ns.as_deref();
+    let api = match &only {
+        Some(n) => Api::<Br2kService>::namespaced(client.clone(), n),
+        None => Api::<Br2kService>::all(client.clone()),
+    };
     // Status writes (the operator's own) do not wake a resource: only a new
     // generation, deletion or finalizer change does.
     let (reader, writer) = reflector::store();
-    let resources = watcher(
-        Api::<Br2kService>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects()
-    .predicate_filter(spec_or_lifecycle, Default::default());
+    let resources = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(spec_or_lifecycle, Default::default());
     Controller::for_stream(resources, reader)
-        .watches(
-            Api::<StatefulSet>::all(client.clone()),
-            managed(),
-            mapper(index.clone()),
+        .watches_stream(
+            managed_objects::<StatefulSet>(&client, workload_ns),
+            mapper(index.clone(), only.clone()),
         )
-        .watches(
-            Api::<Pod>::all(client.clone()),
-            managed(),
-            mapper(index.clone()),
+        .watches_stream(
+            managed_objects::<Pod>(&client, workload_ns),
+            mapper(index.clone(), only.clone()),
         )
-        .watches(
-            Api::<Service>::all(client.clone()),
-            managed(),
-            mapper(index.clone()),
+        .watches_stream(
+            managed_objects::<Service>(&client, workload_ns),
+            mapper(index.clone(), only.clone()),
         )
-        .watches(Api::<ConfigMap>::all(client), managed(), mapper(index))
+        .watches_stream(
+            managed_objects::<ConfigMap>(&client, workload_ns),
+            mapper(index, only),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -4,17 +4,24 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Names of Secrets holding credentials (in the CR's namespace). Only names: the
-/// credentials themselves never appear in the resource.
+/// Names of Secrets holding credentials, always read from the resource's own
+/// namespace. Only names: the credentials themselves never appear in the resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialRefs {
-    /// Secret with `username` and `password` (or `token`) keys for the OCI registries.
+    /// Secret with `username` and `password` (or `token`) keys the operator uses to
+    /// read (and repair) the image in the OCI registries of its own configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci_secret: Option<String>,
 }
 
-/// What the operator supervises: one service of an on-chain registry.
+/// What the operator supervises: one service of the on-chain registry.
+///
+/// The resource names only the service. Everything that decides what runs (the
+/// chain, the registry contract, the accounts allowed to own services, the OCI
+/// registries) comes from the operator's own configuration, never from the resource;
+/// fields a resource written for an older schema still carries (`registryContract`,
+/// `rpcEndpoints`, `ociRegistries`) are pruned by the API server.
 #[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "br2k.io",
@@ -30,21 +37,29 @@ pub struct CredentialRefs {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct Br2kServiceSpec {
-    /// The service id in the registry (a DNS-1123 label).
+    /// The service id in the operator's registry contract (a DNS-1123 label).
     pub service_id: String,
-    /// Address of the registry contract (`0x` + 40 hex digits).
-    pub registry_contract: String,
-    /// JSON-RPC endpoints of the chain (tried in order).
-    pub rpc_endpoints: Vec<String>,
-    /// OCI registries holding the service image, primary first (`host:port`).
-    #[serde(default)]
-    pub oci_registries: Vec<String>,
-    /// Secrets with credentials (names only).
+    /// Secrets with credentials (names only, in the resource's namespace).
     #[serde(default)]
     pub credentials: CredentialRefs,
-    /// Namespace the workload runs in (default: the resource's own namespace).
+    /// Namespace the workload runs in (default: the resource's own namespace). Any
+    /// other namespace must be allowed by the operator's configuration
+    /// (`--allow-target-namespace`); otherwise the resource is refused
+    /// (`Valid=False`, reason `NamespaceNotAllowed`) and nothing is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+}
+
+impl Br2kServiceSpec {
+    /// The spec of service `id`, its workload in the resource's namespace, no
+    /// credentials.
+    pub fn for_service(id: impl Into<String>) -> Self {
+        Self {
+            service_id: id.into(),
+            credentials: CredentialRefs::default(),
+            namespace: None,
+        }
+    }
 }
 
 /// One status condition (`Ready`, `Valid`, `ChainAvailable`, `ImageVerified`, `WorkloadReady`).

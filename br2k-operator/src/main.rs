@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use br2k_core::Account;
 use br2k_operator::backends::ChainOciBackends;
-use br2k_operator::controller::Context;
+use br2k_operator::controller::{Context, Scope};
 use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
 use clap::{Parser, Subcommand};
@@ -16,8 +16,12 @@ use tokio::sync::watch;
 /// The br2k operator: supervises every `Br2kService` of the cluster against its
 /// on-chain record (br2k-chain) and its mirrored OCI images (br2k-oci), and repairs
 /// what differs. One replica leads (a Lease); the others wait.
-#[derive(Debug, Parser)]
-#[command(name = "br2k-operator", version)]
+///
+/// The trust anchors (chain id, RPC endpoints, registry contract, OCI registries,
+/// allowed owners) come from this configuration only, never from a resource.
+// No `Debug`: the options hold RPC URLs that may carry credentials.
+#[derive(Parser)]
+#[command(name = "br2k-operator", version, subcommand_negates_reqs = true)]
 struct Options {
     /// Something else than running the operator.
     #[command(subcommand)]
@@ -52,19 +56,72 @@ struct Options {
     /// Talk plain HTTP to OCI registries on 127.0.0.1/localhost (local stacks).
     #[arg(long)]
     insecure_loopback_registries: bool,
-    /// The chain id every RPC endpoint must answer (a resource whose endpoints serve
-    /// another chain is not served). Strongly recommended.
-    #[arg(long, env = "BR2K_CHAIN_ID")]
+    /// Trust anchor (required): the chain id every RPC endpoint must answer.
+    #[arg(long, env = "BR2K_CHAIN_ID", required_unless_present = "print_crd")]
     chain_id: Option<u64>,
-    /// An account (0x address) whose services may be deployed; repeat the option or
-    /// separate with commas. Without it, whoever registers a service id on the
-    /// contract decides what runs for a resource naming that id.
+    /// Trust anchor (required): a JSON-RPC endpoint of the chain; repeat the option
+    /// or separate with commas (tried in order). Never printed with its credentials.
+    #[arg(
+        long = "rpc-url",
+        env = "BR2K_RPC_URLS",
+        value_delimiter = ',',
+        required_unless_present = "print_crd",
+        hide_env_values = true
+    )]
+    rpc_urls: Vec<String>,
+    /// Trust anchor (required): address of the ServiceRegistry contract.
+    #[arg(
+        long = "registry-contract",
+        env = "BR2K_REGISTRY_CONTRACT",
+        required_unless_present = "print_crd"
+    )]
+    registry_contract: Option<String>,
+    /// Trust anchor (required): an OCI registry (`host:port`) holding the service
+    /// images, primary first; repeat the option or separate with commas.
+    #[arg(
+        long = "oci-registry",
+        env = "BR2K_OCI_REGISTRIES",
+        value_delimiter = ',',
+        required_unless_present = "print_crd"
+    )]
+    oci_registries: Vec<String>,
+    /// Trust anchor: an account (0x address) whose services may be deployed; repeat
+    /// the option or separate with commas. Without any, the operator refuses to
+    /// start unless `--allow-any-owner` is given.
     #[arg(
         long = "allowed-owner",
         env = "BR2K_ALLOWED_OWNERS",
         value_delimiter = ','
     )]
     allowed_owners: Vec<String>,
+    /// Deploy the services of any owner (whoever registers an id on the contract
+    /// decides what runs for a resource naming it). Only for tests and demos.
+    #[arg(long, env = "BR2K_ALLOW_ANY_OWNER")]
+    allow_any_owner: bool,
+    /// Block the records are read at: `latest`, `latest-N`, `safe` or `finalized`.
+    #[arg(long, env = "BR2K_READ_DEPTH", default_value = "latest")]
+    read_depth: String,
+    /// RPC endpoints that must agree on a record read.
+    #[arg(long, env = "BR2K_QUORUM", default_value_t = 1)]
+    quorum: usize,
+    /// A namespace whose Br2kService resources (and workloads) the operator serves;
+    /// repeat the option or separate with commas. Default: every namespace. With a
+    /// list, every watch is namespaced (namespaced Roles suffice).
+    #[arg(
+        long = "watch-namespace",
+        env = "BR2K_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
+    /// A namespace other than its own that a resource may run its workload in
+    /// (`spec.namespace`); repeat the option or separate with commas. Any other
+    /// target is refused (`Valid=False`, reason `NamespaceNotAllowed`).
+    #[arg(
+        long = "allow-target-namespace",
+        env = "BR2K_ALLOW_TARGET_NAMESPACES",
+        value_delimiter = ','
+    )]
+    allowed_target_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,7 +143,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let opts = Options::parse();
+    let mut opts = Options::parse();
     if opts.print_crd {
         print!("{}", br2k_operator::crd::crd_yaml());
         return Ok(());
@@ -95,7 +152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         registries,
         tag,
         insecure,
-    }) = opts.command
+    }) = opts.command.take()
     {
         let exe = std::env::current_exe()?;
         eprintln!("building the image from {} ...", exe.display());
@@ -118,6 +175,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    let (backends, scope) = settings(&opts)?;
+    tracing::info!(backends = ?backends, scope = ?scope, "trust anchors and scope");
     br2k_k8s::install_crypto_provider();
     let client = kube::Client::try_default().await?;
     let identity = opts
@@ -135,19 +194,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving metrics");
     tokio::spawn(metrics.clone().serve(listener));
-    let backends = Arc::new(ChainOciBackends {
-        insecure_loopback: opts.insecure_loopback_registries,
-        replicators: Default::default(),
-        verify_ttl: Some(Duration::from_secs(opts.verify_seconds)),
-        chain_id: opts.chain_id,
-        allowed_owners: parse_owners(&opts.allowed_owners)?,
-    });
-    let ctx = Context::new(
+    let ctx = Context::scoped(
         client.clone(),
-        backends,
+        Arc::new(backends),
         metrics,
         &identity,
         Duration::from_secs(opts.resync_seconds),
+        scope,
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -161,6 +214,80 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     br2k_operator::run_with_leader_election(ctx, client, lease, stop_rx).await;
     Ok(())
+}
+
+/// The backends and scope the options configure; errors name the option, never an
+/// RPC URL.
+fn settings(opts: &Options) -> Result<(ChainOciBackends, Scope), Box<dyn std::error::Error>> {
+    let chain_id = opts.chain_id.ok_or("--chain-id is required")?;
+    let urls = br2k_chain::ChainConfig::parse_urls(&opts.rpc_urls.join(","))
+        .map_err(|_| "--rpc-url: not a URL")?;
+    let contract: alloy::primitives::Address = opts
+        .registry_contract
+        .as_deref()
+        .ok_or("--registry-contract is required")?
+        .trim()
+        .parse()
+        .map_err(|_| "--registry-contract: not a 0x-prefixed 20-byte address")?;
+    let depth: br2k_chain::ReadDepth = opts
+        .read_depth
+        .parse()
+        .map_err(|e| format!("--read-depth: {e}"))?;
+    let chain = br2k_chain::ChainConfig::new(urls)
+        .with_registry(contract)
+        .with_chain_id(chain_id)
+        .with_read_depth(depth)
+        .with_quorum(opts.quorum)
+        .with_request_timeout(Duration::from_secs(5));
+    let registries = opts
+        .oci_registries
+        .iter()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let mut backends = ChainOciBackends::new(chain, registries)?;
+    backends.insecure_loopback = opts.insecure_loopback_registries;
+    backends.verify_ttl = Some(Duration::from_secs(opts.verify_seconds));
+    backends.allowed_owners = parse_owners(&opts.allowed_owners)?;
+    match (&backends.allowed_owners, opts.allow_any_owner) {
+        (None, false) => {
+            return Err(
+                "no --allowed-owner: give the accounts whose services may run \
+                        (or --allow-any-owner to deploy every registered service)"
+                    .into(),
+            );
+        }
+        (Some(_), true) => {
+            return Err("--allowed-owner and --allow-any-owner exclude each other".into());
+        }
+        _ => {}
+    }
+    let names = |flag: &str, list: &[String]| -> Result<Vec<String>, String> {
+        list.iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                let ok = n.len() <= 63
+                    && n.bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                    && !n.starts_with('-')
+                    && !n.ends_with('-');
+                if ok {
+                    Ok(n.to_owned())
+                } else {
+                    Err(format!("{flag} {n:?}: not a namespace name"))
+                }
+            })
+            .collect()
+    };
+    let scope = Scope {
+        watch_namespaces: names("--watch-namespace", &opts.watch_namespaces)?,
+        allowed_target_namespaces: names(
+            "--allow-target-namespace",
+            &opts.allowed_target_namespaces,
+        )?,
+    };
+    Ok((backends, scope))
 }
 
 /// The `--allowed-owner` accounts, each a 0x-prefixed 20-byte hex address.
@@ -181,4 +308,75 @@ fn parse_owners(values: &[String]) -> Result<Option<Vec<Account>>, Box<dyn std::
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &[&str] = &[
+        "br2k-operator",
+        "--chain-id",
+        "31337",
+        "--rpc-url",
+        "https://user:hunter2secret@rpc.example:8545/v3/apikey123456?token=qwerty789",
+        "--registry-contract",
+        "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+        "--oci-registry",
+        "127.0.0.1:5000",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<Options, clap::Error> {
+        Options::try_parse_from(BASE.iter().chain(extra))
+    }
+
+    #[test]
+    fn no_secret_of_an_rpc_url_is_printed() {
+        let opts = parse(&[
+            "--allowed-owner",
+            "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+        ])
+        .expect("options");
+        let (backends, scope) = settings(&opts).expect("settings");
+        let printed = format!("{backends:?} {scope:?}");
+        assert!(printed.contains("rpc.example"), "{printed}");
+        for secret in ["hunter2secret", "apikey123456", "qwerty789", "user:"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+    }
+
+    #[test]
+    fn no_allowed_owner_refuses_to_start_unless_any_owner_is_allowed() {
+        let err = settings(&parse(&[]).expect("options")).expect_err("no owner");
+        assert!(err.to_string().contains("--allowed-owner"), "{err}");
+        assert!(settings(&parse(&["--allow-any-owner"]).expect("options")).is_ok());
+        let both = parse(&[
+            "--allow-any-owner",
+            "--allowed-owner",
+            "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+        ])
+        .expect("options");
+        assert!(settings(&both).is_err());
+    }
+
+    #[test]
+    fn the_anchors_are_required_and_print_crd_needs_none() {
+        assert!(Options::try_parse_from(["br2k-operator", "--allow-any-owner"]).is_err());
+        assert!(Options::try_parse_from(["br2k-operator", "--print-crd"]).is_ok());
+        let opts = parse(&[
+            "--allow-any-owner",
+            "--watch-namespace",
+            "a,b",
+            "--allow-target-namespace",
+            "c",
+        ])
+        .expect("options");
+        let (_, scope) = settings(&opts).expect("settings");
+        assert_eq!(scope.watch_namespaces, ["a", "b"]);
+        assert!(scope.allows_target("a", "c") && scope.allows_target("a", "a"));
+        assert!(!scope.allows_target("a", "b"));
+        let bad =
+            parse(&["--allow-any-owner", "--watch-namespace", "Not_A_Namespace"]).expect("options");
+        assert!(settings(&bad).is_err());
+    }
 }

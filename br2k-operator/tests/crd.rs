@@ -19,14 +19,14 @@ fn crd_has_status_subresource_and_spec_fields() {
     assert_eq!(v["spec"]["group"], "br2k.io");
     assert!(version["subresources"]["status"].is_object());
     let props = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
-    for field in [
-        "serviceId",
-        "registryContract",
-        "rpcEndpoints",
-        "ociRegistries",
-        "credentials",
-        "namespace",
-    ] {
+    for field in ["serviceId", "credentials", "namespace"] {
         assert!(props[field].is_object(), "spec.{field} in the schema");
+    }
+    // The trust anchors are the operator's configuration, not the resource's.
+    for field in ["registryContract", "rpcEndpoints", "ociRegistries"] {
+        assert!(
+            props[field].is_null(),
+            "spec.{field} must not be in the schema"
+        );
     }
 }

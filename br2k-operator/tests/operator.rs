@@ -15,7 +15,7 @@ use br2k_core::{ImageRef, ImageStore, Registry, Replicator, Repository, ServiceI
 use br2k_k8s::{KubeReplicator, Names};
 use br2k_operator::backends::{Backends, ChainOciBackends, SharedBackends};
 use br2k_operator::controller::Context;
-use br2k_operator::crd::{Br2kService, Br2kServiceSpec, CredentialRefs};
+use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -65,8 +65,8 @@ async fn apply_yaml(client: &Client, text: &str) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Routes resources naming the contract `memory` to in-process backends, others to
-/// the real chain and OCI backends.
+/// Routes the resource of service `unreachable` to the real chain and OCI backends
+/// (configured with an endpoint nobody serves), every other to in-process backends.
 #[derive(Debug)]
 struct Routed {
     memory: SharedBackends,
@@ -82,10 +82,10 @@ impl Backends for Routed {
         ns: &str,
         spec: &Br2kServiceSpec,
     ) -> br2k_core::Result<Supervisor> {
-        if spec.registry_contract == "memory" {
-            self.memory.supervisor(client, cr_ns, ns, spec).await
-        } else {
+        if spec.service_id == "unreachable" {
             self.real.supervisor(client, cr_ns, ns, spec).await
+        } else {
+            self.memory.supervisor(client, cr_ns, ns, spec).await
         }
     }
 }
@@ -145,12 +145,8 @@ fn cr(name: &str, spec: Br2kServiceSpec) -> Br2kService {
 
 fn memory_spec(id: &str, ns: &str) -> Br2kServiceSpec {
     Br2kServiceSpec {
-        service_id: id.into(),
-        registry_contract: "memory".into(),
-        rpc_endpoints: vec![],
-        oci_registries: vec![REGISTRY_HOST.into()],
-        credentials: CredentialRefs::default(),
         namespace: Some(ns.into()),
+        ..Br2kServiceSpec::for_service(id)
     }
 }
 
@@ -234,7 +230,18 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
             stores: vec![store.clone() as Arc<dyn ImageStore>],
             replicators: Default::default(),
         },
-        real: ChainOciBackends::default(),
+        real: ChainOciBackends::new(
+            br2k_chain::ChainConfig::new(vec!["http://127.0.0.1:1".parse().unwrap()])
+                .with_registry(
+                    "0x00000000000000000000000000000000000000b2"
+                        .parse()
+                        .unwrap(),
+                )
+                .with_chain_id(31337)
+                .with_request_timeout(Duration::from_secs(2)),
+            vec![REGISTRY_HOST.into()],
+        )
+        .expect("backends"),
     });
     let lease = format!("br2k-test-{run}");
     let a = start_replica(&op_client, backends.clone(), "op-a", &lease);
@@ -378,9 +385,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
     )
     .await
     .expect("create invalid CR");
-    let mut unreachable = memory_spec("unreachable", &ns);
-    unreachable.registry_contract = "0x00000000000000000000000000000000000000b2".into();
-    unreachable.rpc_endpoints = vec!["http://127.0.0.1:1".into()];
+    let unreachable = memory_spec("unreachable", &ns);
     crs.create(&PostParams::default(), &cr("unreachable", unreachable))
         .await
         .expect("create unreachable CR");

@@ -136,16 +136,25 @@ impl Stack {
 
     /// The transaction count of `address`.
     pub fn nonce(&self, address: &str) -> u64 {
-        let body = format!(
+        self.rpc_number(&format!(
             r#"{{"jsonrpc":"2.0","id":1,"method":"eth_getTransactionCount","params":["{address}","latest"]}}"#
-        );
+        ))
+    }
+
+    /// The chain id the stack's RPC endpoint serves.
+    pub fn chain_id(&self) -> u64 {
+        self.rpc_number(r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}"#)
+    }
+
+    /// The hex number a JSON-RPC request with `body` answers.
+    fn rpc_number(&self, body: &str) -> u64 {
         let out = Command::new("curl")
             .args([
                 "-s",
                 "-H",
                 "content-type: application/json",
                 "-d",
-                &body,
+                body,
                 &self.rpc,
             ])
             .output()
@@ -503,8 +512,9 @@ pub struct Operator {
 
 impl Operator {
     /// Waits until no other operator holds a lease in `br2k-system` (every operator
-    /// acts on every Br2kService of the cluster), then starts one.
-    pub fn start(stack: &Stack, dir: &Path, run: &str) -> Self {
+    /// acts on every Br2kService of the cluster), then starts one with `anchors`
+    /// (its trust anchors: chain id, RPC URL, contract, registries, owners).
+    pub fn start(stack: &Stack, dir: &Path, run: &str, anchors: &[&str]) -> Self {
         no_other_operator(stack);
         let lease = format!("br2k-cli-test-{run}");
         let log = dir.join("operator.log");
@@ -528,6 +538,7 @@ impl Operator {
                 "--lease-seconds",
                 "4",
             ])
+            .args(anchors)
             .env("KUBECONFIG", &stack.kubeconfig)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

@@ -29,7 +29,7 @@ use br2k_core::{
 };
 use br2k_k8s::Names;
 use br2k_oci::{ImageBuilder, OciImageStore};
-use br2k_operator::crd::{Br2kService, Br2kServiceSpec, CredentialRefs};
+use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -626,7 +626,8 @@ struct OperatorProc {
     lease: String,
     identity: String,
     metrics_addr: String,
-    /// Trust anchors: `--chain-id` and `--allowed-owner`.
+    /// Trust anchors: `--chain-id`, `--rpc-url`, `--registry-contract`,
+    /// `--oci-registry` and `--allowed-owner`.
     anchors: Vec<String>,
     child: Option<Child>,
 }
@@ -887,6 +888,14 @@ impl Harness {
             anchors: vec![
                 "--chain-id".into(),
                 chain.chain_id().to_string(),
+                "--rpc-url".into(),
+                proxy.url(),
+                "--registry-contract".into(),
+                chain.address().to_string(),
+                "--oci-registry".into(),
+                primary.addr.clone(),
+                "--oci-registry".into(),
+                mirror.addr.clone(),
                 "--allowed-owner".into(),
                 chain.account().to_string(),
             ],
@@ -1060,12 +1069,8 @@ impl Harness {
     /// The resource spec of service `id`.
     fn cr_spec(&self, id: &ServiceId) -> Br2kServiceSpec {
         Br2kServiceSpec {
-            service_id: id.to_string(),
-            registry_contract: self.chain.address().to_string(),
-            rpc_endpoints: vec![self.proxy.url()],
-            oci_registries: vec![self.primary.addr.clone(), self.mirror.addr.clone()],
-            credentials: CredentialRefs::default(),
             namespace: Some(self.ns.clone()),
+            ..Br2kServiceSpec::for_service(id.as_str())
         }
     }
 
