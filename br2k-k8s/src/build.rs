@@ -182,12 +182,14 @@ fn container(spec: &ServiceSpec, names: &Names) -> Container {
 }
 
 /// The container's security context: not privileged, no privilege escalation, every
-/// capability dropped, the runtime's default seccomp profile. (`runAsNonRoot` is not
-/// set: images built without a user run as root, and would not start.)
+/// capability dropped, the runtime's default seccomp profile, and `runAsNonRoot` (the
+/// kubelet refuses to start an image whose user is root or not numeric; images built
+/// by br2k-oci's `ImageBuilder` carry a numeric non-root user).
 fn hardened() -> SecurityContext {
     SecurityContext {
         privileged: Some(false),
         allow_privilege_escalation: Some(false),
+        run_as_non_root: Some(true),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".to_owned()]),
             ..Capabilities::default()
@@ -491,6 +493,30 @@ mod tests {
             base,
             "keys and values are not confused"
         );
+    }
+
+    #[test]
+    fn containers_are_hardened_and_run_as_non_root() {
+        let r = record();
+        let names = Names::of(&r.id);
+        let sts = stateful_set(&r, &names, "ns", 3, Rollout::Roll, &Placement::default());
+        let v = serde_json::to_value(&sts).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert!(
+            pod.get("serviceAccountName").is_none(),
+            "the namespace default"
+        );
+        for key in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert!(pod.get(key).is_none(), "{key}");
+        }
+        let sc = &pod["containers"][0]["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+        assert!(sc["capabilities"].get("add").is_none());
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     }
 
     #[test]
