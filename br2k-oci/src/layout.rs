@@ -182,6 +182,15 @@ async fn read_small(path: &Path) -> Result<Bytes> {
         .map_err(io(format!("{}", path.display())))
 }
 
+/// Most entries a layout tarball may hold (a layout has a few files per image).
+pub const MAX_LAYOUT_ENTRIES: u64 = 10_000;
+
+/// Most bytes a layout tarball may unpack to (the sum of its files' sizes).
+pub const MAX_LAYOUT_BYTES: u64 = 32 << 30;
+
+/// Unpacks a layout tarball into `dst`, within [`MAX_LAYOUT_ENTRIES`] and
+/// [`MAX_LAYOUT_BYTES`] (a small gzip can declare far more), keeping only files and
+/// directories (links, devices and sparse files are no part of a layout).
 pub(crate) fn unpack(src: &Path, dst: &Path) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(src).map_err(io(format!("layout {}", src.display())))?;
@@ -193,8 +202,39 @@ pub(crate) fn unpack(src: &Path, dst: &Path) -> Result<()> {
     } else {
         Box::new(f)
     };
+    let bad = |e: &dyn std::fmt::Display| -> Error {
+        ValidationError::malformed("image layout tarball", e.to_string()).into()
+    };
     let mut ar = tar::Archive::new(reader);
-    // `unpack` refuses entries escaping `dst` (absolute paths, `..`).
-    ar.unpack(dst)
-        .map_err(|e| ValidationError::malformed("image layout tarball", e).into())
+    let (mut entries, mut bytes) = (0u64, 0u64);
+    // Directories last (as `Archive::unpack` does), so that a read-only one does not
+    // keep its files out.
+    let mut directories = Vec::new();
+    for entry in ar.entries().map_err(|e| bad(&e))? {
+        let mut entry = entry.map_err(|e| bad(&e))?;
+        entries += 1;
+        if entries > MAX_LAYOUT_ENTRIES {
+            return Err(bad(&format!("more than {MAX_LAYOUT_ENTRIES} entries")));
+        }
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                bytes = bytes.saturating_add(entry.size());
+                if bytes > MAX_LAYOUT_BYTES {
+                    return Err(bad(&format!("more than {MAX_LAYOUT_BYTES} bytes")));
+                }
+            }
+            tar::EntryType::Directory => {
+                directories.push(entry);
+                continue;
+            }
+            _ => continue,
+        }
+        // `unpack_in` refuses entries escaping `dst` (absolute paths, `..`).
+        entry.unpack_in(dst).map_err(|e| bad(&e))?;
+    }
+    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut dir in directories {
+        dir.unpack_in(dst).map_err(|e| bad(&e))?;
+    }
+    Ok(())
 }

@@ -84,6 +84,6 @@ pub use builder::{DEFAULT_USER, ImageBuilder};
 pub use client::RequestCounts;
 pub use config::{Auth, BlobProgress, OciConfig, PlatformSpec, Secret};
 pub use index::{ImageIndex, IndexEntry, ManifestDoc, Platform, parse_manifest_doc};
-pub use layout::{REF_NAME, write_layout};
+pub use layout::{MAX_LAYOUT_BYTES, MAX_LAYOUT_ENTRIES, REF_NAME, write_layout};
 pub use mirror::{MirroredImageStore, PullReport, RepairReport, RepairStatus, Skipped};
 pub use store::{FetchedDoc, OciImageStore};
