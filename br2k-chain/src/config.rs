@@ -8,16 +8,75 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::transports::http::reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 use crate::error::ChainError;
 
-/// A secret string (a private key or a keystore password): never printed.
+/// A secret string (a private key or a keystore password): zeroed when dropped, never
+/// printed.
 #[derive(Clone)]
-pub(crate) struct Secret(String);
+pub(crate) struct Secret(SecretString);
+
+impl Secret {
+    fn new(value: String) -> Self {
+        Self(SecretString::from(value))
+    }
+
+    fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// Which block the record reads are made at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadDepth {
+    /// The endpoints' latest block.
+    #[default]
+    Latest,
+    /// `n` blocks below the latest block (`latest - n`).
+    Behind(u64),
+    /// The `safe` block of the endpoints.
+    Safe,
+    /// The `finalized` block of the endpoints.
+    Finalized,
+}
+
+impl FromStr for ReadDepth {
+    type Err = br2k_core::Error;
+
+    /// Parses `latest`, `latest-N` (or just `N`), `safe` or `finalized`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        let bad = || {
+            br2k_core::Error::from(br2k_core::ValidationError::malformed(
+                "read depth",
+                "expected latest, latest-N, safe or finalized",
+            ))
+        };
+        match s.as_str() {
+            "latest" => Ok(Self::Latest),
+            "safe" => Ok(Self::Safe),
+            "finalized" => Ok(Self::Finalized),
+            other => {
+                let n = other
+                    .strip_prefix("latest")
+                    .map(|r| r.trim().trim_start_matches('-').trim())
+                    .unwrap_or(other);
+                let n: u64 = n.parse().map_err(|_| bad())?;
+                Ok(if n == 0 {
+                    Self::Latest
+                } else {
+                    Self::Behind(n)
+                })
+            }
+        }
     }
 }
 
@@ -33,10 +92,10 @@ pub(crate) enum SignerSource {
 impl SignerSource {
     pub(crate) fn load(&self) -> Result<PrivateKeySigner, ChainError> {
         match self {
-            SignerSource::Key(key) => PrivateKeySigner::from_str(key.0.trim())
+            SignerSource::Key(key) => PrivateKeySigner::from_str(key.expose().trim())
                 .map_err(|_| ChainError::Config("private key is not 32 bytes of hex".into())),
             SignerSource::Keystore { path, password } => {
-                PrivateKeySigner::decrypt_keystore(path, password.0.trim()).map_err(|e| {
+                PrivateKeySigner::decrypt_keystore(path, password.expose().trim()).map_err(|e| {
                     // The error names no key material, only the failure (bad MAC, I/O).
                     ChainError::Config(format!("keystore {}: {e}", path.display()))
                 })
@@ -55,8 +114,14 @@ pub struct ChainConfig {
     pub rpc_urls: Vec<Url>,
     /// Address of a deployed registry (required by [`crate::ChainRegistry::connect`]).
     pub registry_address: Option<Address>,
-    /// Chain id the endpoints must report, if checked.
+    /// Chain id every endpoint must report. When `None`, it is learnt from the
+    /// endpoints at connect (all that answer must agree) and pinned for the handle.
     pub expected_chain_id: Option<u64>,
+    /// Block at which records are read (default: latest).
+    pub read_depth: ReadDepth,
+    /// Endpoints that must agree on the block hash at the read height and on the
+    /// answer for a record read to be accepted (default 1: the first that answers).
+    pub quorum: usize,
     /// Confirmations to wait for after each write (at least 1).
     pub confirmations: u64,
     /// Interval between receipt and event polls.
@@ -88,6 +153,8 @@ impl fmt::Debug for ChainConfig {
             )
             .field("registry_address", &self.registry_address)
             .field("expected_chain_id", &self.expected_chain_id)
+            .field("read_depth", &self.read_depth)
+            .field("quorum", &self.quorum)
             .field("confirmations", &self.confirmations)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
@@ -125,18 +192,21 @@ pub(crate) fn scrub(text: &str, url: &Url) -> String {
 
 fn read_secret_file(var: &str, path: &str) -> Result<Secret, ChainError> {
     std::fs::read_to_string(path)
-        .map(|s| Secret(s.trim().to_owned()))
+        .map(|s| Secret::new(Zeroizing::new(s).trim().to_owned()))
         .map_err(|e| ChainError::Config(format!("{var}: cannot read {path}: {e}")))
 }
 
 impl ChainConfig {
     /// A configuration for `rpc_urls` with defaults: 1 confirmation, 50 ms polls,
-    /// 10 s request timeout, 60 s receipt timeout, no signer, no registry address.
+    /// 10 s request timeout, 60 s receipt timeout, reads at `latest` with a quorum of 1,
+    /// chain id learnt from the endpoints, no signer, no registry address.
     pub fn new(rpc_urls: Vec<Url>) -> Self {
         Self {
             rpc_urls,
             registry_address: None,
             expected_chain_id: None,
+            read_depth: ReadDepth::Latest,
+            quorum: 1,
             confirmations: 1,
             poll_interval: Duration::from_millis(50),
             request_timeout: Duration::from_secs(10),
@@ -161,7 +231,8 @@ impl ChainConfig {
     }
 
     /// Reads `BR2K_RPC_URLS` (comma-separated), `BR2K_REGISTRY_ADDRESS`,
-    /// `BR2K_CHAIN_ID`, `BR2K_CONFIRMATIONS` and the signer from `BR2K_PRIVATE_KEY`,
+    /// `BR2K_CHAIN_ID`, `BR2K_CONFIRMATIONS`, `BR2K_READ_DEPTH` (`latest`, `latest-N`,
+    /// `safe`, `finalized`), `BR2K_QUORUM` and the signer from `BR2K_PRIVATE_KEY`,
     /// `BR2K_PRIVATE_KEY_FILE`, or `BR2K_KEYSTORE` with `BR2K_KEYSTORE_PASSWORD_FILE`.
     pub fn from_env() -> br2k_core::Result<Self> {
         Self::from_lookup(|name| std::env::var(name).ok()).map_err(Into::into)
@@ -193,8 +264,21 @@ impl ChainConfig {
                 .parse()
                 .map_err(|_| ChainError::Config("BR2K_CONFIRMATIONS is not a number".into()))?;
         }
-        if let Some(key) = env("BR2K_PRIVATE_KEY") {
-            config.signer = Some(SignerSource::Key(Secret(key)));
+        if let Some(d) = env("BR2K_READ_DEPTH") {
+            config.read_depth = d.parse().map_err(ChainError::Core)?;
+        }
+        if let Some(q) = env("BR2K_QUORUM") {
+            config.quorum = q
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&q| q >= 1)
+                .ok_or_else(|| ChainError::Config("BR2K_QUORUM is not a number >= 1".into()))?;
+        }
+        if let Some(key) = lookup("BR2K_PRIVATE_KEY").map(Zeroizing::new)
+            && !key.trim().is_empty()
+        {
+            config.signer = Some(SignerSource::Key(Secret::new(key.trim().to_owned())));
         } else if let Some(path) = env("BR2K_PRIVATE_KEY_FILE") {
             config.signer = Some(SignerSource::Key(read_secret_file(
                 "BR2K_PRIVATE_KEY_FILE",
@@ -214,7 +298,7 @@ impl ChainConfig {
 
     /// Signs with this hex private key (kept in memory only, never printed).
     pub fn with_private_key(mut self, key: impl Into<String>) -> Self {
-        self.signer = Some(SignerSource::Key(Secret(key.into())));
+        self.signer = Some(SignerSource::Key(Secret::new(key.into())));
         self
     }
 
@@ -222,7 +306,7 @@ impl ChainConfig {
     pub fn with_keystore(mut self, path: impl Into<PathBuf>, password: impl Into<String>) -> Self {
         self.signer = Some(SignerSource::Keystore {
             path: path.into(),
-            password: Secret(password.into()),
+            password: Secret::new(password.into()),
         });
         self
     }
@@ -251,6 +335,19 @@ impl ChainConfig {
     /// Requires the endpoints to report `chain_id`.
     pub fn with_chain_id(mut self, chain_id: u64) -> Self {
         self.expected_chain_id = Some(chain_id);
+        self
+    }
+
+    /// Reads records at `depth`.
+    pub fn with_read_depth(mut self, depth: ReadDepth) -> Self {
+        self.read_depth = depth;
+        self
+    }
+
+    /// Accepts a record read only when `quorum` endpoints (at least 1) agree on the
+    /// block hash and the answer.
+    pub fn with_quorum(mut self, quorum: usize) -> Self {
+        self.quorum = quorum.max(1);
         self
     }
 

@@ -21,5 +21,5 @@ mod registry;
 mod rpc;
 mod sender;
 
-pub use config::ChainConfig;
+pub use config::{ChainConfig, ReadDepth};
 pub use registry::{ChainRegistry, account_of, service_key};

@@ -19,9 +19,9 @@ use br2k_core::{
 use futures::StreamExt;
 
 use crate::bindings::ServiceRegistry as C;
-use crate::config::ChainConfig;
+use crate::config::{ChainConfig, ReadDepth};
 use crate::error::ChainError;
-use crate::rpc::Endpoints;
+use crate::rpc::{Endpoints, Pin};
 use crate::sender::Sender;
 
 /// Ids per `getRecords` call (keeps a view call well under the block gas limit).
@@ -52,6 +52,10 @@ struct Inner {
     deploy_block: u64,
     poll: std::time::Duration,
     log_block_range: u64,
+    /// Block at which records are read.
+    read_depth: ReadDepth,
+    /// Endpoints that must agree on a read.
+    quorum: usize,
     /// Verified specs by sha256 spec hash.
     specs: Mutex<HashMap<B256, ServiceSpec>>,
     /// Location endpoints by keccak256.
@@ -269,7 +273,9 @@ impl ChainRegistry {
     }
 
     /// A handle on the registry at `config.registry_address`. Checks the chain id
-    /// (when configured) and that the address holds code. Without a signer in
+    /// (every endpoint that answers must report the configured one or, when none is
+    /// configured, the same one; the others are checked before their first use) and
+    /// that the address holds code. Without a signer in
     /// `config` the handle is read-only: every read works, every write fails with
     /// [`br2k_core::Error::PermissionDenied`] (what a supervisor needs: no key).
     pub async fn connect(config: ChainConfig) -> Result<Self> {
@@ -277,9 +283,16 @@ impl ChainRegistry {
     }
 
     /// Another handle on this registry, with `config`'s endpoints and signer (its
-    /// registry address is replaced by this handle's).
+    /// registry address is replaced by this handle's, and its chain id, when not
+    /// configured, is this handle's).
     pub async fn with_signer(&self, config: ChainConfig) -> Result<Self> {
-        Self::connect(config.with_registry(self.inner.address)).await
+        let chain_id = config.expected_chain_id.unwrap_or(self.inner.chain_id);
+        Self::connect(
+            config
+                .with_registry(self.inner.address)
+                .with_chain_id(chain_id),
+        )
+        .await
     }
 
     /// The registry contract address.
@@ -303,22 +316,18 @@ impl ChainRegistry {
         self.inner.rpc.requests()
     }
 
-    /// The endpoints (chain id checked) and, when a signer is configured, the
+    /// The endpoints (chain id checked on every endpoint that answers: the configured
+    /// one, else the one they all report) and, when a signer is configured, the
     /// transaction sender.
     async fn base(config: &ChainConfig) -> Result<(Endpoints, u64, Option<Sender>), ChainError> {
         let signer = config.signer.as_ref().map(|s| s.load()).transpose()?;
-        let rpc = Endpoints::new(&config.rpc_urls, config.request_timeout)?;
-        let chain_id = rpc
-            .run("chain id", |p| async move { p.get_chain_id().await })
-            .await?;
-        if let Some(expected) = config.expected_chain_id
-            && expected != chain_id
-        {
-            return Err(ChainError::WrongChain {
-                expected,
-                actual: chain_id,
-            });
-        }
+        let rpc = Endpoints::connect(
+            &config.rpc_urls,
+            config.request_timeout,
+            config.expected_chain_id,
+        )
+        .await?;
+        let chain_id = rpc.chain_id();
         let sender = signer.map(|signer| {
             Sender::new(
                 signer,
@@ -375,6 +384,8 @@ impl ChainRegistry {
                 deploy_block: 0,
                 poll: config.poll_interval,
                 log_block_range: config.log_block_range.max(1),
+                read_depth: config.read_depth,
+                quorum: config.quorum.max(1),
                 specs: Mutex::new(HashMap::new()),
                 endpoints: Mutex::new(HashMap::new()),
                 names: Mutex::new(HashMap::new()),
@@ -389,17 +400,34 @@ impl ChainRegistry {
 
     // ------------------------------------------------------------ low level
 
+    /// The block the next read is made at (configured depth and quorum).
+    async fn pin(&self) -> Result<Pin, ChainError> {
+        self.inner
+            .rpc
+            .pin(self.inner.read_depth, self.inner.quorum)
+            .await
+    }
+
+    /// A view call at its own pinned block.
     async fn call<K: SolCall>(&self, what: &str, call: K) -> Result<K::Return, ChainError> {
+        let pin = self.pin().await?;
+        self.call_at(pin, what, call).await
+    }
+
+    /// A view call at `pin`, accepted when the configured quorum of endpoints agrees.
+    async fn call_at<K: SolCall>(
+        &self,
+        pin: Pin,
+        what: &str,
+        call: K,
+    ) -> Result<K::Return, ChainError> {
         let tx = TransactionRequest::default()
             .with_to(self.inner.address)
             .with_input(call.abi_encode());
         let out: Bytes = self
             .inner
             .rpc
-            .run(what, |p| {
-                let tx = tx.clone();
-                async move { p.call(tx).await }
-            })
+            .call_at(what, pin, self.inner.quorum, tx)
             .await?;
         K::abi_decode_returns(&out).map_err(|e| ChainError::Decode(format!("{what}: {e}")))
     }
@@ -621,15 +649,24 @@ impl ChainRegistry {
     ) -> Result<Vec<Result<ServiceRecord, ChainError>>, ChainError> {
         let keys: Vec<B256> = ids.iter().map(service_key).collect();
         let mut raws: Vec<(u64, C::Record)> = Vec::with_capacity(ids.len());
+        // One block for every call of this read.
+        let pin = self.pin().await?;
         for chunk in keys.chunks(RECORDS_PER_CALL) {
             let r = self
-                .call(
+                .call_at(
+                    pin,
                     "getRecords",
                     C::getRecordsCall {
                         keys: chunk.to_vec(),
                     },
                 )
                 .await?;
+            if r.blockNumber != pin.number {
+                return Err(ChainError::Decode(format!(
+                    "getRecords: answered for block {} when asked at block {}",
+                    r.blockNumber, pin.number
+                )));
+            }
             // An endpoint that answers fewer records, or another service's record,
             // is not trusted.
             if r.records.len() != chunk.len() {
@@ -902,25 +939,94 @@ impl ChainRegistry {
     }
 }
 
-/// State of one change stream: the next block to scan and changes not yet delivered.
+/// Scanned ranges whose end hashes a change stream keeps to detect reorgs.
+const CURSOR_HASHES: usize = 256;
+
+/// One range of blocks a change stream scanned, and the hash of its last block.
+#[derive(Debug, Clone, Copy)]
+struct Scanned {
+    from: u64,
+    to: u64,
+    hash: B256,
+}
+
+/// State of one change stream: the next block to scan, the scanned ranges (with the
+/// hash of each one's last block) and changes not yet delivered.
 struct Cursor {
     registry: ChainRegistry,
     next_block: u64,
+    scanned: VecDeque<Scanned>,
     buffer: VecDeque<RegistryChange>,
     idle: bool,
 }
 
 impl Cursor {
-    /// Scans new blocks once; returns whether anything was scanned.
+    async fn hash_of(&self, number: u64) -> Result<Option<B256>, ChainError> {
+        let inner = &self.registry.inner;
+        inner.rpc.canonical_hash(number, inner.quorum).await
+    }
+
+    /// Whether the last scanned block is still canonical; if not, rewinds to the
+    /// first block after the newest scanned range that still is (the common
+    /// ancestor), drops undelivered changes and reports the reorg as an error (the
+    /// consumer re-reads its records; the stream then re-reads the new blocks).
+    async fn check_reorg(&mut self) -> Result<(), ChainError> {
+        let Some(last) = self.scanned.back().copied() else {
+            return Ok(());
+        };
+        if self.hash_of(last.to).await? == Some(last.hash) {
+            return Ok(());
+        }
+        let mut rewind = last.from;
+        while let Some(s) = self.scanned.back().copied() {
+            if self.hash_of(s.to).await? == Some(s.hash) {
+                break;
+            }
+            rewind = s.from;
+            self.scanned.pop_back();
+        }
+        self.next_block = rewind;
+        self.buffer.clear();
+        self.idle = false;
+        tracing::warn!(
+            reorged = last.to,
+            rewound_to = rewind,
+            "registry change stream: chain reorganization; re-reading"
+        );
+        Err(ChainError::Core(Error::conflict(format!(
+            "chain reorganization: block {} ({}) is no longer canonical; changes are re-read from block {rewind}",
+            last.to, last.hash
+        ))))
+    }
+
+    /// Scans new blocks once (after checking the scanned ones for a reorg).
     async fn poll(&mut self) -> Result<(), ChainError> {
+        self.check_reorg().await?;
         let head = self.registry.head().await?;
         if head < self.next_block {
             self.idle = true;
             return Ok(());
         }
         let to = head.min(self.next_block + self.registry.inner.log_block_range - 1);
+        let Some(hash) = self.hash_of(to).await? else {
+            self.idle = true;
+            return Ok(());
+        };
         let changes = self.registry.changes_between(self.next_block, to).await?;
+        // The logs are of the block hashed before only if it is still canonical.
+        if self.hash_of(to).await? != Some(hash) {
+            self.idle = false;
+            return Ok(());
+        }
         // Advance only after the whole range was read: each change is delivered once.
+        if self.scanned.len() >= CURSOR_HASHES {
+            self.scanned.pop_front();
+        }
+        self.scanned.push_back(Scanned {
+            from: self.next_block,
+            to,
+            hash,
+        });
         self.next_block = to + 1;
         self.idle = to == head;
         self.buffer.extend(changes);
@@ -1216,9 +1322,20 @@ impl Registry for ChainRegistry {
 
     async fn changes(&self) -> Result<ChangeStream> {
         let head = self.head().await?;
+        let hash = self
+            .inner
+            .rpc
+            .canonical_hash(head, self.inner.quorum)
+            .await?
+            .ok_or_else(|| ChainError::Unavailable(format!("block {head} not found")))?;
         let cursor = Cursor {
             registry: self.clone(),
             next_block: head + 1,
+            scanned: VecDeque::from([Scanned {
+                from: head,
+                to: head,
+                hash,
+            }]),
             buffer: VecDeque::new(),
             idle: false,
         };

@@ -108,7 +108,7 @@ impl Sender {
                 return Err(e);
             }
         }
-        let receipt = self.wait(rpc, hash).await;
+        let receipt = self.wait(rpc, hash, &raw).await;
         if receipt.is_err() {
             // Unknown outcome: ask the chain for the nonce next time.
             *slot = None;
@@ -120,20 +120,48 @@ impl Sender {
         Ok(receipt)
     }
 
-    async fn wait(&self, rpc: &Endpoints, hash: B256) -> Result<TransactionReceipt, ChainError> {
+    /// Waits for the receipt of `hash` and its confirmations; after the confirmation
+    /// depth the receipt is fetched again and its block must still be canonical. A
+    /// transaction reorged out is sent again (`raw`) and waited for again; never
+    /// reported confirmed.
+    async fn wait(
+        &self,
+        rpc: &Endpoints,
+        hash: B256,
+        raw: &Bytes,
+    ) -> Result<TransactionReceipt, ChainError> {
         let deadline = Instant::now() + self.receipt_timeout;
         let mut last = String::from("not mined yet");
+        let receipt = |p: alloy::providers::RootProvider| async move {
+            p.get_transaction_receipt(hash).await
+        };
         loop {
-            match rpc
-                .run("receipt", |p| async move {
-                    p.get_transaction_receipt(hash).await
-                })
-                .await
-            {
-                Ok(Some(receipt)) => {
-                    let mined = receipt.block_number.unwrap_or_default();
+            match rpc.run("receipt", receipt).await {
+                Ok(Some(first)) => {
+                    let mined = first.block_number.unwrap_or_default();
                     self.confirm(rpc, mined, deadline).await?;
-                    return Ok(receipt);
+                    let again = rpc.run("receipt", receipt).await?;
+                    let canonical = match &again {
+                        Some(r) => {
+                            let n = r.block_number.unwrap_or_default();
+                            n == mined
+                                && r.block_hash.is_some()
+                                && rpc.canonical_hash(n, 1).await? == r.block_hash
+                        }
+                        None => false,
+                    };
+                    if let (true, Some(r)) = (canonical, again) {
+                        return Ok(r);
+                    }
+                    tracing::warn!(tx = %hash, block = mined, "transaction reorged out of its block; waiting for it again");
+                    last = format!("reorged out of block {mined}");
+                    // Back in the pool, or dropped by the node: send the same bytes.
+                    let _ = rpc
+                        .run("resend", |p| {
+                            let raw = raw.clone();
+                            async move { p.send_raw_transaction(&raw).await.map(|_| ()) }
+                        })
+                        .await;
                 }
                 Ok(None) => {}
                 Err(ChainError::Unavailable(reason)) => last = reason,
