@@ -140,6 +140,10 @@ pub struct ServeConfig {
     pub settlement: Address,
     /// Key signing settlements (`LEDGER_SETTLER_KEY` or `LEDGER_SETTLER_KEY_FILE`).
     pub settler_key: Secret,
+    /// Blocks that must hold a settlement before it counts as done
+    /// (`--confirmations`, `LEDGER_SETTLEMENT_CONFIRMATIONS`; default
+    /// [`crate::settle::DEFAULT_CONFIRMATIONS`]).
+    pub settlement_confirmations: u64,
     /// Snapshot every this many entries (`--snapshot-every`, `LEDGER_SNAPSHOT_EVERY`;
     /// default 1000, 0 disables).
     pub snapshot_every: u64,
@@ -213,6 +217,13 @@ impl ServeConfig {
             oci_insecure,
             settlement,
             settler_key,
+            settlement_confirmations: a
+                .parsed(
+                    "confirmations",
+                    "LEDGER_SETTLEMENT_CONFIRMATIONS",
+                    crate::settle::DEFAULT_CONFIRMATIONS,
+                )?
+                .max(1),
             snapshot_every: a.parsed("snapshot-every", "LEDGER_SNAPSHOT_EVERY", 1000)?,
             max_body: a.parsed("max-body", "LEDGER_MAX_BODY", 16 * 1024)?,
             lease_ttl: Duration::from_secs(a.parsed(

@@ -73,7 +73,8 @@ async fn serve(args: &Args) -> Result<()> {
             .with_insecure(cfg.oci_insecure)
             .with_auth_from_env("LEDGER_OCI")?,
     )?;
-    let effect = SettleEffect::new(rpc, cfg.settlement, cfg.settler_key.expose())?;
+    let effect = SettleEffect::new(rpc, cfg.settlement, cfg.settler_key.expose())?
+        .with_confirmations(cfg.settlement_confirmations);
     let mut log_cfg = EtcdLogConfig::new(cfg.etcd.clone(), cfg.namespace.clone());
     log_cfg.lease_ttl = cfg.lease_ttl;
     let log = EtcdLog::connect_with(log_cfg).await?;

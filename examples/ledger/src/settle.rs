@@ -84,6 +84,17 @@ impl From<SettleError> for Error {
     }
 }
 
+/// Confirmations a settlement needs by default: 1, the block that holds it (its
+/// receipt is still re-checked to be canonical). The development chain of the stack
+/// (anvil) mines one block per transaction, so a larger default would never complete
+/// there without other traffic; on a public chain set `--confirmations` (e.g. 12, or
+/// more for large amounts).
+pub const DEFAULT_CONFIRMATIONS: u64 = 1;
+/// How long a settlement may take to be mined and confirmed.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval of receipt and block polls.
+const POLL: Duration = Duration::from_millis(50);
+
 /// The on-chain key of a settlement: keccak256 of the client's idempotency key.
 pub fn settlement_key(key: &str) -> B256 {
     keccak256(key.as_bytes())
@@ -95,6 +106,8 @@ pub struct SettleEffect {
     provider: DynProvider,
     address: Address,
     from: Address,
+    /// Blocks that must hold a settlement (its own included) before it counts as done.
+    confirmations: u64,
     /// Serializes sends of this process so that each reads a fresh pending nonce.
     sending: Arc<tokio::sync::Mutex<()>>,
 }
@@ -104,6 +117,7 @@ impl fmt::Debug for SettleEffect {
         f.debug_struct("SettleEffect")
             .field("contract", &self.address)
             .field("from", &self.from)
+            .field("confirmations", &self.confirmations)
             .finish_non_exhaustive()
     }
 }
@@ -132,8 +146,77 @@ impl SettleEffect {
             provider,
             address,
             from,
+            confirmations: DEFAULT_CONFIRMATIONS,
             sending: Arc::default(),
         })
+    }
+
+    /// Counts a settlement as done only once `confirmations` blocks (at least 1, its
+    /// own included) hold it and its receipt, fetched again, is still in a canonical
+    /// block.
+    pub fn with_confirmations(mut self, confirmations: u64) -> Self {
+        self.confirmations = confirmations.max(1);
+        self
+    }
+
+    /// Waits for the receipt of `hash` and its confirmations, then fetches the receipt
+    /// again: its block must still be canonical. A settlement reorged out is waited
+    /// for again (the node re-includes it, or the wait times out: never "done").
+    async fn confirmed(&self, hash: B256) -> Result<alloy::rpc::types::TransactionReceipt> {
+        let deadline = tokio::time::Instant::now() + RECEIPT_TIMEOUT;
+        let rpc = |e: alloy::transports::TransportError| {
+            Error::unavailable(format!("settlement {hash:#x}: {e}"))
+        };
+        loop {
+            if let Some(first) = self
+                .provider
+                .get_transaction_receipt(hash)
+                .await
+                .map_err(rpc)?
+            {
+                let mined = first.block_number.unwrap_or_default();
+                loop {
+                    let head = self.provider.get_block_number().await.map_err(rpc)?;
+                    if head + 1 >= mined + self.confirmations {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                let again = self
+                    .provider
+                    .get_transaction_receipt(hash)
+                    .await
+                    .map_err(rpc)?;
+                if let Some(r) = again {
+                    let n = r.block_number.unwrap_or_default();
+                    let head = self.provider.get_block_number().await.map_err(rpc)?;
+                    let canonical = self
+                        .provider
+                        .get_block_by_number(n.into())
+                        .await
+                        .map_err(rpc)?
+                        .map(|b| b.header.hash);
+                    if canonical.is_some()
+                        && canonical == r.block_hash
+                        && head + 1 >= n + self.confirmations
+                    {
+                        return Ok(r);
+                    }
+                }
+                tracing::warn!(tx = %hash, block = mined, "settlement not (or no longer) confirmed in its block; waiting again");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SettleError::Pending(format!(
+                    "settlement {hash:#x}: not confirmed by {} blocks after {RECEIPT_TIMEOUT:?}",
+                    self.confirmations
+                ))
+                .into());
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Deploys a new `Settlement` contract signed by `key` whose only settler is
@@ -247,11 +330,7 @@ impl SettleEffect {
             .map_err(SettleError::Contract)?;
         drop(guard);
         let hash = *pending.tx_hash();
-        let receipt = pending
-            .with_timeout(Some(Duration::from_secs(60)))
-            .get_receipt()
-            .await
-            .map_err(|e| SettleError::Pending(format!("settlement {hash:#x}: {e}")))?;
+        let receipt = self.confirmed(hash).await?;
         if !receipt.status() {
             return Err(SettleError::Reverted(hash).into());
         }
