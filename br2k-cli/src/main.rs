@@ -1402,10 +1402,19 @@ async fn supervisor(
 ) -> CliResult<br2k_core::supervisor::Supervisor> {
     use br2k_operator::backends::Backends;
     let spec = kube::cr_spec(ctx, id)?;
-    let backends = br2k_operator::backends::ChainOciBackends {
-        insecure_loopback: true,
-        ..Default::default()
-    };
+    // The context's chain, contract and registries in the operator's place; the chain
+    // id is the one its endpoints serve (checked again by every read).
+    let chain = ctx.chain_config(false)?;
+    let chain_id = br2k_chain::ChainRegistry::connect(chain.clone())
+        .await
+        .for_service(id)?
+        .chain_id();
+    let mut backends = br2k_operator::backends::ChainOciBackends::new(
+        chain.with_chain_id(chain_id),
+        ctx.oci_registries.clone(),
+    )
+    .for_service(id)?;
+    backends.insecure_loopback = true;
     backends
         .supervisor(client, &ctx.namespace, &ctx.namespace, &spec)
         .await

@@ -14,7 +14,7 @@ use br2k_core::supervisor::Supervisor;
 use br2k_core::{ImageRef, ImageStore, Registry, Replicator, Repository, ServiceId};
 use br2k_k8s::{KubeReplicator, Names};
 use br2k_operator::backends::{Backends, ChainOciBackends, SharedBackends};
-use br2k_operator::controller::Context;
+use br2k_operator::controller::{Context, Scope};
 use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use br2k_operator::lease::LeaseConfig;
 use br2k_operator::metrics::Metrics;
@@ -101,14 +101,21 @@ fn start_replica(
     backends: Arc<dyn Backends>,
     identity: &str,
     lease: &str,
+    ns: &str,
 ) -> Replica {
     let metrics = Metrics::default();
-    let ctx = Context::new(
+    // Served namespaces as deploy/operator.yaml configures them: namespaced watches,
+    // which the namespaced Roles of deploy/rbac.yaml allow.
+    let ctx = Context::scoped(
         client.clone(),
         backends,
         metrics.clone(),
         identity,
         Duration::from_secs(5),
+        Scope {
+            watch_namespaces: vec![ns.to_owned()],
+            allowed_target_namespaces: vec![],
+        },
     );
     let (stop, stop_rx) = watch::channel(false);
     let cfg = LeaseConfig {
@@ -209,6 +216,14 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         )
         .await
         .expect("namespace");
+    // The operator's rights in the namespace it serves (deploy/rbac.yaml binds them
+    // per served namespace).
+    for role in ["br2k-operator-namespace", "br2k-operator-credentials"] {
+        let binding = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: {role}\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: {role}\nsubjects:\n- kind: ServiceAccount\n  name: br2k-operator\n  namespace: br2k-system\n"
+        );
+        apply_yaml(&admin, &binding).await;
+    }
 
     // The registry record and the image, in memory.
     let registry = Arc::new(InMemoryRegistry::new("owner"));
@@ -244,7 +259,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         .expect("backends"),
     });
     let lease = format!("br2k-test-{run}");
-    let a = start_replica(&op_client, backends.clone(), "op-a", &lease);
+    let a = start_replica(&op_client, backends.clone(), "op-a", &lease, &ns);
     wait_for(Duration::from_secs(20), "op-a leads", || async {
         match holder(&admin, &lease).await.as_deref() {
             Some("op-a") => Ok(()),
@@ -252,7 +267,7 @@ async fn operator_with_deploy_rbac_leader_election_recovery_and_bad_input() {
         }
     })
     .await;
-    let b = start_replica(&op_client, backends.clone(), "op-b", &lease);
+    let b = start_replica(&op_client, backends.clone(), "op-b", &lease, &ns);
 
     let crs: Api<Br2kService> = Api::namespaced(admin.clone(), &ns);
     crs.create(

@@ -80,12 +80,12 @@ async fn register(chain: &ChainRegistry, id: &ServiceId, image: &ImageRef, env: 
         .collect::<BTreeMap<_, _>>();
     let mut last = String::new();
     for _ in 0..3 {
-        if chain.active(id).await.is_err() {
-            if let Err(e) = chain.register(id, &spec).await {
-                last = e.to_string();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                continue;
-            }
+        if chain.active(id).await.is_err()
+            && let Err(e) = chain.register(id, &spec).await
+        {
+            last = e.to_string();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
         }
         match chain.set_state(id, ServiceState::Running).await {
             Ok(_) => return,
