@@ -160,8 +160,15 @@ impl Endpoints {
                     }
                     e.checked.store(true, Ordering::Relaxed);
                 }
-                Ok(Err(err)) => last = format!("{}: {}", e.label, scrub(&err.to_string(), &e.url)),
-                Err(_) => last = format!("{}: timed out after {timeout:?}", e.label),
+                Ok(Err(err)) => {
+                    let err = scrub(&err.to_string(), &e.url);
+                    tracing::debug!(endpoint = %e.label, error = %err, "chain id: endpoint failed");
+                    last = format!("{}: {err}", e.label);
+                }
+                Err(_) => {
+                    tracing::debug!(endpoint = %e.label, "chain id: endpoint timed out");
+                    last = format!("{}: timed out after {timeout:?}", e.label);
+                }
             }
         }
         let Some(chain_id) = chain_id else {
