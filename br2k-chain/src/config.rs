@@ -424,6 +424,33 @@ mod tests {
     }
 
     #[test]
+    fn from_env_reads_the_read_depth_and_quorum() {
+        let config = ChainConfig::from_lookup(lookup(&[
+            ("BR2K_RPC_URLS", "http://127.0.0.1:1"),
+            ("BR2K_READ_DEPTH", "latest-6"),
+            ("BR2K_QUORUM", "2"),
+        ]))
+        .expect("config");
+        assert_eq!(config.read_depth, ReadDepth::Behind(6));
+        assert_eq!(config.quorum, 2);
+        let defaults = ChainConfig::from_lookup(lookup(&[("BR2K_RPC_URLS", "http://127.0.0.1:1")]))
+            .expect("defaults");
+        assert_eq!(
+            (defaults.read_depth, defaults.quorum),
+            (ReadDepth::Latest, 1)
+        );
+        for (var, value) in [("BR2K_READ_DEPTH", "soon"), ("BR2K_QUORUM", "0")] {
+            let e: br2k_core::Error = ChainConfig::from_lookup(lookup(&[
+                ("BR2K_RPC_URLS", "http://127.0.0.1:1"),
+                (var, value),
+            ]))
+            .expect_err("rejected")
+            .into();
+            assert_eq!(e.kind(), "invalid_input", "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn from_env_reads_a_keystore_with_a_password_file() {
         let dir = std::env::temp_dir().join(format!("br2k-ks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
