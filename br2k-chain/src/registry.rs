@@ -1133,9 +1133,12 @@ impl Registry for ChainRegistry {
         let key = service_key(id);
         let mut raw = Vec::new();
         let mut start = 1u64;
+        // One block for every page.
+        let pin = self.pin().await?;
         loop {
             let page = self
-                .call(
+                .call_at(
+                    pin,
                     "getVersions",
                     C::getVersionsCall {
                         id: key,
@@ -1166,13 +1169,18 @@ impl Registry for ChainRegistry {
 
     async fn services(&self) -> Result<Vec<ServiceId>> {
         const PAGE: usize = 1000;
-        let count = self.call("serviceCount", C::serviceCountCall {}).await?;
+        // One block for the count and every page.
+        let pin = self.pin().await?;
+        let count = self
+            .call_at(pin, "serviceCount", C::serviceCountCall {})
+            .await?;
         let count: usize = count.try_into().unwrap_or(usize::MAX);
         // The count comes from an endpoint: never allocate by it.
         let mut keys = Vec::with_capacity(count.min(PAGE));
         while keys.len() < count {
             let page = self
-                .call(
+                .call_at(
+                    pin,
                     "serviceIds",
                     C::serviceIdsCall {
                         start: alloy::primitives::U256::from(keys.len()),
