@@ -202,6 +202,55 @@ fn hardened() -> SecurityContext {
     }
 }
 
+/// The hardening fields of a live pod spec (a StatefulSet's template) that differ from
+/// what [`stateful_set`] sets, as paths under `spec.template.spec` (e.g.
+/// `containers[app].securityContext.runAsNonRoot`). A field another writer removed
+/// leaves no foreign owner in `managedFields`; this finds it all the same.
+pub fn hardening_gaps(pod: &PodSpec) -> Vec<String> {
+    let mut gaps = Vec::new();
+    if pod.automount_service_account_token != Some(false) {
+        gaps.push("automountServiceAccountToken".to_owned());
+    }
+    let want = hardened();
+    let all = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    for c in all {
+        let at = |field: &str| format!("containers[{}].securityContext.{field}", c.name);
+        let Some(sc) = c.security_context.as_ref() else {
+            gaps.push(format!("containers[{}].securityContext", c.name));
+            continue;
+        };
+        if sc.privileged != want.privileged {
+            gaps.push(at("privileged"));
+        }
+        if sc.allow_privilege_escalation != want.allow_privilege_escalation {
+            gaps.push(at("allowPrivilegeEscalation"));
+        }
+        if sc.run_as_non_root != want.run_as_non_root {
+            gaps.push(at("runAsNonRoot"));
+        }
+        let caps = sc.capabilities.as_ref();
+        if !caps
+            .and_then(|c| c.drop.as_ref())
+            .is_some_and(|d| d.iter().any(|x| x == "ALL"))
+        {
+            gaps.push(at("capabilities.drop"));
+        }
+        if caps
+            .and_then(|c| c.add.as_ref())
+            .is_some_and(|a| !a.is_empty())
+        {
+            gaps.push(at("capabilities.add"));
+        }
+        if sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()) != Some("RuntimeDefault") {
+            gaps.push(at("seccompProfile"));
+        }
+    }
+    gaps
+}
+
 /// The replica count to apply: the record's desired count, except that when an
 /// autoscaler owns the count (`spec.autoscaling`) and the service runs, a live count
 /// inside the bounds is kept (so br2k and the autoscaler do not fight).
@@ -517,6 +566,35 @@ mod tests {
         assert_eq!(sc["capabilities"]["drop"][0], "ALL");
         assert!(sc["capabilities"].get("add").is_none());
         assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    }
+
+    #[test]
+    fn hardening_gaps_find_removed_and_weakened_fields() {
+        let r = record();
+        let names = Names::of(&r.id);
+        let sts = stateful_set(&r, &names, "ns", 3, Rollout::Roll, &Placement::default());
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        assert!(
+            hardening_gaps(&pod).is_empty(),
+            "{:?}",
+            hardening_gaps(&pod)
+        );
+        let mut removed = pod.clone();
+        let sc = removed.containers[0].security_context.as_mut().unwrap();
+        sc.run_as_non_root = None;
+        sc.capabilities.as_mut().unwrap().add = Some(vec!["SYS_ADMIN".into()]);
+        removed.automount_service_account_token = None;
+        assert_eq!(
+            hardening_gaps(&removed),
+            [
+                "automountServiceAccountToken",
+                "containers[app].securityContext.runAsNonRoot",
+                "containers[app].securityContext.capabilities.add",
+            ]
+        );
+        let mut bare = pod;
+        bare.containers[0].security_context = None;
+        assert_eq!(hardening_gaps(&bare), ["containers[app].securityContext"]);
     }
 
     #[test]
