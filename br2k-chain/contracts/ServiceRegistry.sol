@@ -78,8 +78,6 @@ contract ServiceRegistry {
 
     struct Service {
         address owner;
-        /// Proposed by the owner, the owner once it accepts (zero: none).
-        address pendingOwner;
         uint8 state;
         uint32 replicas;
         uint64 active;
@@ -88,6 +86,9 @@ contract ServiceRegistry {
         Location location;
         Version[] versions;
         mapping(address => uint8) roles;
+        /// Proposed by the owner, the owner once it accepts (zero: none). Last, so
+        /// the earlier members keep their slots.
+        address pendingOwner;
     }
 
     /// What a read returns for one service (`exists` is false for unknown ids).
