@@ -10,6 +10,9 @@ pragma solidity 0.8.37;
 /// are stored so that readers can verify what they fetch from the log. Nothing secret
 /// is ever stored. A service is keyed by `keccak256(bytes(name))`, computed here from
 /// the name, so ids cannot be forged; whoever registers a name becomes its owner.
+/// Ownership moves in two steps (the owner proposes, the proposed account accepts);
+/// checkpoint log indexes and terms, and location terms, grow by bounded steps (the
+/// owner may reset them); every event names the account that caused it.
 contract ServiceRegistry {
     // ---------------------------------------------------------------- types
 
@@ -31,6 +34,20 @@ contract ServiceRegistry {
 
     /// Largest accepted location endpoint.
     uint256 public constant MAX_ENDPOINT_BYTES = 256;
+
+    /// Largest increase of the checkpoint log index per `recordCheckpoint` (entries
+    /// between two checkpoints). Reaching 2^64-1 takes 2^32 transactions.
+    uint64 public constant MAX_LOG_INDEX_STEP = 2 ** 32;
+
+    /// Largest increase of a term (checkpoint or location) per call. Terms are
+    /// fencing tokens such as etcd revisions, which grow with every write of the
+    /// cluster; reaching 2^64-1 takes 2^24 transactions, and the owner may reset.
+    uint64 public constant MAX_TERM_STEP = 2 ** 40;
+
+    /// Counters bounded per call, as named by `JumpTooLarge`.
+    uint8 public constant COUNTER_LOG_INDEX = 1;
+    uint8 public constant COUNTER_CHECKPOINT_TERM = 2;
+    uint8 public constant COUNTER_LOCATION_TERM = 3;
 
     /// One published version. The spec bytes are in the `Registered` (version 1) or
     /// `Published` event emitted in block `blockNumber`.
@@ -69,6 +86,9 @@ contract ServiceRegistry {
         Location location;
         Version[] versions;
         mapping(address => uint8) roles;
+        /// Proposed by the owner, the owner once it accepts (zero: none). Last, so
+        /// the earlier members keep their slots.
+        address pendingOwner;
     }
 
     /// What a read returns for one service (`exists` is false for unknown ids).
@@ -105,8 +125,14 @@ contract ServiceRegistry {
     error InvalidEndpoint();
     error InvalidRole(uint8 role);
     error ZeroAddress();
+    error NotPendingOwner(bytes32 id, address caller);
+    /// `counter` (COUNTER_*) would move from `recorded` to `value`, more than `maxStep`.
+    error JumpTooLarge(bytes32 id, uint8 counter, uint64 value, uint64 recorded, uint64 maxStep);
 
     // ---------------------------------------------------------------- events
+    // Every event names the account that caused it: `owner` of Registered,
+    // `publisher` of Published, `newOwner` (the accepting account) of
+    // OwnershipTransferred, `owner` of the transfer proposals, `by` elsewhere.
 
     event Registered(
         bytes32 indexed id,
@@ -126,13 +152,19 @@ contract ServiceRegistry {
         uint32 replicas,
         bytes spec
     );
-    event Scaled(bytes32 indexed id, uint32 replicas);
-    event StateChanged(bytes32 indexed id, uint8 state);
-    event RolledBack(bytes32 indexed id, uint64 version);
-    event Checkpointed(bytes32 indexed id, bytes32 snapshot, uint64 logIndex, uint64 term, uint64 stateVersion);
-    event Relocated(bytes32 indexed id, uint64 term, string endpoint);
-    event RoleGranted(bytes32 indexed id, address indexed account, uint8 role);
-    event RoleRevoked(bytes32 indexed id, address indexed account, uint8 role);
+    event Scaled(bytes32 indexed id, address indexed by, uint32 replicas);
+    event StateChanged(bytes32 indexed id, address indexed by, uint8 state);
+    event RolledBack(bytes32 indexed id, address indexed by, uint64 version);
+    /// Emitted by `recordCheckpoint` and by the owner's `resetCheckpoint`.
+    event Checkpointed(
+        bytes32 indexed id, address indexed by, bytes32 snapshot, uint64 logIndex, uint64 term, uint64 stateVersion
+    );
+    /// Emitted by `setLocation` and by the owner's `resetLocation`.
+    event Relocated(bytes32 indexed id, address indexed by, uint64 term, string endpoint);
+    event RoleGranted(bytes32 indexed id, address indexed account, address indexed by, uint8 role);
+    event RoleRevoked(bytes32 indexed id, address indexed account, address indexed by, uint8 role);
+    event OwnershipTransferStarted(bytes32 indexed id, address indexed owner, address indexed pendingOwner);
+    event OwnershipTransferCanceled(bytes32 indexed id, address indexed owner, address indexed pendingOwner);
     event OwnershipTransferred(bytes32 indexed id, address indexed previousOwner, address indexed newOwner);
 
     // ---------------------------------------------------------------- storage
@@ -251,7 +283,7 @@ contract ServiceRegistry {
         if (replicas > MAX_REPLICAS) revert InvalidReplicas(replicas);
         if (s.replicas == replicas) return;
         s.replicas = replicas;
-        emit Scaled(id, replicas);
+        emit Scaled(id, msg.sender, replicas);
     }
 
     /// Moves the lifecycle state. Owner or operator; idempotent for the current state.
@@ -264,7 +296,7 @@ contract ServiceRegistry {
             || (to == STOPPED && from != STOPPED);
         if (!allowed) revert InvalidTransition(id, from, to);
         s.state = to;
-        emit StateChanged(id, to);
+        emit StateChanged(id, msg.sender, to);
     }
 
     /// Moves the active pointer to an earlier version (its replica count becomes the
@@ -276,12 +308,20 @@ contract ServiceRegistry {
         if (version > s.active) revert RollForward(id, version, s.active);
         s.active = version;
         s.replicas = s.versions[version - 1].replicas;
-        emit RolledBack(id, version);
+        emit RolledBack(id, msg.sender, version);
+    }
+
+    /// Refuses `value` if it exceeds `recorded` by more than `maxStep`.
+    function _bounded(bytes32 id, uint8 counter, uint64 value, uint64 recorded, uint64 maxStep) internal pure {
+        if (value > recorded && value - recorded > maxStep) {
+            revert JumpTooLarge(id, counter, value, recorded, maxStep);
+        }
     }
 
     /// Records a state checkpoint. Replica accounts only; re-recording the newest is a
-    /// no-op; otherwise the state version must grow by one and the log index must not
-    /// decrease.
+    /// no-op; otherwise the state version must grow by one, the log index must not
+    /// decrease, and neither the log index nor the term may grow by more than
+    /// MAX_LOG_INDEX_STEP / MAX_TERM_STEP (from 0 for the first checkpoint).
     function recordCheckpoint(bytes32 id, bytes32 snapshot, uint64 logIndex, uint64 term, uint64 stateVersion)
         external
     {
@@ -294,24 +334,53 @@ contract ServiceRegistry {
         if (stateVersion != c.stateVersion + 1 || logIndex < c.logIndex) {
             revert CheckpointOutOfOrder(id, stateVersion, logIndex);
         }
+        _bounded(id, COUNTER_LOG_INDEX, logIndex, c.logIndex, MAX_LOG_INDEX_STEP);
+        _bounded(id, COUNTER_CHECKPOINT_TERM, term, c.term, MAX_TERM_STEP);
         s.checkpoint = Checkpoint({snapshot: snapshot, logIndex: logIndex, term: term, stateVersion: stateVersion});
-        emit Checkpointed(id, snapshot, logIndex, term, stateVersion);
+        emit Checkpointed(id, msg.sender, snapshot, logIndex, term, stateVersion);
+    }
+
+    /// Resets the checkpoint to `snapshot` at `logIndex` and `term`, which may be lower
+    /// than or far above the recorded ones (recovery after a compromised replica
+    /// account pushed them up). Owner only. The state version still grows by one, so
+    /// readers never see the checkpoint go back.
+    function resetCheckpoint(bytes32 id, bytes32 snapshot, uint64 logIndex, uint64 term) external {
+        Service storage s = _owned(id);
+        uint64 stateVersion = s.checkpoint.stateVersion + 1;
+        s.checkpoint = Checkpoint({snapshot: snapshot, logIndex: logIndex, term: term, stateVersion: stateVersion});
+        emit Checkpointed(id, msg.sender, snapshot, logIndex, term, stateVersion);
+    }
+
+    function _checkEndpoint(string calldata endpoint) internal pure returns (bytes32) {
+        uint256 len = bytes(endpoint).length;
+        if (len == 0 || len > MAX_ENDPOINT_BYTES) revert InvalidEndpoint();
+        return keccak256(bytes(endpoint));
     }
 
     /// Records the leader location. Replica accounts only; the same location is a
-    /// no-op; a term below the recorded one is refused.
+    /// no-op; a term below the recorded one is refused, and so is one more than
+    /// MAX_TERM_STEP above it (above 0 when none is recorded).
     function setLocation(bytes32 id, uint64 term, string calldata endpoint) external {
         Service storage s = _replicated(id);
-        uint256 len = bytes(endpoint).length;
-        if (len == 0 || len > MAX_ENDPOINT_BYTES) revert InvalidEndpoint();
-        bytes32 h = keccak256(bytes(endpoint));
+        bytes32 h = _checkEndpoint(endpoint);
         Location storage l = s.location;
         if (l.blockNumber != 0) {
             if (l.term == term && l.endpointHash == h) return;
             if (term < l.term) revert StaleTerm(id, term, l.term);
         }
+        _bounded(id, COUNTER_LOCATION_TERM, term, l.term, MAX_TERM_STEP);
         s.location = Location({endpointHash: h, term: term, blockNumber: uint64(block.number)});
-        emit Relocated(id, term, endpoint);
+        emit Relocated(id, msg.sender, term, endpoint);
+    }
+
+    /// Sets the leader location to `endpoint` at `term`, which may be lower than or
+    /// far above the recorded one (recovery after a compromised replica account
+    /// pushed the term up). Owner only.
+    function resetLocation(bytes32 id, uint64 term, string calldata endpoint) external {
+        Service storage s = _owned(id);
+        bytes32 h = _checkEndpoint(endpoint);
+        s.location = Location({endpointHash: h, term: term, blockNumber: uint64(block.number)});
+        emit Relocated(id, msg.sender, term, endpoint);
     }
 
     /// Grants `role` (ROLE_OPERATOR or ROLE_REPLICA) to `account`. Owner only;
@@ -323,7 +392,7 @@ contract ServiceRegistry {
         uint8 roles = s.roles[account];
         if ((roles & role) != 0) return;
         s.roles[account] = roles | role;
-        emit RoleGranted(id, account, role);
+        emit RoleGranted(id, account, msg.sender, role);
     }
 
     /// Revokes `role` from `account`. Owner only; idempotent.
@@ -333,17 +402,45 @@ contract ServiceRegistry {
         uint8 roles = s.roles[account];
         if ((roles & role) == 0) return;
         s.roles[account] = roles & ~role;
-        emit RoleRevoked(id, account, role);
+        emit RoleRevoked(id, account, msg.sender, role);
     }
 
-    /// Makes `newOwner` the owner. Owner only; transferring to the owner is a no-op.
+    /// Proposes `newOwner` as the next owner; nothing else changes until it calls
+    /// `acceptOwnership` (the owner keeps every right meanwhile). Owner only; a new
+    /// proposal replaces the pending one; proposing the owner cancels it; proposing
+    /// the pending owner again is a no-op.
     function transferOwnership(bytes32 id, address newOwner) external {
         Service storage s = _owned(id);
         if (newOwner == address(0)) revert ZeroAddress();
+        if (newOwner == s.owner) {
+            _cancel(id, s);
+            return;
+        }
+        if (s.pendingOwner == newOwner) return;
+        s.pendingOwner = newOwner;
+        emit OwnershipTransferStarted(id, msg.sender, newOwner);
+    }
+
+    /// Withdraws the pending proposal. Owner only; a no-op when none is pending.
+    function cancelOwnershipTransfer(bytes32 id) external {
+        _cancel(id, _owned(id));
+    }
+
+    function _cancel(bytes32 id, Service storage s) internal {
+        address pending = s.pendingOwner;
+        if (pending == address(0)) return;
+        s.pendingOwner = address(0);
+        emit OwnershipTransferCanceled(id, msg.sender, pending);
+    }
+
+    /// Makes the caller the owner. Only the pending owner.
+    function acceptOwnership(bytes32 id) external {
+        Service storage s = _service(id);
+        if (s.pendingOwner != msg.sender) revert NotPendingOwner(id, msg.sender);
         address previous = s.owner;
-        if (previous == newOwner) return;
-        s.owner = newOwner;
-        emit OwnershipTransferred(id, previous, newOwner);
+        s.owner = msg.sender;
+        s.pendingOwner = address(0);
+        emit OwnershipTransferred(id, previous, msg.sender);
     }
 
     // ---------------------------------------------------------------- reads
@@ -399,6 +496,11 @@ contract ServiceRegistry {
         for (uint256 i = start - 1; i < end; i++) {
             out[i - (start - 1)] = s.versions[i];
         }
+    }
+
+    /// The proposed next owner of `id` (zero when none is pending).
+    function pendingOwnerOf(bytes32 id) external view returns (address) {
+        return _service(id).pendingOwner;
     }
 
     /// Role bits of `account` on `id`.

@@ -139,6 +139,30 @@ impl From<ChainError> for Error {
                 E::ZeroAddress(_) => {
                     ValidationError::malformed("account", "the zero address").into()
                 }
+                E::NotPendingOwner(x) => Error::permission_denied(format!(
+                    "{:#x} is not the pending owner of {}",
+                    x.caller,
+                    hex_id(&x.id)
+                )),
+                E::JumpTooLarge(x) => {
+                    let what = match x.counter {
+                        1 => "checkpoint log index",
+                        2 => "checkpoint term",
+                        3 => "location term",
+                        _ => "counter",
+                    };
+                    ValidationError::malformed(
+                        what,
+                        format!(
+                            "{} would jump from {} to {}, more than the registry's bound of {} per call (the owner may reset it)",
+                            hex_id(&x.id),
+                            x.recorded,
+                            x.value,
+                            x.maxStep
+                        ),
+                    )
+                    .into()
+                }
             },
             ChainError::Rpc { code, message } => Error::backend(
                 "chain",

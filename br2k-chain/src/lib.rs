@@ -22,4 +22,6 @@ mod rpc;
 mod sender;
 
 pub use config::{ChainConfig, ReadDepth};
-pub use registry::{ChainRegistry, account_of, service_key};
+pub use registry::{
+    AuditEntry, ChainRegistry, MAX_LOG_INDEX_STEP, MAX_TERM_STEP, account_of, service_key,
+};

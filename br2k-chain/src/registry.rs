@@ -31,6 +31,25 @@ const IDS_PER_LOG_QUERY: usize = 500;
 /// Entries kept in each verified-content cache before it is cleared.
 const CACHE_LIMIT: usize = 20_000;
 
+/// Largest increase of a checkpoint's log index per call that the registry contract
+/// accepts (`MAX_LOG_INDEX_STEP`); [`ChainRegistry::reset_checkpoint`] is not bound.
+pub const MAX_LOG_INDEX_STEP: u64 = 1 << 32;
+
+/// Largest increase of a checkpoint or location term per call that the registry
+/// contract accepts (`MAX_TERM_STEP`); the owner's resets are not bound.
+pub const MAX_TERM_STEP: u64 = 1 << 40;
+
+/// One change of a service as its event records it, with the account that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// The change (`at` is the block number).
+    pub change: RegistryChange,
+    /// The account whose transaction made the change (`msg.sender`).
+    pub by: Account,
+    /// The transaction, when the endpoint reports it.
+    pub tx: Option<B256>,
+}
+
 /// The service registry contract on an EVM chain, acting as the account of its
 /// signing key.
 ///
@@ -853,17 +872,29 @@ impl ChainRegistry {
     }
 
     fn decode_change(log: &Log) -> Option<(B256, Option<String>, ChangeKind)> {
+        Self::decode_attributed(log).map(|(key, name, kind, _)| (key, name, kind))
+    }
+
+    /// Decodes one registry event: the service key, its name (registrations only),
+    /// the change and the account that made it (the event's `msg.sender` field).
+    fn decode_attributed(log: &Log) -> Option<(B256, Option<String>, ChangeKind, Address)> {
         use C::ServiceRegistryEvents as Ev;
         let ev = Ev::decode_raw_log(log.topics(), &log.data().data).ok()?;
         Some(match ev {
-            Ev::Registered(e) => (e.id, Some(e.name), ChangeKind::Registered),
-            Ev::Published(e) => (e.id, None, ChangeKind::Published { version: e.version }),
+            Ev::Registered(e) => (e.id, Some(e.name), ChangeKind::Registered, e.owner),
+            Ev::Published(e) => (
+                e.id,
+                None,
+                ChangeKind::Published { version: e.version },
+                e.publisher,
+            ),
             Ev::Scaled(e) => (
                 e.id,
                 None,
                 ChangeKind::Scaled {
                     replicas: e.replicas,
                 },
+                e.by,
             ),
             Ev::StateChanged(e) => (
                 e.id,
@@ -871,8 +902,14 @@ impl ChainRegistry {
                 ChangeKind::StateChanged {
                     state: ServiceState::from_code(e.state).ok()?,
                 },
+                e.by,
             ),
-            Ev::RolledBack(e) => (e.id, None, ChangeKind::RolledBack { version: e.version }),
+            Ev::RolledBack(e) => (
+                e.id,
+                None,
+                ChangeKind::RolledBack { version: e.version },
+                e.by,
+            ),
             Ev::Checkpointed(e) => (
                 e.id,
                 None,
@@ -884,6 +921,7 @@ impl ChainRegistry {
                         state_version: e.stateVersion,
                     },
                 },
+                e.by,
             ),
             Ev::Relocated(e) => (
                 e.id,
@@ -894,11 +932,104 @@ impl ChainRegistry {
                         term: e.term,
                     },
                 },
+                e.by,
             ),
-            Ev::RoleGranted(e) => (e.id, None, ChangeKind::RolesChanged),
-            Ev::RoleRevoked(e) => (e.id, None, ChangeKind::RolesChanged),
-            Ev::OwnershipTransferred(e) => (e.id, None, ChangeKind::RolesChanged),
+            Ev::RoleGranted(e) => (e.id, None, ChangeKind::RolesChanged, e.by),
+            Ev::RoleRevoked(e) => (e.id, None, ChangeKind::RolesChanged, e.by),
+            Ev::OwnershipTransferStarted(e) => (e.id, None, ChangeKind::RolesChanged, e.owner),
+            Ev::OwnershipTransferCanceled(e) => (e.id, None, ChangeKind::RolesChanged, e.owner),
+            // Only the accepting account can make this change.
+            Ev::OwnershipTransferred(e) => (e.id, None, ChangeKind::RolesChanged, e.newOwner),
         })
+    }
+
+    /// Every change of `id` since its registration, oldest first, each with the
+    /// account that made it and its transaction, read from the registry's events
+    /// (paged by `log_block_range` blocks). Role and ownership events are
+    /// [`ChangeKind::RolesChanged`]; an owner's reset is a `Checkpointed` or
+    /// `Relocated` change by the owner.
+    pub async fn audit(&self, id: &ServiceId) -> Result<Vec<AuditEntry>> {
+        let key = service_key(id);
+        let mut logs = self
+            .logs(
+                "service events",
+                Filter::new()
+                    .topic1(key)
+                    .from_block(self.inner.deploy_block),
+            )
+            .await?;
+        logs.sort_by_key(|l| (l.block_number, l.log_index));
+        let out: Vec<AuditEntry> = logs
+            .iter()
+            .filter_map(|l| {
+                let (k, _, kind, by) = Self::decode_attributed(l)?;
+                (k == key).then(|| AuditEntry {
+                    change: RegistryChange {
+                        id: id.clone(),
+                        kind,
+                        at: l.block_number,
+                    },
+                    by: account_of(by),
+                    tx: l.transaction_hash,
+                })
+            })
+            .collect();
+        if out.is_empty() {
+            return Err(Error::not_found(format!("service {id}")));
+        }
+        Ok(out)
+    }
+
+    /// Resets the checkpoint of `id` to `snapshot` at `log_index` and `term`, lower or
+    /// higher than the recorded ones without the per-call bounds (recovery after a
+    /// compromised replica account pushed them up); its state version is the
+    /// recorded one plus one, so readers never see the checkpoint go back. Owner
+    /// only ([`Error::PermissionDenied`] otherwise). Returns the record after it.
+    pub async fn reset_checkpoint(
+        &self,
+        id: &ServiceId,
+        snapshot: &Digest,
+        log_index: u64,
+        term: u64,
+    ) -> Result<ServiceRecord> {
+        self.write(
+            "resetCheckpoint",
+            C::resetCheckpointCall {
+                id: service_key(id),
+                snapshot: B256::from(*snapshot.as_bytes()),
+                logIndex: log_index,
+                term,
+            },
+        )
+        .await?;
+        self.record_after_write(id).await
+    }
+
+    /// Sets the leader location of `id`, at a term lower or higher than the recorded
+    /// one without the per-call bound (recovery after a compromised replica account
+    /// pushed the term up). Owner only ([`Error::PermissionDenied`] otherwise).
+    /// Returns the record after it.
+    pub async fn reset_location(
+        &self,
+        id: &ServiceId,
+        location: &Location,
+    ) -> Result<ServiceRecord> {
+        Location::new(location.endpoint.clone(), location.term)?;
+        self.write(
+            "resetLocation",
+            C::resetLocationCall {
+                id: service_key(id),
+                term: location.term,
+                endpoint: location.endpoint.clone(),
+            },
+        )
+        .await?;
+        insert_capped(
+            &self.inner.endpoints,
+            keccak256(location.endpoint.as_bytes()),
+            location.endpoint.clone(),
+        );
+        self.record_after_write(id).await
     }
 
     /// Changes in blocks `from..=to`, in log order.
@@ -1326,6 +1457,46 @@ impl Registry for ChainRegistry {
                 },
             )
             .await?)
+    }
+
+    async fn accept_ownership(&self, id: &ServiceId) -> Result<()> {
+        Ok(self
+            .write(
+                "acceptOwnership",
+                C::acceptOwnershipCall {
+                    id: service_key(id),
+                },
+            )
+            .await?)
+    }
+
+    async fn cancel_ownership_transfer(&self, id: &ServiceId) -> Result<()> {
+        Ok(self
+            .write(
+                "cancelOwnershipTransfer",
+                C::cancelOwnershipTransferCall {
+                    id: service_key(id),
+                },
+            )
+            .await?)
+    }
+
+    async fn pending_owner(&self, id: &ServiceId) -> Result<Option<Account>> {
+        let pending = self
+            .call(
+                "pendingOwnerOf",
+                C::pendingOwnerOfCall {
+                    id: service_key(id),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                ChainError::Revert(C::ServiceRegistryErrors::NotRegistered(_)) => {
+                    ChainError::Core(Error::not_found(format!("service {id}")))
+                }
+                e => e,
+            })?;
+        Ok((pending != Address::ZERO).then(|| account_of(pending)))
     }
 
     async fn changes(&self) -> Result<ChangeStream> {

@@ -165,6 +165,7 @@ async fn accounts_squatting_and_ownership() {
         "transfer to the zero address",
     );
     other.transfer_ownership(&id, &me).await.expect("transfer");
+    owner.accept_ownership(&id).await.expect("accept");
     assert_eq!(owner.active(&id).await.expect("active").owner, me);
     expect_kind(
         other.set_replicas(&id, 1).await,

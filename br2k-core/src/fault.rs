@@ -252,6 +252,21 @@ impl<T: Registry> Registry for Faulty<T> {
         self.inner.transfer_ownership(id, new_owner).await
     }
 
+    async fn accept_ownership(&self, id: &ServiceId) -> Result<()> {
+        self.faults.enter("accept_ownership").await?;
+        self.inner.accept_ownership(id).await
+    }
+
+    async fn cancel_ownership_transfer(&self, id: &ServiceId) -> Result<()> {
+        self.faults.enter("cancel_ownership_transfer").await?;
+        self.inner.cancel_ownership_transfer(id).await
+    }
+
+    async fn pending_owner(&self, id: &ServiceId) -> Result<Option<Account>> {
+        self.faults.enter("pending_owner").await?;
+        self.inner.pending_owner(id).await
+    }
+
     async fn changes(&self) -> Result<ChangeStream> {
         self.faults.enter("changes").await?;
         self.inner.changes().await

@@ -78,8 +78,21 @@ pub trait Registry: Send + Sync + Debug {
     /// Revokes `role` from `account` (owner only). Idempotent.
     async fn revoke(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()>;
 
-    /// Makes `new_owner` the owner (owner only).
+    /// Proposes `new_owner` as the next owner (owner only). Nothing else changes until
+    /// `new_owner` calls [`Registry::accept_ownership`]: the owner keeps every right
+    /// meanwhile. A new proposal replaces the pending one, proposing the owner cancels
+    /// it, proposing the pending owner again is a no-op.
     async fn transfer_ownership(&self, id: &ServiceId, new_owner: &Account) -> Result<()>;
+
+    /// Makes this handle's account the owner; [`crate::Error::PermissionDenied`] unless
+    /// it is the pending owner proposed by [`Registry::transfer_ownership`].
+    async fn accept_ownership(&self, id: &ServiceId) -> Result<()>;
+
+    /// Withdraws the pending ownership proposal (owner only). Idempotent.
+    async fn cancel_ownership_transfer(&self, id: &ServiceId) -> Result<()>;
+
+    /// The proposed next owner of `id`, if a transfer is pending.
+    async fn pending_owner(&self, id: &ServiceId) -> Result<Option<Account>>;
 
     /// Changes from now on, each delivered once, in order.
     async fn changes(&self) -> Result<ChangeStream>;

@@ -545,9 +545,85 @@ pub async fn roles_and_permissions(owner: &dyn Registry, stranger: &dyn Registry
         "revoked operator",
     );
 
+    // Ownership moves in two steps: the owner proposes, the proposed account accepts.
+    expect_kind(
+        stranger.accept_ownership(id).await,
+        denied,
+        "accept without a proposal",
+    );
+    assert_eq!(owner.pending_owner(id).await.expect("pending"), None);
+    owner.transfer_ownership(id, &them).await.expect("propose");
+    owner
+        .transfer_ownership(id, &them)
+        .await
+        .expect("proposing again is idempotent");
+    assert_eq!(
+        owner.pending_owner(id).await.expect("pending"),
+        Some(them.clone())
+    );
+    // Until it accepts, the owner keeps every right and the proposed account has none.
+    assert_eq!(owner.active(id).await.expect("active").owner, me);
+    assert_eq!(
+        owner
+            .set_replicas(id, 3)
+            .await
+            .expect("owner still scales")
+            .replicas,
+        3
+    );
+    owner
+        .grant(id, &them, Role::Replica)
+        .await
+        .expect("owner still grants");
+    owner
+        .revoke(id, &them, Role::Replica)
+        .await
+        .expect("owner still revokes");
+    expect_kind(
+        stranger.set_replicas(id, 2).await,
+        denied,
+        "proposed owner scales before accepting",
+    );
+    expect_kind(
+        stranger.cancel_ownership_transfer(id).await,
+        denied,
+        "proposed owner cancels",
+    );
+    expect_kind(
+        owner.accept_ownership(id).await,
+        denied,
+        "owner accepts for the proposed account",
+    );
+    // The owner cancels; the proposed account can then no longer accept.
+    owner.cancel_ownership_transfer(id).await.expect("cancel");
+    owner
+        .cancel_ownership_transfer(id)
+        .await
+        .expect("cancel is idempotent");
+    assert_eq!(owner.pending_owner(id).await.expect("pending"), None);
+    expect_kind(
+        stranger.accept_ownership(id).await,
+        denied,
+        "accept after a cancel",
+    );
+    // Proposing the owner cancels too.
+    owner.transfer_ownership(id, &them).await.expect("propose");
+    owner
+        .transfer_ownership(id, &me)
+        .await
+        .expect("propose the owner");
+    assert_eq!(owner.pending_owner(id).await.expect("pending"), None);
+    expect_kind(
+        stranger.accept_ownership(id).await,
+        denied,
+        "accept after proposing the owner",
+    );
     // Ownership moves, and back.
     owner.transfer_ownership(id, &them).await.expect("transfer");
+    stranger.accept_ownership(id).await.expect("accept");
     assert_eq!(owner.active(id).await.expect("active").owner, them);
+    assert_eq!(owner.pending_owner(id).await.expect("pending"), None);
+    expect_kind(stranger.accept_ownership(id).await, denied, "accept twice");
     expect_kind(
         owner.set_replicas(id, 2).await,
         denied,
@@ -570,6 +646,8 @@ pub async fn roles_and_permissions(owner: &dyn Registry, stranger: &dyn Registry
         .transfer_ownership(id, &me)
         .await
         .expect("transfer back");
+    assert_eq!(owner.active(id).await.expect("active").owner, them);
+    owner.accept_ownership(id).await.expect("accept back");
     assert_eq!(owner.active(id).await.expect("active").owner, me);
 }
 
@@ -598,6 +676,9 @@ pub async fn unknown_ids_not_found(owner: &dyn Registry, id: &ServiceId) {
     expect_kind(owner.grant(id, &acct, Role::Operator).await, nf, "grant");
     expect_kind(owner.revoke(id, &acct, Role::Operator).await, nf, "revoke");
     expect_kind(owner.transfer_ownership(id, &acct).await, nf, "transfer");
+    expect_kind(owner.accept_ownership(id).await, nf, "accept");
+    expect_kind(owner.cancel_ownership_transfer(id).await, nf, "cancel");
+    expect_kind(owner.pending_owner(id).await, nf, "pending owner");
     assert!(!owner.services().await.expect("services").contains(id));
 }
 

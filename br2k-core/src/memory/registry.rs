@@ -52,6 +52,8 @@ struct Entry {
     replicas: u32,
     state: ServiceState,
     owner: Account,
+    /// Proposed by the owner, the owner once it accepts.
+    pending_owner: Option<Account>,
     roles: BTreeSet<(Account, RoleKey)>,
     checkpoint: Option<Checkpoint>,
     location: Option<Location>,
@@ -281,6 +283,7 @@ impl Registry for InMemoryRegistry {
             replicas: spec.replicas,
             state: ServiceState::Ready,
             owner: self.account.clone(),
+            pending_owner: None,
             roles: BTreeSet::new(),
             checkpoint: None,
             location: None,
@@ -461,11 +464,39 @@ impl Registry for InMemoryRegistry {
         check_account(new_owner)?;
         self.as_owner(id, |e| {
             if e.owner == *new_owner {
+                let cancelled = e.pending_owner.take().is_some();
+                return Ok(((), cancelled.then_some(ChangeKind::RolesChanged)));
+            }
+            if e.pending_owner.as_ref() == Some(new_owner) {
                 return Ok(((), None));
             }
-            e.owner = new_owner.clone();
+            e.pending_owner = Some(new_owner.clone());
             Ok(((), Some(ChangeKind::RolesChanged)))
         })
+    }
+
+    async fn accept_ownership(&self, id: &ServiceId) -> Result<()> {
+        self.write(id, |e, account| {
+            if e.pending_owner.as_ref() != Some(account) {
+                return Err(Error::permission_denied(format!(
+                    "{account} is not the pending owner of {id}"
+                )));
+            }
+            e.owner = account.clone();
+            e.pending_owner = None;
+            Ok(((), Some(ChangeKind::RolesChanged)))
+        })
+    }
+
+    async fn cancel_ownership_transfer(&self, id: &ServiceId) -> Result<()> {
+        self.as_owner(id, |e| {
+            let cancelled = e.pending_owner.take().is_some();
+            Ok(((), cancelled.then_some(ChangeKind::RolesChanged)))
+        })
+    }
+
+    async fn pending_owner(&self, id: &ServiceId) -> Result<Option<Account>> {
+        self.read(id, |e, _| Ok(e.pending_owner.clone()))
     }
 
     async fn changes(&self) -> Result<ChangeStream> {
