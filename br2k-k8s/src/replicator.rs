@@ -943,6 +943,21 @@ fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, KubeError> 
             foreign_fields.extend(ownership::foreign_fields(kind, m));
         }
     }
+    // A hardening field another writer removed leaves no foreign owner in
+    // managedFields: compare the live template with what br2k sets.
+    if let Some(pod) = live
+        .sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+    {
+        foreign_fields.extend(crate::build::hardening_gaps(pod).into_iter().map(|f| {
+            format!(
+                "statefulset/{}: spec.template.spec.{f} (missing)",
+                names.base
+            )
+        }));
+    }
 
     let failed_nodes: BTreeSet<String> = live
         .pods

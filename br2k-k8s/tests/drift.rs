@@ -866,9 +866,7 @@ async fn replicas_run_as_non_root_and_a_foreign_patch_turning_it_off_is_reverted
             .as_ref();
         assert_eq!(sc.and_then(|s| s.run_as_non_root), Some(true), "{p:?}");
     }
-    // Another writer (kubectl, with its own field manager) turns it off. (A JSON
-    // patch removing the field leaves no foreign owner in managedFields and is not
-    // detected yet: see SECURITY.md.)
+    // Another writer (kubectl, with its own field manager) turns it off.
     let patch = r#"{"spec":{"template":{"spec":{"containers":[{"name":"app","securityContext":{"runAsNonRoot":false}}]}}}}"#;
     kubectl(
         &ns.name,
@@ -878,6 +876,30 @@ async fn replicas_run_as_non_root_and_a_foreign_patch_turning_it_off_is_reverted
     assert_eq!(non_root(&live), Some(false), "patch applied");
     let found = wait_finding(&r, &rec, |f| {
         matches!(f, Finding::ForeignFields { fields } if fields.iter().any(|f| f.contains("runAsNonRoot")))
+    })
+    .await;
+    heal(&r, &rec).await;
+    let sts = stss.get(&names.base).await.expect("sts");
+    assert_eq!(non_root(&sts), Some(true), "after repairing {found:?}");
+    // A JSON patch that removes the field leaves no foreign owner in managedFields;
+    // the comparison with the hardened template finds it all the same.
+    let remove = r#"[{"op":"remove","path":"/spec/template/spec/containers/0/securityContext/runAsNonRoot"}]"#;
+    kubectl(
+        &ns.name,
+        &[
+            "patch",
+            "statefulset",
+            &names.base,
+            "--type",
+            "json",
+            "-p",
+            remove,
+        ],
+    );
+    let live = stss.get(&names.base).await.expect("sts");
+    assert_eq!(non_root(&live), None, "field removed");
+    let found = wait_finding(&r, &rec, |f| {
+        matches!(f, Finding::ForeignFields { fields } if fields.iter().any(|f| f.contains("runAsNonRoot (missing)")))
     })
     .await;
     heal(&r, &rec).await;
