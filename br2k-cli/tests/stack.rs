@@ -12,9 +12,8 @@ use std::time::Duration;
 use br2k_chain::{ChainConfig, ChainRegistry};
 use br2k_core::{Registry, ServiceId, ServiceRecord};
 use serde_json::Value;
-use support::{Br2k, OciRegistry, Operator, Stack, poll};
+use support::{ACCOUNT7, Br2k, OciRegistry, Operator, Stack, poll};
 
-const ACCOUNT7: &str = "0x14dc79964da2c08b23698b3d3cc7ca32193d9955";
 const ACCOUNT8: &str = "0x23618e81e3f5cdf7f54c3d65f7fbc0abf5b21e8f";
 const ACCOUNT9: &str = "0xa0ee7a142d267c1f36714e4a8f75612f20a79720";
 

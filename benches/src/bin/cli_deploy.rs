@@ -64,7 +64,6 @@ fn main() {
     let mirror = OciRegistry::spawn(&stack.registry_bin, dir, "mirror");
     let deploy_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     support::prepare_cluster(&stack, &deploy_dir, &ns);
-    let mut operator = Operator::start(&stack, dir, &run);
     let cli = Br2k::new(dir).with_env("BR2K_BENCH_KEY", support::KEY7);
     support::context(
         &cli,
@@ -74,7 +73,30 @@ fn main() {
         &ns,
         "BR2K_BENCH_KEY",
     );
-    cli.run(dir, &["contract", "deploy", "--new"]).ok();
+    // The operator's trust anchors are the context's: the contract comes first.
+    let c = cli
+        .run(dir, &["contract", "deploy", "--new", "-o", "json"])
+        .json();
+    let address = c["address"].as_str().expect("address").to_owned();
+    let mut operator = Operator::start(
+        &stack,
+        dir,
+        &run,
+        &[
+            "--chain-id",
+            &stack.chain_id().to_string(),
+            "--rpc-url",
+            &stack.rpc,
+            "--registry-contract",
+            &address,
+            "--oci-registry",
+            &primary.addr,
+            "--oci-registry",
+            &mirror.addr,
+            "--allowed-owner",
+            support::ACCOUNT7,
+        ],
+    );
     let proj = dir.join("proj");
     cli.run(dir, &["init", "proj", "--service", "bench"]).ok();
     std::fs::write(

@@ -15,6 +15,8 @@ use serde_json::Value;
 
 /// Anvil dev accounts 7, 8 and 9 (no other test of the workspace signs with them).
 pub const KEY7: &str = "0x4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356";
+/// The address of [`KEY7`] (anvil's dev account 7).
+pub const ACCOUNT7: &str = "0x14dc79964da2c08b23698b3d3cc7ca32193d9955";
 /// Anvil dev account 8.
 pub const KEY8: &str = "0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97";
 /// Anvil dev account 9.
