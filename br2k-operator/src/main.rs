@@ -101,9 +101,10 @@ struct Options {
     /// Block the records are read at: `latest`, `latest-N`, `safe` or `finalized`.
     #[arg(long, env = "BR2K_READ_DEPTH", default_value = "latest")]
     read_depth: String,
-    /// RPC endpoints that must agree on a record read.
-    #[arg(long, env = "BR2K_QUORUM", default_value_t = 1)]
-    quorum: usize,
+    /// RPC endpoints that must agree on a record read (block hash and answer).
+    /// Default: a majority of the `--rpc-url` endpoints.
+    #[arg(long, env = "BR2K_QUORUM")]
+    quorum: Option<usize>,
     /// A namespace whose Br2kService resources (and workloads) the operator serves;
     /// repeat the option or separate with commas. Default: every namespace. With a
     /// list, every watch is namespaced (namespaced Roles suffice).
@@ -233,11 +234,12 @@ fn settings(opts: &Options) -> Result<(ChainOciBackends, Scope), Box<dyn std::er
         .read_depth
         .parse()
         .map_err(|e| format!("--read-depth: {e}"))?;
+    let quorum = opts.quorum.unwrap_or(urls.len() / 2 + 1);
     let chain = br2k_chain::ChainConfig::new(urls)
         .with_registry(contract)
         .with_chain_id(chain_id)
         .with_read_depth(depth)
-        .with_quorum(opts.quorum)
+        .with_quorum(quorum)
         .with_request_timeout(Duration::from_secs(5));
     let registries = opts
         .oci_registries
@@ -343,6 +345,27 @@ mod tests {
         for secret in ["hunter2secret", "apikey123456", "qwerty789", "user:"] {
             assert!(!printed.contains(secret), "{secret} in {printed}");
         }
+    }
+
+    #[test]
+    fn several_endpoints_need_a_majority_unless_a_quorum_is_given() {
+        let owner = [
+            "--allowed-owner",
+            "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+        ];
+        let one = parse(&owner).expect("options");
+        assert_eq!(settings(&one).expect("settings").0.chain.quorum, 1);
+        let rpc = [
+            "--rpc-url",
+            "http://127.0.0.1:1",
+            "--rpc-url",
+            "http://127.0.0.1:2",
+        ];
+        let three = parse(&[&owner[..], &rpc[..]].concat()).expect("options");
+        assert_eq!(settings(&three).expect("settings").0.chain.quorum, 2);
+        let given =
+            parse(&[&owner[..], &rpc[..], &["--quorum", "3"][..]].concat()).expect("options");
+        assert_eq!(settings(&given).expect("settings").0.chain.quorum, 3);
     }
 
     #[test]
