@@ -148,7 +148,8 @@ const SECRET_WORDS: [&str; 7] = [
 ];
 
 /// Whether a string looks like a secret: a 32-byte hex key, a URL with credentials,
-/// a bearer token or a PEM private key.
+/// a bearer token, a PEM private key, a credential assignment (`password=`,
+/// `token=`, ...), a JSON Web Token or a well-known cloud or forge key.
 pub fn looks_secret(value: &str) -> bool {
     let v = value.trim();
     let hexpart = v.strip_prefix("0x").unwrap_or(v);
@@ -162,7 +163,81 @@ pub fn looks_secret(value: &str) -> bool {
         }
     }
     let lower = v.to_ascii_lowercase();
-    lower.starts_with("bearer ") || lower.contains("-----begin") || lower.contains("private key")
+    if lower.starts_with("bearer ") || lower.contains("-----begin") || lower.contains("private key")
+    {
+        return true;
+    }
+    if CREDENTIAL_ASSIGNMENTS.iter().any(|a| {
+        lower.match_indices(a).any(|(i, _)| {
+            // `password=x`, `?token=x`, `--api-key=x`: a key word followed by a value.
+            let before = lower[..i].chars().next_back();
+            let value = &lower[i + a.len()..];
+            before.is_none_or(|c| !c.is_ascii_alphanumeric())
+                && value
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_whitespace() && c != '&')
+        })
+    }) {
+        return true;
+    }
+    v.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ';' | '&' | '=' | ':'))
+        .any(|word| is_jwt(word) || has_key_prefix(word))
+}
+
+/// Credential assignments in URLs, flags and connection strings.
+const CREDENTIAL_ASSIGNMENTS: [&str; 9] = [
+    "password=",
+    "passwd=",
+    "pwd=",
+    "secret=",
+    "token=",
+    "apikey=",
+    "api-key=",
+    "api_key=",
+    "access_key=",
+];
+
+/// Prefixes of well-known cloud and forge credentials, each with the least length
+/// of a real one: AWS access key ids, Google API keys, GitHub, GitLab, Slack,
+/// Stripe, npm and PyPI tokens.
+const KEY_PREFIXES: [(&str, usize); 14] = [
+    ("AKIA", 20),
+    ("ASIA", 20),
+    ("AIza", 39),
+    ("ghp_", 40),
+    ("gho_", 40),
+    ("ghu_", 40),
+    ("ghs_", 40),
+    ("ghr_", 40),
+    ("github_pat_", 40),
+    ("glpat-", 26),
+    ("xoxb-", 20),
+    ("xoxp-", 20),
+    ("sk_live_", 24),
+    ("npm_", 40),
+];
+
+fn has_key_prefix(word: &str) -> bool {
+    KEY_PREFIXES.iter().any(|(p, min)| {
+        word.starts_with(p)
+            && word.len() >= *min
+            && word[p.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }) || (word.starts_with("pypi-AgE") && word.len() >= 40)
+}
+
+/// A JSON Web Token: three base64url parts, the header a JSON object (`eyJ`).
+fn is_jwt(word: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && parts[0].starts_with("eyJ")
+        && parts[..2].iter().all(|p| p.len() >= 8)
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn is_dns_label(s: &str, max: usize) -> bool {
@@ -345,6 +420,12 @@ impl ServiceSpec {
                             "must start with '/'",
                         ));
                     }
+                    if looks_secret(path) {
+                        return Err(ValidationError::spec(
+                            format!("{field}.check.path"),
+                            "looks like it carries a secret; probes go on chain",
+                        ));
+                    }
                     if *port == 0 {
                         return Err(ValidationError::spec(
                             format!("{field}.check.port"),
@@ -365,6 +446,12 @@ impl ServiceSpec {
                         return Err(ValidationError::spec(
                             format!("{field}.check.command"),
                             "must not be empty",
+                        ));
+                    }
+                    if let Some(i) = command.iter().position(|c| looks_secret(c)) {
+                        return Err(ValidationError::spec(
+                            format!("{field}.check.command[{i}]"),
+                            "looks like a secret; probes go on chain, read it from secret_env",
                         ));
                     }
                 }

@@ -582,3 +582,64 @@ fn error_kinds_and_retryability() {
     assert_eq!(e.kind(), "invalid_input");
     assert_eq!(Error::conflict("c").kind(), "conflict");
 }
+
+#[test]
+fn credential_assignments_tokens_and_cloud_keys_are_secrets_in_env_args_and_probes() {
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz";
+    let secrets = [
+        "postgres://db:5432/app?sslmode=require&password=hunter2".to_owned(),
+        "--api-key=abc123".to_owned(),
+        format!("Authorization: {jwt}"),
+        jwt.to_owned(),
+        "AKIAIOSFODNN7EXAMPLE".to_owned(),
+        "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB".to_owned(),
+        "glpat-0123456789abcdefghij".to_owned(),
+        "xoxb-1234567890-abcdefghij".to_owned(),
+        "AIzaSyA-0123456789abcdefghijklmnopqrstu".to_owned(),
+        "sk_live_0123456789abcdefghijklmn".to_owned(),
+    ];
+    let ok = sample_spec("reg.io");
+    for value in &secrets {
+        assert!(looks_secret(value), "{value}");
+        let mut s = ok.clone();
+        s.env.insert("UPSTREAM".into(), value.clone());
+        assert_eq!(spec_err(&s), "env.UPSTREAM", "{value}");
+        let mut s = ok.clone();
+        s.args.push(value.clone());
+        assert_eq!(spec_err(&s), "args[2]", "{value}");
+        let mut s = ok.clone();
+        s.probes.liveness = Some(Probe {
+            check: ProbeCheck::Exec {
+                command: vec!["check".into(), value.clone()],
+            },
+            period_seconds: 10,
+            failure_threshold: 3,
+        });
+        assert_eq!(spec_err(&s), "probes.liveness.check.command[1]", "{value}");
+    }
+    let mut s = ok.clone();
+    s.probes.readiness = Some(Probe {
+        check: ProbeCheck::Http {
+            path: "/health?token=abc".into(),
+            port: 8080,
+        },
+        period_seconds: 10,
+        failure_threshold: 3,
+    });
+    assert_eq!(spec_err(&s), "probes.readiness.check.path");
+    // Ordinary values stay accepted.
+    for value in [
+        "AKIA",
+        "eyJ",
+        "a.b.c",
+        "token=",
+        "tokens=3",
+        "--max-tokens=5",
+        "sk-1",
+        "https://example.com/path?page=2",
+        "/health",
+        "ghp_short",
+    ] {
+        assert!(!looks_secret(value), "{value}");
+    }
+}
