@@ -21,6 +21,10 @@ pub(crate) enum KubeError {
     /// The client configuration could not be loaded.
     #[error("kubernetes client configuration: {0}")]
     Config(String),
+    /// An object of the name br2k would write exists and is not br2k's for this
+    /// service: it is neither overwritten nor deleted.
+    #[error("{0}")]
+    Foreign(String),
 }
 
 impl KubeError {
@@ -47,6 +51,7 @@ pub(crate) fn to_core(e: KubeError) -> Error {
     match e {
         KubeError::Invalid(v) => Error::InvalidInput(v),
         KubeError::Config(reason) => Error::unavailable(reason),
+        KubeError::Foreign(reason) => Error::conflict(reason),
         KubeError::Client { context, source } => match &source {
             kube::Error::Api(s) => match s.code {
                 404 => Error::not_found(format!("{context}: {}", s.message)),

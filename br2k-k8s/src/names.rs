@@ -44,9 +44,18 @@ pub struct Names {
 impl Names {
     /// Names for `id`. The id itself is used when it is short enough and starts with a
     /// letter (Service names must); otherwise a stable `b-<prefix>-<hash>` form.
+    ///
+    /// Names never collide between services: an id that could equal another's
+    /// derived name (one ending in `-peers`, the headless Service's suffix, or
+    /// starting with `b-`, the hashed form's prefix) takes the hashed form, which
+    /// ends in hex digits and so never in `-peers`.
     pub fn of(id: &ServiceId) -> Self {
         let s = id.as_str();
-        let base = if s.len() <= MAX_PLAIN && s.as_bytes()[0].is_ascii_lowercase() {
+        let plain = s.len() <= MAX_PLAIN
+            && s.as_bytes()[0].is_ascii_lowercase()
+            && !s.starts_with("b-")
+            && !s.ends_with("-peers");
+        let base = if plain {
             s.to_owned()
         } else {
             let hash = Digest::of(s.as_bytes()).hex();
@@ -86,6 +95,34 @@ pub fn object_labels(id: &ServiceId, names: &Names, version: u64) -> BTreeMap<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_of_different_services_never_collide() {
+        let ids = [
+            "a",
+            "a-peers",
+            "b-a",
+            "b-a-peers",
+            "peers",
+            "a-config",
+            "a-peers-peers",
+        ];
+        let mut seen = std::collections::BTreeMap::new();
+        for raw in ids {
+            let n = Names::of(&ServiceId::new(raw).unwrap());
+            // Services: the base (client) and the headless one share a namespace.
+            for svc in [&n.base, &n.headless] {
+                if let Some(other) = seen.insert(svc.clone(), raw) {
+                    assert_eq!(other, raw, "service {svc} of {raw} and {other}");
+                }
+            }
+        }
+        assert!(
+            Names::of(&ServiceId::new("a-peers").unwrap())
+                .base
+                .starts_with("b-")
+        );
+    }
 
     #[test]
     fn short_ids_are_used_as_is() {

@@ -11,7 +11,7 @@ use br2k_core::{
     ObservedReplica, ObservedState, Replicator, Result, ServiceId, ServiceRecord, WorkloadTemplate,
 };
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryFutureExt};
+use futures::{FutureExt, StreamExt, TryFutureExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, Toleration};
@@ -232,6 +232,14 @@ where
     }
 }
 
+/// The metadata of object `name`, if it exists.
+async fn meta_of<K>(api: &Api<K>, name: &str, what: &str) -> Result<Option<ObjectMeta>, KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    Ok(get_opt(api, name, what).await?.map(|o| o.meta().clone()))
+}
+
 /// When `check` is set: reads object `name` and, if other writers set fields on it,
 /// makes br2k their owner ([`ownership::take_over`]), conditional on the version
 /// read (read again and retried when the object changed meanwhile, e.g. its status).
@@ -324,6 +332,90 @@ impl KubeReplicator {
         Api::namespaced(self.inner.client.clone(), &self.inner.namespace)
     }
 
+    /// Refuses to write when an object of a name br2k would write exists and is not
+    /// br2k's for `id` (another service's, or created by someone else): a force-apply
+    /// would take it over. Objects the watch cache holds are checked there; the others
+    /// are read from the API server.
+    async fn refuse_foreign_objects(&self, names: &Names, id: &ServiceId) -> Result<(), KubeError> {
+        let ns = self.namespace();
+        let hub = self.cache().await;
+        let cached = |meta: Option<ObjectMeta>| meta.filter(|m| meta_owned_by(m, id));
+        let (sts, headless, client, pdb, cm) = match hub {
+            Some(h) => (
+                cached(
+                    h.stss
+                        .get(&ObjectRef::new(&names.base).within(ns))
+                        .map(|o| o.metadata.clone()),
+                ),
+                cached(
+                    h.svcs
+                        .get(&ObjectRef::new(&names.headless).within(ns))
+                        .map(|o| o.metadata.clone()),
+                ),
+                cached(
+                    h.svcs
+                        .get(&ObjectRef::new(&names.base).within(ns))
+                        .map(|o| o.metadata.clone()),
+                ),
+                cached(
+                    h.pdbs
+                        .get(&ObjectRef::new(&names.base).within(ns))
+                        .map(|o| o.metadata.clone()),
+                ),
+                cached(
+                    h.cms
+                        .get(&ObjectRef::new(&names.config).within(ns))
+                        .map(|o| o.metadata.clone()),
+                ),
+            ),
+            None => (None, None, None, None, None),
+        };
+        let stss: Api<StatefulSet> = self.api();
+        let svcs: Api<Service> = self.api();
+        let pdbs: Api<PodDisruptionBudget> = self.api();
+        let cms: Api<ConfigMap> = self.api();
+        // What the cache shows as ours needs no read; anything else is read.
+        let read = |known: Option<ObjectMeta>, fut| async move {
+            match known {
+                Some(m) => Ok(Some(m)),
+                None => fut.await,
+            }
+        };
+        let found = futures::try_join!(
+            read(sts, meta_of(&stss, &names.base, "statefulset").boxed()),
+            read(headless, meta_of(&svcs, &names.headless, "service").boxed()),
+            read(client, meta_of(&svcs, &names.base, "service").boxed()),
+            read(
+                pdb,
+                meta_of(&pdbs, &names.base, "poddisruptionbudget").boxed()
+            ),
+            read(cm, meta_of(&cms, &names.config, "configmap").boxed()),
+        )?;
+        let all = [
+            ("statefulset", &names.base, found.0),
+            ("service", &names.headless, found.1),
+            ("service", &names.base, found.2),
+            ("poddisruptionbudget", &names.base, found.3),
+            ("configmap", &names.config, found.4),
+        ];
+        for (kind, name, meta) in all {
+            if let Some(m) = meta.filter(|m| !meta_owned_by(m, id)) {
+                let holder = m
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LABEL_SERVICE_ID))
+                    .map_or("another writer (no br2k service label)".to_owned(), |s| {
+                        format!("br2k service {s}")
+                    });
+                return Err(KubeError::Foreign(format!(
+                    "{kind} {ns}/{name} exists and belongs to {holder}, not to service {id}: \
+                     br2k neither overwrites nor deletes it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn apply_inner(&self, record: &ServiceRecord) -> Result<(), KubeError> {
         let ns = self.namespace();
         let names = Names::of(&record.id);
@@ -350,6 +442,7 @@ impl KubeReplicator {
         };
 
         let has_ports = !record.spec.ports.is_empty();
+        self.refuse_foreign_objects(&names, &record.id).await?;
         self.release_foreign_fields(&names).await?;
         let dependents = |owner: Option<OwnerReference>| {
             let mut sts =
@@ -741,16 +834,45 @@ impl KubeReplicator {
         let pdbs: Api<PodDisruptionBudget> = self.api();
         let hpas: Api<HorizontalPodAutoscaler> = self.api();
         let cms: Api<ConfigMap> = self.api();
+        // Only objects that are br2k's for `id` are deleted: an object of the same
+        // name that another writer or service holds stays.
+        let ours = |m: Option<ObjectMeta>| m.is_some_and(|m| meta_owned_by(&m, id));
+        let (sts, headless, client, pdb, hpa, cm) = futures::try_join!(
+            meta_of(&stss, &names.base, "statefulset"),
+            meta_of(&svcs, &names.headless, "service"),
+            meta_of(&svcs, &names.base, "service"),
+            meta_of(&pdbs, &names.base, "poddisruptionbudget"),
+            meta_of(&hpas, &names.base, "autoscaler"),
+            meta_of(&cms, &names.config, "configmap"),
+        )?;
+        let delete_if = |ours: bool, fut| async move { if ours { fut.await } else { Ok(()) } };
         // Everything is owned by the ConfigMap; deleting each object explicitly makes
         // the removal visible at once instead of after the garbage collector ran.
         futures::try_join!(
-            delete_opt(&stss, &names.base, &bg, "statefulset"),
-            delete_opt(&svcs, &names.headless, &bg, "service"),
-            delete_opt(&svcs, &names.base, &bg, "service"),
-            delete_opt(&pdbs, &names.base, &bg, "poddisruptionbudget"),
-            delete_opt(&hpas, &names.base, &bg, "autoscaler"),
+            delete_if(
+                ours(sts),
+                delete_opt(&stss, &names.base, &bg, "statefulset").boxed()
+            ),
+            delete_if(
+                ours(headless),
+                delete_opt(&svcs, &names.headless, &bg, "service").boxed()
+            ),
+            delete_if(
+                ours(client),
+                delete_opt(&svcs, &names.base, &bg, "service").boxed()
+            ),
+            delete_if(
+                ours(pdb),
+                delete_opt(&pdbs, &names.base, &bg, "poddisruptionbudget").boxed()
+            ),
+            delete_if(
+                ours(hpa),
+                delete_opt(&hpas, &names.base, &bg, "autoscaler").boxed()
+            ),
         )?;
-        delete_opt(&cms, &names.config, &bg, "configmap").await?;
+        if ours(cm) {
+            delete_opt(&cms, &names.config, &bg, "configmap").await?;
+        }
         self.note_written(id, Written::Removed);
         Ok(())
     }
