@@ -6,6 +6,7 @@
 //! meant to be called from tests. They use fresh ids and repositories so they can run
 //! again and again against a persistent backend (a chain, a registry).
 
+pub mod fuzz;
 pub mod image_store;
 pub mod log;
 pub mod registry;
