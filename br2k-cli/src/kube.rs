@@ -242,6 +242,14 @@ pub fn pending(record: &ServiceRecord, live: &Live) -> Option<String> {
                     live.pods.len()
                 ));
             }
+            // What `kubectl get statefulset` shows: the controller counts the Ready
+            // pods a moment after they are; done means it shows them too.
+            if live.ready_replicas != n as i32 {
+                return Some(format!(
+                    "StatefulSet status shows {}/{n} Ready",
+                    live.ready_replicas
+                ));
+            }
             None
         }
         ServiceState::Paused => {
@@ -414,6 +422,15 @@ mod tests {
         l.pods = pods(3, true, &d);
         l.template_digest = Some(Digest::of(b"old").to_string());
         assert!(pending(&r, &l).is_some());
+        l.template_digest = Some(d.to_string());
+        assert_eq!(pending(&r, &l), None);
+        // Every pod Ready, but the StatefulSet's status does not count them yet.
+        l.ready_replicas = 2;
+        assert!(
+            pending(&r, &l)
+                .expect("pending")
+                .contains("status shows 2/3")
+        );
     }
 
     #[test]
