@@ -186,31 +186,10 @@ fn lifecycle_with_the_operator() {
         &ns,
         "BR2K_TEST_KEY",
     );
-    // The operator's trust anchors are the context's (the resource `br2k deploy`
-    // writes names only the service): the contract comes first.
-    let c = cli
-        .run(dir, &["contract", "deploy", "--new", "-o", "json"])
-        .json();
+    // The operator's trust anchors are the context's: the contract comes first.
+    let (mut operator, c) =
+        Operator::start_for_context(&stack, dir, &run, &cli, &[&primary.addr, &mirror.addr]);
     let address = c["address"].as_str().expect("address").to_owned();
-    let mut operator = Operator::start(
-        &stack,
-        dir,
-        &run,
-        &[
-            "--chain-id",
-            &stack.chain_id().to_string(),
-            "--rpc-url",
-            &stack.rpc,
-            "--registry-contract",
-            &address,
-            "--oci-registry",
-            &primary.addr,
-            "--oci-registry",
-            &mirror.addr,
-            "--allowed-owner",
-            ACCOUNT7,
-        ],
-    );
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Contract: deployed once, then reused.

@@ -74,29 +74,8 @@ fn main() {
         "BR2K_BENCH_KEY",
     );
     // The operator's trust anchors are the context's: the contract comes first.
-    let c = cli
-        .run(dir, &["contract", "deploy", "--new", "-o", "json"])
-        .json();
-    let address = c["address"].as_str().expect("address").to_owned();
-    let mut operator = Operator::start(
-        &stack,
-        dir,
-        &run,
-        &[
-            "--chain-id",
-            &stack.chain_id().to_string(),
-            "--rpc-url",
-            &stack.rpc,
-            "--registry-contract",
-            &address,
-            "--oci-registry",
-            &primary.addr,
-            "--oci-registry",
-            &mirror.addr,
-            "--allowed-owner",
-            support::ACCOUNT7,
-        ],
-    );
+    let (mut operator, _) =
+        Operator::start_for_context(&stack, dir, &run, &cli, &[&primary.addr, &mirror.addr]);
     let proj = dir.join("proj");
     cli.run(dir, &["init", "proj", "--service", "bench"]).ok();
     std::fs::write(

@@ -513,6 +513,40 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Deploys a new registry contract with `cli`'s context (account 7), then starts an
+    /// operator whose trust anchors are that context's: the stack's chain and RPC URL,
+    /// the new contract, `registries`, and account 7 as the one allowed owner (the
+    /// resource `br2k deploy` writes names only the service). Also returns the
+    /// `contract deploy` answer.
+    pub fn start_for_context(
+        stack: &Stack,
+        dir: &Path,
+        run: &str,
+        cli: &Br2k,
+        registries: &[&str],
+    ) -> (Self, serde_json::Value) {
+        let c = cli
+            .run(dir, &["contract", "deploy", "--new", "-o", "json"])
+            .json();
+        let address = c["address"].as_str().expect("address").to_owned();
+        let chain_id = stack.chain_id().to_string();
+        let mut anchors = vec![
+            "--chain-id",
+            &chain_id,
+            "--rpc-url",
+            &stack.rpc,
+            "--registry-contract",
+            &address,
+            "--allowed-owner",
+            ACCOUNT7,
+        ];
+        for r in registries {
+            anchors.extend(["--oci-registry", r]);
+        }
+        let operator = Self::start(stack, dir, run, &anchors);
+        (operator, c)
+    }
+
     /// Waits until no other operator holds a lease in `br2k-system` (every operator
     /// acts on every Br2kService of the cluster), then starts one with `anchors`
     /// (its trust anchors: chain id, RPC URL, contract, registries, owners).
