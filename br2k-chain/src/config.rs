@@ -446,7 +446,11 @@ mod tests {
             ]))
             .expect_err("rejected")
             .into();
-            assert_eq!(e.kind(), "invalid_input", "{var}={value}: {e}");
+            assert_eq!(
+                e.kind(),
+                br2k_core::ErrorKind::InvalidInput,
+                "{var}={value}: {e}"
+            );
         }
     }
 
@@ -494,7 +498,7 @@ mod tests {
         ]))
         .expect_err("needs a password file")
         .into();
-        assert_eq!(e.kind(), "invalid_input", "{e}");
+        assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput, "{e}");
         let wrong = ChainConfig::new(vec![]).with_keystore(&ks, "wrong password");
         let e: br2k_core::Error = wrong
             .signer
@@ -503,7 +507,7 @@ mod tests {
             .load()
             .expect_err("wrong password")
             .into();
-        assert_eq!(e.kind(), "invalid_input", "{e}");
+        assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput, "{e}");
         assert!(!e.to_string().contains("wrong password"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -530,7 +534,7 @@ mod tests {
             let e: br2k_core::Error = ChainConfig::from_lookup(lookup(vars))
                 .expect_err("rejected")
                 .into();
-            assert_eq!(e.kind(), "invalid_input", "{e}");
+            assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput, "{e}");
             e.to_string()
         };
         err(&[]);

@@ -131,17 +131,17 @@ async fn accounts_squatting_and_ownership() {
     assert_eq!(rec.owner, other.account());
     expect_kind(
         owner.register(&id, &sample_spec("r.local")).await,
-        "already_exists",
+        br2k_core::ErrorKind::AlreadyExists,
         "second registration",
     );
     expect_kind(
         owner.publish(&id, &sample_spec("s.local")).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "publish",
     );
     expect_kind(
         owner.grant(&id, &me, Role::Operator).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "self grant",
     );
     // Malformed accounts are refused before anything is sent.
@@ -153,7 +153,7 @@ async fn accounts_squatting_and_ownership() {
     ] {
         expect_kind(
             other.grant(&id, &Account(bad.into()), Role::Operator).await,
-            "invalid_input",
+            br2k_core::ErrorKind::InvalidInput,
             bad,
         );
     }
@@ -161,7 +161,7 @@ async fn accounts_squatting_and_ownership() {
         other
             .transfer_ownership(&id, &Account(format!("0x{}", "0".repeat(40))))
             .await,
-        "invalid_input",
+        br2k_core::ErrorKind::InvalidInput,
         "transfer to the zero address",
     );
     other.transfer_ownership(&id, &me).await.expect("transfer");
@@ -169,7 +169,7 @@ async fn accounts_squatting_and_ownership() {
     assert_eq!(owner.active(&id).await.expect("active").owner, me);
     expect_kind(
         other.set_replicas(&id, 1).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "former owner",
     );
     owner
@@ -236,7 +236,11 @@ async fn rollback_then_publish_and_history_order() {
         times.windows(2).all(|w| w[0] <= w[1]),
         "times ordered: {times:?}"
     );
-    expect_kind(owner.rollback(&id, 5).await, "not_found", "unknown version");
+    expect_kind(
+        owner.rollback(&id, 5).await,
+        br2k_core::ErrorKind::NotFound,
+        "unknown version",
+    );
     // A fresh handle (empty caches) reads the same, verified from the event log.
     let reader = handle(&node, &owner, 2).await;
     assert_eq!(reader.history(&id).await.expect("history"), history);
@@ -268,7 +272,10 @@ async fn batched_reads_match_single_reads() {
     );
     for (id, r) in ids.iter().zip(&batch) {
         if *id == unknown {
-            assert_eq!(r.as_ref().err().map(|e| e.kind()), Some("not_found"));
+            assert_eq!(
+                r.as_ref().err().map(|e| e.kind()),
+                Some(br2k_core::ErrorKind::NotFound)
+            );
             continue;
         }
         let single = owner.active(id).await.expect("single");
@@ -389,16 +396,20 @@ async fn all_endpoints_down_serves_stale_record() {
         "as of the block it was verified at"
     );
     assert_eq!(stale.spec, fresh_rec.spec);
-    expect_kind(owner.active(&never_read).await, "unavailable", "never read");
+    expect_kind(
+        owner.active(&never_read).await,
+        br2k_core::ErrorKind::Unavailable,
+        "never read",
+    );
     let many = owner.active_many(&[id.clone(), never_read]).await;
     assert!(many[0].as_ref().expect("stale").stale);
     assert_eq!(
         many[1].as_ref().err().map(|e| e.kind()),
-        Some("unavailable")
+        Some(br2k_core::ErrorKind::Unavailable)
     );
     expect_kind(
         owner.set_replicas(&id, 2).await,
-        "unavailable",
+        br2k_core::ErrorKind::Unavailable,
         "write while down",
     );
 }
@@ -478,7 +489,7 @@ async fn spec_bytes_not_matching_the_hash_are_tampered() {
     .expect("mined");
     expect_kind(
         reader.active(&id2).await,
-        "tampered",
+        br2k_core::ErrorKind::Tampered,
         "replica count mismatch",
     );
 }
@@ -496,7 +507,7 @@ async fn wrong_chain_id_and_address_without_code() {
     .await;
     match wrong {
         Err(e) => {
-            assert_eq!(e.kind(), "invalid_input");
+            assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput);
             assert!(e.to_string().contains("chain id"), "{e}");
         }
         Ok(r) => panic!("connected to the wrong chain: {r:?}"),
@@ -511,14 +522,14 @@ async fn wrong_chain_id_and_address_without_code() {
     assert_eq!(right.chain_id(), node.chain_id());
     let empty = Address::repeat_byte(0x42);
     match ChainRegistry::connect(config(vec![url(&node)], &node, 0).with_registry(empty)).await {
-        Err(e) => assert_eq!(e.kind(), "not_found", "{e}"),
+        Err(e) => assert_eq!(e.kind(), br2k_core::ErrorKind::NotFound, "{e}"),
         Ok(r) => panic!("connected to an address without code: {r:?}"),
     }
     // An EOA has no code either.
     let eoa = node.addresses()[3];
     expect_kind(
         ChainRegistry::connect(config(vec![url(&node)], &node, 0).with_registry(eoa)).await,
-        "not_found",
+        br2k_core::ErrorKind::NotFound,
         "externally owned account",
     );
 }
@@ -623,7 +634,7 @@ async fn concurrent_writes_through_one_handle_share_the_nonce_sequence() {
     // A refused write (estimate_gas reverts) consumes no nonce: the next one still goes.
     expect_kind(
         owner.register(&ids[0], &sample_spec("r.local")).await,
-        "already_exists",
+        br2k_core::ErrorKind::AlreadyExists,
         "duplicate",
     );
     owner.resume(&ids[0]).await.expect("write after a refusal");
@@ -761,7 +772,7 @@ async fn a_reverted_chain_never_rolls_the_supervisor_back_nor_removes_the_worklo
     );
     expect_kind(
         reader.active(&id).await,
-        "not_found",
+        br2k_core::ErrorKind::NotFound,
         "after the second revert",
     );
     sup.reconcile(&id)
@@ -794,7 +805,7 @@ async fn error_texts_never_carry_the_secrets_of_an_rpc_url() {
         }
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     }
-    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Unavailable, "{err}");
 }
 
 #[tokio::test]
@@ -836,7 +847,11 @@ async fn only_services_of_allowed_owners_are_deployed() {
     sup.reconcile(&ours).await.expect("deploy ours");
     assert!(replicator.observe(&ours).await.unwrap().is_some());
     let refused = sup.reconcile(&theirs).await;
-    expect_kind(refused, "permission_denied", "a squatter's service");
+    expect_kind(
+        refused,
+        br2k_core::ErrorKind::PermissionDenied,
+        "a squatter's service",
+    );
     assert!(
         replicator.observe(&theirs).await.unwrap().is_none(),
         "nothing deployed for an owner not allowed"

@@ -100,12 +100,12 @@ async fn ownership_moves_only_when_the_proposed_owner_accepts() {
     assert_eq!(owner.active(&id).await.expect("active").owner, me);
     expect_kind(
         heir.set_replicas(&id, 1).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "proposed owner before accepting",
     );
     expect_kind(
         heir.grant(&id, &them, Role::Operator).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "proposed owner grants",
     );
     owner
@@ -124,13 +124,13 @@ async fn ownership_moves_only_when_the_proposed_owner_accepts() {
     for (who, h) in [("owner", owner), ("operator", stranger)] {
         expect_kind(
             h.accept_ownership(&id).await,
-            "permission_denied",
+            br2k_core::ErrorKind::PermissionDenied,
             &format!("{who} accepts"),
         );
     }
     expect_kind(
         heir.cancel_ownership_transfer(&id).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "proposed owner cancels",
     );
 
@@ -153,12 +153,12 @@ async fn ownership_moves_only_when_the_proposed_owner_accepts() {
     assert_eq!(owner.pending_owner(&id).await.expect("pending"), None);
     expect_kind(
         owner.set_replicas(&id, 1).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "former owner",
     );
     expect_kind(
         owner.cancel_ownership_transfer(&id).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "former owner cancels",
     );
     assert_eq!(
@@ -167,12 +167,12 @@ async fn ownership_moves_only_when_the_proposed_owner_accepts() {
     );
     expect_kind(
         heir.accept_ownership(&id).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "accepting twice",
     );
     expect_kind(
         stranger.pending_owner(&fresh("unknown")).await,
-        "not_found",
+        br2k_core::ErrorKind::NotFound,
         "pending owner of an unknown service",
     );
 }
@@ -273,13 +273,13 @@ async fn checkpoint_and_term_jumps_are_bounded_and_the_owner_resets_them() {
     rogue.set_location(&id, &high).await.expect("bounded term");
     expect_kind(
         replica.record_checkpoint(&id, &checkpoint(3, 200, 8)).await,
-        "conflict",
+        br2k_core::ErrorKind::Conflict,
         "honest checkpoint below the pushed one",
     );
     let honest = Location::new("http://10.0.0.8:8080", 8).expect("location");
     expect_kind(
         replica.set_location(&id, &honest).await,
-        "conflict",
+        br2k_core::ErrorKind::Conflict,
         "honest term below the pushed one",
     );
 
@@ -287,12 +287,12 @@ async fn checkpoint_and_term_jumps_are_bounded_and_the_owner_resets_them() {
     let good = Digest::of(b"snapshot 1");
     expect_kind(
         rogue.reset_checkpoint(&id, &good, 100, 7).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "replica resets the checkpoint",
     );
     expect_kind(
         rogue.reset_location(&id, &loc).await,
-        "permission_denied",
+        br2k_core::ErrorKind::PermissionDenied,
         "replica resets the location",
     );
     let rec = owner
@@ -438,7 +438,7 @@ async fn every_event_names_the_account_that_made_it() {
     }
     expect_kind(
         owner.audit(&fresh("unknown")).await,
-        "not_found",
+        br2k_core::ErrorKind::NotFound,
         "audit of an unknown service",
     );
 }

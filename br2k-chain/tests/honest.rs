@@ -192,7 +192,7 @@ async fn endpoints_of_another_chain_are_refused_without_a_configured_chain_id() 
     )
     .await
     .expect_err("endpoints of two chains");
-    assert_eq!(e.kind(), "invalid_input", "{e}");
+    assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("chain id"), "{e}");
 
     // An endpoint down at connect is checked before its first use: when it comes up
@@ -217,7 +217,7 @@ async fn endpoints_of_another_chain_are_refused_without_a_configured_chain_id() 
         .active(&id)
         .await
         .expect_err("the other chain's record is not read");
-    assert_eq!(e.kind(), "unavailable", "{e}");
+    assert_eq!(e.kind(), br2k_core::ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().contains("chain id"), "{e}");
 }
 
@@ -293,7 +293,7 @@ async fn a_quorum_of_endpoints_must_agree_on_the_block_and_the_record() {
     .await
     .expect("connect");
     let e = reader.active(&id).await.expect_err("no quorum");
-    assert_eq!(e.kind(), "unavailable", "{e}");
+    assert_eq!(e.kind(), br2k_core::ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().contains("no quorum"), "{e}");
 }
 
@@ -343,7 +343,7 @@ async fn the_change_stream_rewinds_over_a_reorg() {
         match stream.next().await.expect("item") {
             Ok(c) => seen.push(c.id),
             Err(e) => {
-                assert_eq!(e.kind(), "conflict", "{e}");
+                assert_eq!(e.kind(), br2k_core::ErrorKind::Conflict, "{e}");
                 assert!(e.to_string().contains("reorganization"), "{e}");
                 reorg_reported = true;
             }

@@ -125,7 +125,7 @@ async fn keystore_signer_writes_and_never_shows_key_or_password() {
     )
     .await
     .expect_err("wrong password");
-    assert_eq!(err.kind(), "invalid_input", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::InvalidInput, "{err}");
     assert!(!err.to_string().contains("not the password"), "{err}");
 
     let debug = format!("{config:?} {signer:?} {err:?}");

@@ -20,7 +20,7 @@ pub async fn connect(ctx: &Context, sign: bool) -> CliResult<ChainRegistry> {
     ChainRegistry::connect(config).await.map_err(|e| {
         let rpc = ctx.rpc_urls.join(", ");
         let c = CliError::from_core(&e, None);
-        if e.kind() == "unavailable" {
+        if e.kind() == br2k_core::ErrorKind::Unavailable {
             CliError::fail(format!("chain RPC {rpc} is down: {}", c.cause))
                 .hint("start the node or fix the context's rpc_urls (`br2k context set NAME --rpc URL`); nothing was changed")
         } else {

@@ -593,7 +593,7 @@ pub async fn active_opt(
         )
         .hint("start the node or fix the context's rpc_urls; nothing was changed")),
         Ok(r) => Ok(Some(r)),
-        Err(e) if e.kind() == "not_found" => Ok(None),
+        Err(e) if e.kind() == br2k_core::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(CliError::from_core(&e, Some(id))),
     }
 }

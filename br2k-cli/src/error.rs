@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use br2k_core::ServiceId;
+use br2k_core::{ErrorKind, ServiceId};
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -74,30 +74,30 @@ impl CliError {
             .replace(" does not own ", " is not the owner of ");
         let kind = e.kind();
         let (code, hint) = match kind {
-            "permission_denied" => (
+            ErrorKind::PermissionDenied => (
                 EXIT_FAILURE,
                 Some(
                     "ask the service owner to run `br2k grant SERVICE ACCOUNT --role operator`, or use the owner's key (context key_env/key_file)",
                 ),
             ),
-            "not_found" => (
+            ErrorKind::NotFound => (
                 EXIT_FAILURE,
                 Some(
                     "check the service id and the context (`br2k context show`); `br2k deploy` registers a new service",
                 ),
             ),
-            "unavailable" => (
+            ErrorKind::Unavailable => (
                 EXIT_FAILURE,
                 Some(
                     "is the endpoint up? check the context (`br2k context show`) and retry; nothing was changed by this step",
                 ),
             ),
-            "conflict" => (
+            ErrorKind::Conflict => (
                 EXIT_FAILURE,
                 Some("read the current record with `br2k status SERVICE`"),
             ),
-            "invalid_input" => (EXIT_USAGE, None),
-            "tampered" => (
+            ErrorKind::InvalidInput => (EXIT_USAGE, None),
+            ErrorKind::Tampered => (
                 EXIT_FAILURE,
                 Some(
                     "the bytes served differ from their recorded digest; run `br2k image verify` or `br2k recover`",

@@ -43,7 +43,7 @@ impl Chain {
     fn registered(&self, id: &ServiceId) -> bool {
         match self.rt.block_on(self.registry.active(id)) {
             Ok(_) => true,
-            Err(e) if e.kind() == "not_found" => false,
+            Err(e) if e.kind() == br2k_core::ErrorKind::NotFound => false,
             Err(e) => panic!("read {id}: {e}"),
         }
     }

@@ -168,7 +168,7 @@ pub struct ActionOutcome {
     /// The error's kind ([`crate::Error::kind`]) when it failed: `invalid_input` means
     /// a backend refused what the record asks for, which no retry will change.
     #[serde(default)]
-    pub error_kind: Option<String>,
+    pub error_kind: Option<crate::ErrorKind>,
 }
 
 /// Overall result of a recovery.

@@ -5,8 +5,66 @@ use std::fmt;
 /// Result alias used across br2k.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+use std::sync::Arc;
+
 /// A boxed error from a backend library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A shared backend error: what [`Error::Backend`] holds, so that [`Error`] is `Clone`.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The kind of an [`Error`]: its variant without the details, for decisions (retry,
+/// map to a status code) and for metrics and tables.
+///
+/// Displays (and serializes) as a short stable snake_case name, e.g. `not_found`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::NotFound`].
+    NotFound,
+    /// [`Error::AlreadyExists`].
+    AlreadyExists,
+    /// [`Error::Conflict`].
+    Conflict,
+    /// [`Error::PermissionDenied`].
+    PermissionDenied,
+    /// [`Error::Unavailable`].
+    Unavailable,
+    /// [`Error::Tampered`].
+    Tampered,
+    /// [`Error::InvalidInput`].
+    InvalidInput,
+    /// [`Error::NotSupported`].
+    NotSupported,
+    /// [`Error::Backend`].
+    Backend,
+}
+
+impl ErrorKind {
+    /// The short stable name (`not_found`, `conflict`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Tampered => "tampered",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::NotSupported => "not_supported",
+            ErrorKind::Backend => "backend",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why an input was rejected. Returned inside [`Error::InvalidInput`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,7 +138,7 @@ pub(crate) fn truncate(value: &str) -> String {
 ///
 /// Variants say what happened, not which library failed; backends map their own
 /// errors into these in one place.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The named object does not exist.
@@ -139,7 +197,7 @@ pub enum Error {
         /// Which backend (e.g. "kubernetes", "chain", "oci", "etcd").
         backend: &'static str,
         /// The underlying error.
-        source: BoxError,
+        source: SharedError,
         /// Whether retrying the same call may succeed.
         retryable: bool,
     },
@@ -214,23 +272,23 @@ impl Error {
     pub fn backend(backend: &'static str, source: impl Into<BoxError>, retryable: bool) -> Self {
         Error::Backend {
             backend,
-            source: source.into(),
+            source: Arc::from(source.into()),
             retryable,
         }
     }
 
-    /// A short stable name of the variant, for metrics and tables.
-    pub fn kind(&self) -> &'static str {
+    /// The kind of this error (its variant without the details).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::NotFound { .. } => "not_found",
-            Error::AlreadyExists { .. } => "already_exists",
-            Error::Conflict { .. } => "conflict",
-            Error::PermissionDenied { .. } => "permission_denied",
-            Error::Unavailable { .. } => "unavailable",
-            Error::Tampered { .. } => "tampered",
-            Error::InvalidInput(_) => "invalid_input",
-            Error::NotSupported { .. } => "not_supported",
-            Error::Backend { .. } => "backend",
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
+            Error::Tampered { .. } => ErrorKind::Tampered,
+            Error::InvalidInput(_) => ErrorKind::InvalidInput,
+            Error::NotSupported { .. } => ErrorKind::NotSupported,
+            Error::Backend { .. } => ErrorKind::Backend,
         }
     }
 }

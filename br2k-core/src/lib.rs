@@ -30,7 +30,7 @@ pub mod supervisor;
 pub use artifact::{Blob, Descriptor, Image, Manifest};
 pub use diagnosis::{ActionOutcome, Diagnosis, Finding, Outcome, RecoveryAction, RecoveryReport};
 pub use digest::Digest;
-pub use error::{BoxError, Error, Result, ValidationError};
+pub use error::{BoxError, Error, ErrorKind, Result, SharedError, ValidationError};
 pub use id::ServiceId;
 pub use image::{ImageRef, Repository};
 pub use observed::{ObservedReplica, ObservedState, WorkloadTemplate};

@@ -579,8 +579,8 @@ fn error_kinds_and_retryability() {
     assert!(Error::backend("oci", "boom", true).is_retryable());
     assert!(!Error::backend("oci", "boom", false).is_retryable());
     let e: Error = ValidationError::malformed("x", "y").into();
-    assert_eq!(e.kind(), "invalid_input");
-    assert_eq!(Error::conflict("c").kind(), "conflict");
+    assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput);
+    assert_eq!(Error::conflict("c").kind(), br2k_core::ErrorKind::Conflict);
 }
 
 #[test]

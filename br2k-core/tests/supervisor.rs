@@ -680,7 +680,10 @@ async fn event_buffer_must_hold_an_event() {
             .event_buffer(n)
             .build()
     };
-    assert_eq!(build(0).unwrap_err().kind(), "invalid_input");
+    assert_eq!(
+        build(0).unwrap_err().kind(),
+        br2k_core::ErrorKind::InvalidInput
+    );
     let sup = build(16).unwrap();
     let mut events = sup.subscribe();
     assert!(matches!(

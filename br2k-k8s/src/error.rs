@@ -92,12 +92,15 @@ mod tests {
 
     #[test]
     fn statuses_map_to_semantic_variants() {
-        assert_eq!(to_core(api(404)).kind(), "not_found");
-        assert_eq!(to_core(api(409)).kind(), "conflict");
-        assert_eq!(to_core(api(403)).kind(), "permission_denied");
-        assert_eq!(to_core(api(422)).kind(), "invalid_input");
+        assert_eq!(to_core(api(404)).kind(), br2k_core::ErrorKind::NotFound);
+        assert_eq!(to_core(api(409)).kind(), br2k_core::ErrorKind::Conflict);
+        assert_eq!(
+            to_core(api(403)).kind(),
+            br2k_core::ErrorKind::PermissionDenied
+        );
+        assert_eq!(to_core(api(422)).kind(), br2k_core::ErrorKind::InvalidInput);
         assert!(to_core(api(503)).is_retryable());
         assert!(to_core(api(429)).is_retryable());
-        assert_eq!(to_core(api(418)).kind(), "backend");
+        assert_eq!(to_core(api(418)).kind(), br2k_core::ErrorKind::Backend);
     }
 }

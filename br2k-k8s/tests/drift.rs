@@ -930,7 +930,7 @@ async fn objects_of_others_are_neither_overwritten_nor_deleted() {
         .apply(&rec)
         .await
         .expect_err("a foreign object is refused");
-    assert_eq!(err.kind(), "conflict", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Conflict, "{err}");
     assert!(err.to_string().contains("another writer"), "{err}");
     // Read back from the API server: their Service is untouched, nothing of ours exists.
     let svcs: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);

@@ -266,20 +266,20 @@ mod tests {
 
     #[test]
     fn statuses_map_to_semantic_errors() {
-        assert_eq!(status(404).kind(), "not_found");
-        assert_eq!(status(401).kind(), "permission_denied");
-        assert_eq!(status(403).kind(), "permission_denied");
-        assert_eq!(status(503).kind(), "unavailable");
-        assert_eq!(status(500).kind(), "unavailable");
-        assert_eq!(status(400).kind(), "invalid_input");
-        assert_eq!(status(418).kind(), "backend");
+        assert_eq!(status(404).kind(), br2k_core::ErrorKind::NotFound);
+        assert_eq!(status(401).kind(), br2k_core::ErrorKind::PermissionDenied);
+        assert_eq!(status(403).kind(), br2k_core::ErrorKind::PermissionDenied);
+        assert_eq!(status(503).kind(), br2k_core::ErrorKind::Unavailable);
+        assert_eq!(status(500).kind(), br2k_core::ErrorKind::Unavailable);
+        assert_eq!(status(400).kind(), br2k_core::ErrorKind::InvalidInput);
+        assert_eq!(status(418).kind(), br2k_core::ErrorKind::Backend);
         assert_eq!(
             to_core(OciError::TooLarge {
                 what: "manifest".into(),
                 limit: 1
             })
             .kind(),
-            "invalid_input"
+            br2k_core::ErrorKind::InvalidInput
         );
     }
 
@@ -302,15 +302,15 @@ mod tests {
     #[test]
     fn oci_client_errors_map_to_semantic_errors() {
         for (code, kind) in [
-            ("BLOB_UNKNOWN", "not_found"),
-            ("MANIFEST_UNKNOWN", "not_found"),
-            ("NAME_UNKNOWN", "not_found"),
-            ("UNAUTHORIZED", "permission_denied"),
-            ("DENIED", "permission_denied"),
-            ("TOOMANYREQUESTS", "unavailable"),
-            ("DIGEST_INVALID", "invalid_input"),
-            ("MANIFEST_INVALID", "invalid_input"),
-            ("UNSUPPORTED", "backend"),
+            ("BLOB_UNKNOWN", br2k_core::ErrorKind::NotFound),
+            ("MANIFEST_UNKNOWN", br2k_core::ErrorKind::NotFound),
+            ("NAME_UNKNOWN", br2k_core::ErrorKind::NotFound),
+            ("UNAUTHORIZED", br2k_core::ErrorKind::PermissionDenied),
+            ("DENIED", br2k_core::ErrorKind::PermissionDenied),
+            ("TOOMANYREQUESTS", br2k_core::ErrorKind::Unavailable),
+            ("DIGEST_INVALID", br2k_core::ErrorKind::InvalidInput),
+            ("MANIFEST_INVALID", br2k_core::ErrorKind::InvalidInput),
+            ("UNSUPPORTED", br2k_core::ErrorKind::Backend),
         ] {
             assert_eq!(client(envelope(code)).kind(), kind, "{code}");
         }
@@ -319,9 +319,15 @@ mod tests {
             url: "http://r/v2/x".into(),
             message: String::new(),
         };
-        assert_eq!(client(server(503)).kind(), "unavailable");
-        assert_eq!(client(server(404)).kind(), "not_found");
-        assert_eq!(client(server(401)).kind(), "permission_denied");
+        assert_eq!(
+            client(server(503)).kind(),
+            br2k_core::ErrorKind::Unavailable
+        );
+        assert_eq!(client(server(404)).kind(), br2k_core::ErrorKind::NotFound);
+        assert_eq!(
+            client(server(401)).kind(),
+            br2k_core::ErrorKind::PermissionDenied
+        );
         let unauthorized = OciDistributionError::UnauthorizedError {
             url: "http://r/v2/x".into(),
         };
@@ -347,15 +353,18 @@ mod tests {
             actual: "sha256:bb".into(),
         });
         assert!(is_digest_io(&io));
-        assert_eq!(client(OciDistributionError::IoError(io)).kind(), "tampered");
+        assert_eq!(
+            client(OciDistributionError::IoError(io)).kind(),
+            br2k_core::ErrorKind::Tampered
+        );
         let broken = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         assert!(!is_digest_io(&broken));
         let e = client(OciDistributionError::IoError(broken));
-        assert_eq!(e.kind(), "unavailable");
+        assert_eq!(e.kind(), br2k_core::ErrorKind::Unavailable);
         assert!(e.is_retryable());
         assert_eq!(
             client(OciDistributionError::ManifestParsingError("x".into())).kind(),
-            "invalid_input"
+            br2k_core::ErrorKind::InvalidInput
         );
     }
 }

@@ -14,7 +14,7 @@ pub struct Skipped {
     /// The registry host.
     pub registry: String,
     /// The error kind (`unavailable`, `not_found`, `tampered`...).
-    pub kind: &'static str,
+    pub kind: br2k_core::ErrorKind,
     /// The error message.
     pub reason: String,
 }
@@ -313,10 +313,13 @@ fn combine(skipped: Vec<Skipped>, last: Option<Error>) -> Error {
         .map(|s| format!("{}: {}", s.registry, s.reason))
         .collect();
     let msg = format!("no registry served a correct copy: {}", detail.join("; "));
-    let kinds: Vec<&str> = skipped.iter().map(|s| s.kind).collect();
-    if kinds.iter().all(|k| *k == "unavailable") {
+    let kinds: Vec<br2k_core::ErrorKind> = skipped.iter().map(|s| s.kind).collect();
+    if kinds
+        .iter()
+        .all(|k| *k == br2k_core::ErrorKind::Unavailable)
+    {
         Error::unavailable(msg)
-    } else if kinds.contains(&"tampered") {
+    } else if kinds.contains(&br2k_core::ErrorKind::Tampered) {
         match last {
             Some(Error::Tampered {
                 what,
@@ -331,7 +334,7 @@ fn combine(skipped: Vec<Skipped>, last: Option<Error>) -> Error {
         }
     } else if kinds
         .iter()
-        .all(|k| *k == "not_found" || *k == "unavailable")
+        .all(|k| *k == br2k_core::ErrorKind::NotFound || *k == br2k_core::ErrorKind::Unavailable)
     {
         Error::not_found(msg)
     } else {

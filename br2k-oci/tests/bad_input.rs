@@ -56,7 +56,7 @@ async fn malformed_manifest_is_invalid_input() {
     let store = OciImageStore::insecure(&addr).unwrap();
     assert_eq!(
         store.resolve(&repo(), "v1").await.unwrap_err().kind(),
-        "invalid_input"
+        br2k_core::ErrorKind::InvalidInput
     );
 }
 
@@ -71,7 +71,7 @@ async fn wrong_media_type_is_invalid_input() {
     .await;
     let store = OciImageStore::insecure(&addr).unwrap();
     let err = store.resolve(&repo(), "v1").await.unwrap_err();
-    assert_eq!(err.kind(), "invalid_input", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::InvalidInput, "{err}");
 }
 
 #[tokio::test]
@@ -81,7 +81,7 @@ async fn oversized_manifest_is_invalid_input() {
     let addr = fake(200, OCI_MANIFEST, body).await;
     let store = OciImageStore::insecure(&addr).unwrap();
     let err = store.resolve(&repo(), "v1").await.unwrap_err();
-    assert_eq!(err.kind(), "invalid_input", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::InvalidInput, "{err}");
 }
 
 #[tokio::test]
@@ -91,7 +91,7 @@ async fn manifest_with_wrong_digest_is_tampered() {
     let store = OciImageStore::insecure(&addr).unwrap();
     let other = Digest::of(b"something else");
     let err = store.pull(&repo(), &other).await.unwrap_err();
-    assert_eq!(err.kind(), "tampered", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Tampered, "{err}");
 }
 
 #[tokio::test]
@@ -101,21 +101,21 @@ async fn blob_with_wrong_bytes_is_tampered() {
     let addr = fake(200, OCI_MANIFEST, img.manifest_bytes.to_vec()).await;
     let store = OciImageStore::insecure(&addr).unwrap();
     let err = store.pull(&repo(), &img.digest).await.unwrap_err();
-    assert_eq!(err.kind(), "tampered", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Tampered, "{err}");
     assert_eq!(
         store.verify(&repo(), &img.digest).await.unwrap_err().kind(),
-        "tampered"
+        br2k_core::ErrorKind::Tampered
     );
 }
 
 #[tokio::test]
 async fn statuses_map_to_error_kinds() {
     for (status, kind) in [
-        (404, "not_found"),
-        (401, "permission_denied"),
-        (403, "permission_denied"),
-        (503, "unavailable"),
-        (500, "unavailable"),
+        (404, br2k_core::ErrorKind::NotFound),
+        (401, br2k_core::ErrorKind::PermissionDenied),
+        (403, br2k_core::ErrorKind::PermissionDenied),
+        (503, br2k_core::ErrorKind::Unavailable),
+        (500, br2k_core::ErrorKind::Unavailable),
     ] {
         let addr = fake(status, "application/json", b"{\"errors\":[]}".to_vec()).await;
         let store = OciImageStore::insecure(&addr).unwrap();
@@ -133,6 +133,6 @@ async fn connection_refused_is_unavailable() {
         .port();
     let store = OciImageStore::insecure(&format!("127.0.0.1:{port}")).unwrap();
     let err = store.ping().await.unwrap_err();
-    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Unavailable, "{err}");
     assert!(err.is_retryable());
 }

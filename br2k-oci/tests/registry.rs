@@ -22,7 +22,7 @@ async fn round_trip_on_each_shared_registry() {
         assert!(!store.has(&repo, &img.digest).await.unwrap());
         assert_eq!(
             store.pull(&repo, &img.digest).await.unwrap_err().kind(),
-            "not_found"
+            br2k_core::ErrorKind::NotFound
         );
         let d = store.push(&repo, &img, Some("v1")).await.unwrap();
         assert_eq!(d, img.digest);
@@ -38,7 +38,7 @@ async fn round_trip_on_each_shared_registry() {
         assert_eq!((delta.post, delta.put, delta.head), (0, 1, 4), "{delta:?}");
         assert_eq!(
             store.resolve(&repo, "nope").await.unwrap_err().kind(),
-            "not_found"
+            br2k_core::ErrorKind::NotFound
         );
     }
 }
@@ -164,7 +164,7 @@ async fn multi_platform_index_resolve_pull_and_copy() {
     let s390 = a.store_with(|c| c.with_platform(PlatformSpec::parse("linux/s390x").unwrap()));
     assert_eq!(
         s390.pull(&repo, &idx).await.unwrap_err().kind(),
-        "not_found"
+        br2k_core::ErrorKind::NotFound
     );
 
     let report = sa.copy_image(&repo, &idx, &sb).await.unwrap();
@@ -217,7 +217,7 @@ async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
             .await
             .unwrap_err()
             .kind(),
-        "tampered"
+        br2k_core::ErrorKind::Tampered
     );
 
     let (pulled, report) = store.pull_detailed(&repo, &img.digest).await.unwrap();
@@ -225,7 +225,7 @@ async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
     assert_eq!(report.served_by, mirror.addr);
     assert_eq!(report.skipped.len(), 1);
     assert_eq!(report.skipped[0].registry, primary.addr);
-    assert_eq!(report.skipped[0].kind, "tampered");
+    assert_eq!(report.skipped[0].kind, br2k_core::ErrorKind::Tampered);
 
     let rep = store.repair(&repo, &img.digest).await.unwrap();
     eprintln!(
@@ -249,7 +249,7 @@ async fn tampered_blob_fails_over_to_mirror_and_repair_reports() {
                     .await
                     .unwrap_err()
                     .kind(),
-                "tampered"
+                br2k_core::ErrorKind::Tampered
             );
         }
         RepairStatus::Healthy => panic!("tampered primary reported healthy"),
@@ -297,7 +297,7 @@ async fn repair_recopies_lost_blobs_and_manifests() {
             .await
             .unwrap_err()
             .kind(),
-        "not_found"
+        br2k_core::ErrorKind::NotFound
     );
     let rep = store.repair(&repo, &img.digest).await.unwrap();
     assert!(rep.all_healthy(), "{rep:?}");
@@ -338,7 +338,7 @@ async fn failover_when_primary_down_and_unavailable_when_all_down() {
     let (pulled, report) = store.pull_detailed(&repo, &img.digest).await.unwrap();
     assert_eq!(pulled, img);
     assert_eq!(report.served_by, mirror.addr);
-    assert_eq!(report.skipped[0].kind, "unavailable");
+    assert_eq!(report.skipped[0].kind, br2k_core::ErrorKind::Unavailable);
     assert_eq!(store.resolve(&repo, "v1").await.unwrap(), img.digest);
     // Quorum 1: a push still succeeds with the primary down.
     let img2 = sample_image(rand::random(), 1, 1000);
@@ -346,14 +346,17 @@ async fn failover_when_primary_down_and_unavailable_when_all_down() {
     let all = MirroredImageStore::new(primary.store_with(fast), vec![mirror.store_with(fast)]);
     assert_eq!(
         all.push(&repo, &img2, None).await.unwrap_err().kind(),
-        "unavailable"
+        br2k_core::ErrorKind::Unavailable
     );
 
     mirror.stop();
     let err = store.pull(&repo, &img.digest).await.unwrap_err();
-    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Unavailable, "{err}");
     assert!(err.is_retryable());
-    assert_eq!(store.ping().await.unwrap_err().kind(), "unavailable");
+    assert_eq!(
+        store.ping().await.unwrap_err().kind(),
+        br2k_core::ErrorKind::Unavailable
+    );
 
     primary.start();
     assert_eq!(store.pull(&repo, &img.digest).await.unwrap(), img);
@@ -498,7 +501,7 @@ async fn layouts_push_from_dir_and_tarball() {
         .push_layout(dir.path(), &repo3, None)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "tampered", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::Tampered, "{err}");
     assert!(!store.has(&repo3, &img.digest).await.unwrap());
     assert_eq!(
         store
@@ -506,7 +509,7 @@ async fn layouts_push_from_dir_and_tarball() {
             .await
             .unwrap_err()
             .kind(),
-        "not_found"
+        br2k_core::ErrorKind::NotFound
     );
 }
 
@@ -556,7 +559,7 @@ async fn bad_references_are_invalid_input() {
     for tag in ["bad tag", "", "-x", "a:b", &"x".repeat(129)] {
         assert_eq!(
             store.resolve(&repo, tag).await.unwrap_err().kind(),
-            "invalid_input",
+            br2k_core::ErrorKind::InvalidInput,
             "{tag:?}"
         );
     }
@@ -566,7 +569,7 @@ async fn bad_references_are_invalid_input() {
             .await
             .unwrap_err()
             .kind(),
-        "invalid_input"
+        br2k_core::ErrorKind::InvalidInput
     );
     let img = sample_image(3, 1, 10);
     assert_eq!(
@@ -575,13 +578,13 @@ async fn bad_references_are_invalid_input() {
             .await
             .unwrap_err()
             .kind(),
-        "invalid_input"
+        br2k_core::ErrorKind::InvalidInput
     );
     let mut bad = img.clone();
     bad.layers[0].data = bytes::Bytes::from_static(b"0123456789");
     assert_eq!(
         store.push(&repo, &bad, None).await.unwrap_err().kind(),
-        "tampered"
+        br2k_core::ErrorKind::Tampered
     );
 }
 
@@ -595,7 +598,7 @@ async fn basic_auth_from_a_secret_file() {
     let anonymous = a.store();
     assert_eq!(
         anonymous.ping().await.unwrap_err().kind(),
-        "permission_denied"
+        br2k_core::ErrorKind::PermissionDenied
     );
     let wrong = a.store_with(|c| {
         c.with_auth(br2k_oci::Auth::Basic {
@@ -603,7 +606,10 @@ async fn basic_auth_from_a_secret_file() {
             password: br2k_oci::Secret::new("wrong"),
         })
     });
-    assert_eq!(wrong.ping().await.unwrap_err().kind(), "permission_denied");
+    assert_eq!(
+        wrong.ping().await.unwrap_err().kind(),
+        br2k_core::ErrorKind::PermissionDenied
+    );
 
     let secret_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret_file.path(), "br2k-test-pw\n").unwrap();
@@ -625,6 +631,6 @@ async fn basic_auth_from_a_secret_file() {
     assert_eq!(store.pull(&repo, &img.digest).await.unwrap(), img);
     assert_eq!(
         anonymous.pull(&repo, &img.digest).await.unwrap_err().kind(),
-        "permission_denied"
+        br2k_core::ErrorKind::PermissionDenied
     );
 }

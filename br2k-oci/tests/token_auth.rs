@@ -339,12 +339,12 @@ async fn token_auth_refuses_anonymous_and_wrong_password() {
     anonymous.ping().await.unwrap(); // `/v2/` needs any valid token
     let before = s.issued().len();
     let err = anonymous.pull(&repo, &img.digest).await.unwrap_err();
-    assert_eq!(err.kind(), "permission_denied", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::PermissionDenied, "{err}");
     let err = anonymous
         .push(&fresh_repo("token-deny"), &img, None)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "permission_denied", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::PermissionDenied, "{err}");
     let anon_tokens: Vec<Issued> = s.issued()[before..].to_vec();
     assert!(!anon_tokens.is_empty());
     assert!(anon_tokens.iter().all(|i| i.subject.is_empty()));
@@ -361,21 +361,24 @@ async fn token_auth_refuses_anonymous_and_wrong_password() {
         username: USER.into(),
         password: Secret::new("wrong"),
     });
-    assert_eq!(wrong.ping().await.unwrap_err().kind(), "permission_denied");
+    assert_eq!(
+        wrong.ping().await.unwrap_err().kind(),
+        br2k_core::ErrorKind::PermissionDenied
+    );
     let err = wrong.pull(&repo, &img.digest).await.unwrap_err();
-    assert_eq!(err.kind(), "permission_denied", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::PermissionDenied, "{err}");
     let err = wrong
         .push(&fresh_repo("token-deny"), &img, None)
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "permission_denied", "{err}");
+    assert_eq!(err.kind(), br2k_core::ErrorKind::PermissionDenied, "{err}");
     assert!(s.server.issuer.refused.load(Ordering::SeqCst) >= refused + 3);
 
     // A static bearer token that is not a valid JWT is refused too.
     let garbage = s.store(Auth::Bearer(Secret::new("not-a-jwt")));
     assert_eq!(
         garbage.pull(&repo, &img.digest).await.unwrap_err().kind(),
-        "permission_denied"
+        br2k_core::ErrorKind::PermissionDenied
     );
 }
 
@@ -515,7 +518,7 @@ async fn token_auth_push_pull_copy_with_credentials() {
     store.delete_manifest(&repo2, &img.digest).await.unwrap();
     assert_eq!(
         store.pull(&repo2, &img.digest).await.unwrap_err().kind(),
-        "not_found"
+        br2k_core::ErrorKind::NotFound
     );
     assert!(
         s.issued()
@@ -535,7 +538,7 @@ async fn token_auth_push_pull_copy_with_credentials() {
     assert_eq!(fixed.pull(&repo, &img.digest).await.unwrap(), img);
     assert_eq!(
         fixed.push(&repo3, &img2, None).await.unwrap_err().kind(),
-        "permission_denied"
+        br2k_core::ErrorKind::PermissionDenied
     );
 
     // Neither the password, nor the basic header, nor any token shows in Debug or in

@@ -351,7 +351,7 @@ fn refused_by_backend(report: &RecoveryReport) -> Option<String> {
     report
         .actions
         .iter()
-        .find(|o| o.error_kind.as_deref() == Some("invalid_input"))
+        .find(|o| o.error_kind == Some(br2k_core::ErrorKind::InvalidInput))
         .and_then(|o| o.error.clone())
 }
 

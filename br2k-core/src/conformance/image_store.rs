@@ -89,10 +89,14 @@ pub async fn push_is_idempotent(store: &dyn ImageStore, repo: &Repository) {
 pub async fn unknown_content(store: &dyn ImageStore, repo: &Repository) {
     let absent = Digest::of(format!("absent {}", rand::random::<u64>()).as_bytes());
     assert!(!store.has(repo, &absent).await.expect("has"));
-    expect_kind(store.pull(repo, &absent).await, "not_found", "pull unknown");
+    expect_kind(
+        store.pull(repo, &absent).await,
+        crate::ErrorKind::NotFound,
+        "pull unknown",
+    );
     expect_kind(
         store.resolve(repo, "no-such-tag").await,
-        "not_found",
+        crate::ErrorKind::NotFound,
         "resolve unknown tag",
     );
 }
@@ -102,13 +106,13 @@ pub async fn unknown_content(store: &dyn ImageStore, repo: &Repository) {
 pub async fn invalid_inputs(store: &dyn ImageStore, repo: &Repository) {
     expect_kind(
         store.resolve(repo, "bad tag!").await,
-        "invalid_input",
+        crate::ErrorKind::InvalidInput,
         "resolve bad tag",
     );
     let image = sample_image(rand::random(), 1, 256);
     expect_kind(
         store.push(repo, &image, Some("-bad")).await,
-        "invalid_input",
+        crate::ErrorKind::InvalidInput,
         "push with bad tag",
     );
     let mut forged = sample_image(rand::random(), 2, 256);

@@ -149,7 +149,7 @@ where
 /// Asserts that `result` is an error of [`crate::Error::kind`] `kind`; panics naming
 /// `ctx` and what came instead.
 #[track_caller]
-pub fn expect_kind<T: Debug>(result: Result<T>, kind: &str, ctx: &str) {
+pub fn expect_kind<T: Debug>(result: Result<T>, kind: crate::ErrorKind, ctx: &str) {
     match result {
         Err(e) if e.kind() == kind => {}
         other => panic!("{ctx}: expected {kind}, got {other:?}"),

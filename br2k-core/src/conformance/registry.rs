@@ -104,12 +104,12 @@ pub async fn register_duplicate_is_already_exists(
     let rec = owner.register(id, &spec_v1()).await.expect("register");
     expect_kind(
         owner.register(id, &spec_v2()).await,
-        "already_exists",
+        crate::ErrorKind::AlreadyExists,
         "owner registers twice",
     );
     expect_kind(
         stranger.register(id, &spec_v2()).await,
-        "already_exists",
+        crate::ErrorKind::AlreadyExists,
         "stranger claims a registered id",
     );
     same_record(
@@ -140,11 +140,15 @@ pub async fn register_invalid_spec_is_rejected(owner: &dyn Registry, id: &Servic
         (secret_value, "secret env value"),
         (too_many, "too many replicas"),
     ] {
-        expect_kind(owner.register(id, &spec).await, "invalid_input", what);
+        expect_kind(
+            owner.register(id, &spec).await,
+            crate::ErrorKind::InvalidInput,
+            what,
+        );
     }
     expect_kind(
         owner.active(id).await,
-        "not_found",
+        crate::ErrorKind::NotFound,
         "after rejected registers",
     );
 }
@@ -174,14 +178,22 @@ pub async fn publish_versions_and_idempotence(owner: &dyn Registry, id: &Service
     assert_eq!(history[0].spec, spec_v1());
     assert_eq!(history[1].spec, v2);
     assert_eq!(owner.version(id, 2).await.expect("version 2").spec, v2);
-    expect_kind(owner.version(id, 3).await, "not_found", "version 3");
-    expect_kind(owner.version(id, 0).await, "not_found", "version 0");
+    expect_kind(
+        owner.version(id, 3).await,
+        crate::ErrorKind::NotFound,
+        "version 3",
+    );
+    expect_kind(
+        owner.version(id, 0).await,
+        crate::ErrorKind::NotFound,
+        "version 0",
+    );
 
     let mut bad = v2.clone();
     bad.env.insert("API_TOKEN".into(), "x".into());
     expect_kind(
         owner.publish(id, &bad).await,
-        "invalid_input",
+        crate::ErrorKind::InvalidInput,
         "publish invalid",
     );
     let active = owner.active(id).await.expect("active");
@@ -204,7 +216,7 @@ pub async fn set_replicas_behaviour(owner: &dyn Registry, id: &ServiceId) {
     assert_eq!(again.replicas, 7);
     expect_kind(
         owner.set_replicas(id, MAX_REPLICAS + 1).await,
-        "invalid_input",
+        crate::ErrorKind::InvalidInput,
         "too many replicas",
     );
     assert_eq!(owner.active(id).await.expect("active").replicas, 7);
@@ -235,7 +247,7 @@ async fn try_transition(
             "{ctx}: desired replicas"
         );
     } else {
-        expect_kind(result, "conflict", &ctx);
+        expect_kind(result, crate::ErrorKind::Conflict, &ctx);
         assert_eq!(
             owner.active(id).await.expect("active").state,
             from,
@@ -276,7 +288,7 @@ pub async fn state_transitions(owner: &dyn Registry, id: &ServiceId, other: &Ser
     assert_eq!(owner.stop(other).await.expect("stop").state, Stopped);
     expect_kind(
         owner.pause(other).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "pause a stopped service",
     );
 }
@@ -299,9 +311,21 @@ pub async fn rollback_semantics(owner: &dyn Registry, id: &ServiceId) {
     let again = owner.rollback(id, 1).await.expect("rollback to 1 again");
     assert_eq!(again.version, 1);
 
-    expect_kind(owner.rollback(id, 2).await, "conflict", "roll forward");
-    expect_kind(owner.rollback(id, 4).await, "not_found", "unknown version");
-    expect_kind(owner.rollback(id, 0).await, "not_found", "version 0");
+    expect_kind(
+        owner.rollback(id, 2).await,
+        crate::ErrorKind::Conflict,
+        "roll forward",
+    );
+    expect_kind(
+        owner.rollback(id, 4).await,
+        crate::ErrorKind::NotFound,
+        "unknown version",
+    );
+    expect_kind(
+        owner.rollback(id, 0).await,
+        crate::ErrorKind::NotFound,
+        "version 0",
+    );
     assert_eq!(owner.active(id).await.expect("active").version, 1);
     assert_eq!(owner.history(id).await.expect("history").len(), 3);
 
@@ -322,7 +346,7 @@ pub async fn checkpoints(owner: &dyn Registry, replica: &dyn Registry, id: &Serv
     owner.register(id, &spec_v1()).await.expect("register");
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(1, 10, 1)).await,
-        "permission_denied",
+        crate::ErrorKind::PermissionDenied,
         "checkpoint before the grant",
     );
     owner
@@ -331,12 +355,12 @@ pub async fn checkpoints(owner: &dyn Registry, replica: &dyn Registry, id: &Serv
         .expect("grant replica");
     expect_kind(
         owner.record_checkpoint(id, &checkpoint(1, 10, 1)).await,
-        "permission_denied",
+        crate::ErrorKind::PermissionDenied,
         "owner without the replica role",
     );
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(2, 10, 1)).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "first state version must be 1",
     );
     let cp1 = checkpoint(1, 10, 1);
@@ -351,17 +375,17 @@ pub async fn checkpoints(owner: &dyn Registry, replica: &dyn Registry, id: &Serv
         .expect("cp1 again is a no-op");
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(3, 30, 1)).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "skipped state version",
     );
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(2, 5, 1)).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "log index went backwards",
     );
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(1, 11, 1)).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "old state version with other content",
     );
     let cp2 = checkpoint(2, 20, 2);
@@ -381,7 +405,7 @@ pub async fn checkpoints(owner: &dyn Registry, replica: &dyn Registry, id: &Serv
         .expect("revoke");
     expect_kind(
         replica.record_checkpoint(id, &checkpoint(4, 40, 2)).await,
-        "permission_denied",
+        crate::ErrorKind::PermissionDenied,
         "checkpoint after revoke",
     );
 }
@@ -393,7 +417,7 @@ pub async fn location(owner: &dyn Registry, replica: &dyn Registry, id: &Service
     let l2 = Location::new("http://10.0.0.7:8080", 2).expect("location");
     expect_kind(
         replica.set_location(id, &l2).await,
-        "permission_denied",
+        crate::ErrorKind::PermissionDenied,
         "location before the grant",
     );
     owner
@@ -402,7 +426,7 @@ pub async fn location(owner: &dyn Registry, replica: &dyn Registry, id: &Service
         .expect("grant replica");
     expect_kind(
         owner.set_location(id, &l2).await,
-        "permission_denied",
+        crate::ErrorKind::PermissionDenied,
         "owner without the replica role",
     );
     replica.set_location(id, &l2).await.expect("set location");
@@ -414,7 +438,7 @@ pub async fn location(owner: &dyn Registry, replica: &dyn Registry, id: &Service
     let l1 = Location::new("http://10.0.0.8:8080", 1).expect("location");
     expect_kind(
         replica.set_location(id, &l1).await,
-        "conflict",
+        crate::ErrorKind::Conflict,
         "lower term",
     );
     let bad = Location {
@@ -423,7 +447,7 @@ pub async fn location(owner: &dyn Registry, replica: &dyn Registry, id: &Service
     };
     expect_kind(
         replica.set_location(id, &bad).await,
-        "invalid_input",
+        crate::ErrorKind::InvalidInput,
         "endpoint with credentials",
     );
     let l3 = Location::new("http://10.0.0.9:8080", 3).expect("location");
@@ -437,7 +461,7 @@ pub async fn roles_and_permissions(owner: &dyn Registry, stranger: &dyn Registry
     let rec = owner.register(id, &spec_v1()).await.expect("register");
     let me = owner.account();
     let them = stranger.account();
-    let denied = "permission_denied";
+    let denied = crate::ErrorKind::PermissionDenied;
     expect_kind(
         stranger.publish(id, &spec_v2()).await,
         denied,
@@ -653,7 +677,7 @@ pub async fn roles_and_permissions(owner: &dyn Registry, stranger: &dyn Registry
 
 /// Every call on an unregistered id is NotFound.
 pub async fn unknown_ids_not_found(owner: &dyn Registry, id: &ServiceId) {
-    let nf = "not_found";
+    let nf = crate::ErrorKind::NotFound;
     let acct = owner.account();
     expect_kind(owner.active(id).await, nf, "active");
     expect_kind(owner.version(id, 1).await, nf, "version");

@@ -758,7 +758,7 @@ impl Supervisor {
             outcomes.push(ActionOutcome {
                 action,
                 duration: t.elapsed(),
-                error_kind: err.as_ref().map(|e| e.kind().to_owned()),
+                error_kind: err.as_ref().map(|e| e.kind()),
                 error: err.map(|e| e.to_string()),
             });
         }

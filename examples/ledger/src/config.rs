@@ -292,7 +292,7 @@ mod tests {
         assert!(Args::parse(args(&["--settler-key", KEY]), env(&[])).is_err());
         let a = Args::parse(args(&["--listen", "nope"]), env(&[])).unwrap();
         let e = ServeConfig::from_args(&a).unwrap_err();
-        assert_eq!(e.kind(), "invalid_input");
+        assert_eq!(e.kind(), br2k_core::ErrorKind::InvalidInput);
         let a = Args::parse(
             args(&[]),
             env(&[

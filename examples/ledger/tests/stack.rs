@@ -1075,7 +1075,7 @@ async fn only_the_settler_settles_and_a_different_settlement_of_a_key_is_a_confl
     // Another account (here the registry's owner) cannot settle.
     let stranger = SettleEffect::new(rpc.clone(), w.settlement, &key(&w.anvil, 0)).unwrap();
     match stranger.run("s-1", &settle("alice", 10)).await {
-        Err(e) => assert_eq!(e.kind(), "permission_denied", "{e}"),
+        Err(e) => assert_eq!(e.kind(), br2k_core::ErrorKind::PermissionDenied, "{e}"),
         Ok(r) => panic!("a stranger settled: {}", String::from_utf8_lossy(&r)),
     }
     let settler = SettleEffect::new(rpc, w.settlement, &key(&w.anvil, SETTLER)).unwrap();
@@ -1094,11 +1094,11 @@ async fn only_the_settler_settles_and_a_different_settlement_of_a_key_is_a_confl
     );
     for other in [settle("bob", 10), settle("alice", 11)] {
         match settler.lookup("s-1", &other).await {
-            Err(e) => assert_eq!(e.kind(), "conflict", "{e}"),
+            Err(e) => assert_eq!(e.kind(), br2k_core::ErrorKind::Conflict, "{e}"),
             Ok(r) => panic!("{other:?} reported as settled: {r:?}"),
         }
         match settler.run("s-1", &other).await {
-            Err(e) => assert_eq!(e.kind(), "conflict", "{e}"),
+            Err(e) => assert_eq!(e.kind(), br2k_core::ErrorKind::Conflict, "{e}"),
             Ok(r) => panic!("{other:?} settled: {}", String::from_utf8_lossy(&r)),
         }
     }
