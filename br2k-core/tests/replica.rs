@@ -350,3 +350,138 @@ async fn histories_under_leader_crashes_are_linearizable() {
         "too many operations without an answer: {unknown}"
     );
 }
+
+/// A log whose appends fail (unavailable, nothing written) while `fail` is set.
+#[derive(Debug, Clone)]
+struct FlakyAppends {
+    inner: InMemoryLog,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl ReplicatedLog for FlakyAppends {
+    async fn campaign(&self, candidate: &str) -> br2k_core::Result<br2k_core::log::Leadership> {
+        self.inner.campaign(candidate).await
+    }
+    async fn resign(&self, l: &br2k_core::log::Leadership) -> br2k_core::Result<()> {
+        self.inner.resign(l).await
+    }
+    async fn leader(&self) -> br2k_core::Result<Option<br2k_core::log::LeaderInfo>> {
+        self.inner.leader().await
+    }
+    async fn observe(&self) -> br2k_core::Result<br2k_core::log::LeaderStream> {
+        self.inner.observe().await
+    }
+    async fn append(
+        &self,
+        l: &br2k_core::log::Leadership,
+        entries: Vec<bytes::Bytes>,
+    ) -> br2k_core::Result<std::ops::RangeInclusive<u64>> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("append: injected failure"));
+        }
+        self.inner.append(l, entries).await
+    }
+    async fn read(&self, from: u64, max: usize) -> br2k_core::Result<Vec<br2k_core::log::Entry>> {
+        self.inner.read(from, max).await
+    }
+    async fn watch(&self, from: u64) -> br2k_core::Result<br2k_core::log::EntryStream> {
+        self.inner.watch(from).await
+    }
+    async fn compact(&self, up_to: u64) -> br2k_core::Result<()> {
+        self.inner.compact(up_to).await
+    }
+    async fn first_index(&self) -> br2k_core::Result<u64> {
+        self.inner.first_index().await
+    }
+    async fn last_index(&self) -> br2k_core::Result<u64> {
+        self.inner.last_index().await
+    }
+}
+
+/// An effect that breaks the log's appends while it runs (the leader's etcd member
+/// dies between the intent and the result).
+#[derive(Debug, Clone)]
+struct BreaksTheLog {
+    inner: CountingEffect,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for BreaksTheLog {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        self.inner.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        self.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.run(key, c).await
+    }
+}
+
+/// Found by the fault matrix (#17, etcd member killed under load): the leader logged a
+/// settlement's intent and ran it, then could not log its result. Every retry with the
+/// same key waited for a result nobody would log, until the next leader change. The
+/// leader now keeps resolving the intent (looking it up first) once the log is back:
+/// the retry gets the first result and the effect ran once.
+#[tokio::test]
+async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
+    let c = Cluster::new(0).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = FlakyAppends {
+        inner: c.log.connect(),
+        fail: fail.clone(),
+    };
+    let effect = BreaksTheLog {
+        inner: c.effect.clone(),
+        fail: fail.clone(),
+    };
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_millis(500);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(log),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(effect)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    let first = r.once("s-1", settle.clone()).await;
+    assert!(first.is_err(), "the result could not be logged: {first:?}");
+    assert_eq!(c.effect.runs("s-1"), 1);
+    // The log is back; the client retries with the same key.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut answer = None;
+    for _ in 0..20 {
+        match r.once("s-1", settle.clone()).await {
+            Ok(out) => {
+                answer = Some(out);
+                break;
+            }
+            Err(e) => assert!(
+                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
+                "{e}"
+            ),
+        }
+    }
+    let answer = answer.expect("the retry is answered once the log is back");
+    assert!(
+        matches!(answer, CounterOutput::Settled { .. }),
+        "{answer:?}"
+    );
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+    assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
+}

@@ -493,9 +493,17 @@ impl<S: StateMachine> Replica<S> {
             // Our intent is the one logged: run the effect (after checking that the
             // fencing token is still current) and log its result.
             Ok(_) => {
-                s.clone()
-                    .resolve(effect, key.to_owned(), command, false)
-                    .await?
+                if let Err(e) = s
+                    .clone()
+                    .resolve(effect.clone(), key.to_owned(), command.clone(), false)
+                    .await
+                {
+                    // The intent is logged but its result is not (e.g. the append of
+                    // the result failed): without this the key would stay pending,
+                    // and every retry wait in vain, until the next leader change.
+                    s.clone().keep_resolving(effect, key.to_owned(), command);
+                    return Err(e);
+                }
             }
             // A concurrent intent with the same key won: wait for its result.
             Err(ReplicaError::Failed(Error::Conflict { reason })) if reason == DUPLICATE_INTENT => {
@@ -938,6 +946,35 @@ impl<S: StateMachine> Shared<S> {
 
     async fn still_leader(&self, lead: &Leadership) -> bool {
         matches!(self.log.leader().await, Ok(Some(l)) if l.term == lead.term)
+    }
+
+    /// Keeps resolving the logged intent `key` in the background (looking it up
+    /// first: its effect may have run) while this replica leads and the intent is
+    /// pending; a new leader resolves it otherwise.
+    fn keep_resolving(
+        self: Arc<Self>,
+        effect: Arc<dyn Effect<S::Command>>,
+        key: String,
+        cmd: S::Command,
+    ) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if self.leading().is_err() || !lock(&self.applied).pending.contains_key(&key) {
+                    return;
+                }
+                match self
+                    .clone()
+                    .resolve(effect.clone(), key.clone(), cmd.clone(), true)
+                    .await
+                {
+                    Ok(()) | Err(ReplicaError::NotLeader { .. }) => return,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "cannot resolve an effect yet; retrying")
+                    }
+                }
+            }
+        });
     }
 
     /// Resolves the effect of an intent: looks its key up first when the intent may
