@@ -550,8 +550,8 @@ fn http() -> reqwest::Client {
 pub enum Reply {
     /// A final answer: status and JSON body.
     Final(u16, Value),
-    /// None before the deadline.
-    NoAnswer,
+    /// None before the deadline; the last thing seen.
+    NoAnswer(String),
 }
 
 /// A client of the 3 replicas: follows redirects to the leader, retries elections,
@@ -608,6 +608,7 @@ impl Client {
         let start = Instant::now();
         let mut next = *self.last.lock().expect("lock");
         let mut target = self.urls[next].clone();
+        let mut last_seen = String::from("nothing sent");
         while start.elapsed() < deadline {
             let mut req = match body {
                 Some(b) => self.http.post(format!("{target}{path}")).body(b.to_owned()),
@@ -624,7 +625,9 @@ impl Client {
                         continue;
                     }
                 }
-                Ok(r) if r.status().as_u16() == 503 => {}
+                Ok(r) if r.status().as_u16() == 503 => {
+                    last_seen = format!("{target}: 503");
+                }
                 Ok(r) => {
                     let s = r.status().as_u16();
                     let v = r.json().await.unwrap_or(Value::Null);
@@ -632,6 +635,7 @@ impl Client {
                     // 5xx other than 503: the replica could not finish (e.g. its
                     // registry or chain is down); retried (same key).
                     let retry = (s == 409 && v["error"] == "conflict") || s >= 500;
+                    last_seen = format!("{target}: {s} {v}");
                     if !retry {
                         if let Some(i) = self.urls.iter().position(|u| *u == target) {
                             *self.last.lock().expect("lock") = i;
@@ -639,13 +643,13 @@ impl Client {
                         return Reply::Final(s, v);
                     }
                 }
-                Err(_) => {}
+                Err(e) => last_seen = format!("{target}: {e}"),
             }
             next = (next + 1) % self.urls.len();
             target = self.urls[next].clone();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Reply::NoAnswer
+        Reply::NoAnswer(last_seen)
     }
 
     /// `GET /accounts?local=true` of one replica.

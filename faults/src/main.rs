@@ -82,7 +82,14 @@ fn parse() -> Result<Args, String> {
         .chain(OperatorWorkload::FAULTS)
         .map(|c| (*c).to_owned())
         .collect();
-    let classes = classes.unwrap_or_else(|| all.clone());
+    let classes = classes.unwrap_or_else(|| {
+        let n = if operator_bin.is_some() {
+            all.len()
+        } else {
+            nemesis::CLASSES.len()
+        };
+        all[..n].to_vec()
+    });
     for c in &classes {
         if !all.contains(c) {
             return Err(format!("unknown class {c} (known: {})", all.join(",")));

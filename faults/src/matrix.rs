@@ -309,7 +309,7 @@ impl Matrix {
                     let (outcome, complete) = match reply {
                         Reply::Final(200, v) => (Outcome::Ok(v), Some(complete)),
                         Reply::Final(s, v) => (Outcome::Failed(s, v), Some(complete)),
-                        Reply::NoAnswer => (Outcome::Unknown, None),
+                        Reply::NoAnswer(_) => (Outcome::Unknown, None),
                     };
                     history.lock().expect("lock").push(Op {
                         key,
@@ -391,7 +391,11 @@ impl Matrix {
             op.outcome = match reply {
                 Reply::Final(200, v) => Outcome::Ok(v),
                 Reply::Final(s, v) => Outcome::Failed(s, v),
-                Reply::NoAnswer => Outcome::Unknown,
+                Reply::NoAnswer(last) => {
+                    res.problems
+                        .push(format!("{}: no answer to the retry; last: {last}", op.key));
+                    Outcome::Unknown
+                }
             };
         }
         // Replicas equal, after catching up with the leader.
@@ -584,15 +588,15 @@ impl Matrix {
                 self.procs.anvil.kill("INT")?;
                 Ok("anvil".into())
             }
-            "registry-down" => {
+            "snapshot-registry-down" => {
                 self.registry.proxy.set(Mode::Refuse);
                 Ok("registry".into())
             }
-            "registry-5xx" => {
+            "snapshot-registry-5xx" => {
                 self.registry.proxy.set(Mode::Http503);
                 Ok("registry".into())
             }
-            "registry-disk-full" => {
+            "snapshot-registry-disk-full" => {
                 let n = self.registry.fill_disk()?;
                 Ok(format!("registry tmpfs (+{} KiB)", n / 1024))
             }

@@ -14,9 +14,9 @@ pub const CLASSES: &[&str] = &[
     "etcd-kill",
     "anvil-stop",
     "anvil-restart",
-    "registry-down",
-    "registry-5xx",
-    "registry-disk-full",
+    "snapshot-registry-down",
+    "snapshot-registry-5xx",
+    "snapshot-registry-disk-full",
     "partition-both",
     "partition-to-etcd",
     "partition-from-etcd",
@@ -37,11 +37,11 @@ pub fn describe(class: &str) -> &'static str {
         "anvil-restart" => {
             "anvil stopped (SIGTERM, state written to its --state file); healed by starting it again on it"
         }
-        "registry-down" => {
+        "snapshot-registry-down" => {
             "the snapshot registry's proxy closes every connection (a stopped server's port)"
         }
-        "registry-5xx" => "the snapshot registry's proxy answers every request 503",
-        "registry-disk-full" => "the snapshot registry's tmpfs filled up (ENOSPC on push)",
+        "snapshot-registry-5xx" => "the snapshot registry's proxy answers every request 503",
+        "snapshot-registry-disk-full" => "the snapshot registry's tmpfs filled up (ENOSPC on push)",
         "partition-both" => "a replica cut from every etcd member, both directions (iptables)",
         "partition-to-etcd" => "a replica's packets to etcd dropped (one-way, iptables --dport)",
         "partition-from-etcd" => "etcd's packets to a replica dropped (one-way, iptables --sport)",
