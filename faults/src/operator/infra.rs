@@ -1,0 +1,813 @@
+//! The killable pieces of the operator workload: registry processes, loopback TCP
+//! proxies (one can answer 503), the operator process, iptables drops on loopback, a
+//! tmpfs for the mirror's storage and the kwok cluster's kube-apiserver. Every piece
+//! that changes the machine (rules, mounts, stopped or killed processes) undoes it in
+//! `Drop` too, so a panic or an early return leaves nothing behind.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// How often end states are polled.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// A short hex string unique to this process and moment.
+pub fn unique() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "{:06x}",
+        ((n as u64) ^ (u64::from(std::process::id()) << 20)) & 0xff_ffff
+    )
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
+}
+
+/// An environment variable the stack's env file sets.
+pub fn env(name: &str) -> Result<String, String> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| {
+            format!("{name} is not set (source $BR2K_STACK_DIR/env after scripts/stack up)")
+        })
+}
+
+/// Polls `check` every [`POLL`] until it succeeds or `timeout` passes; the error
+/// names the last thing observed.
+pub async fn poll<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(format!(
+                    "{what}: not reached within {timeout:?}; last seen: {e}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// The value of the metric line `name` (no labels) in an OpenMetrics text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, rest) = l.split_once(' ')?;
+        if k != name {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    })
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`, else 100).
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of process `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // Fields after the command name (which may hold spaces): field 3 is index 0.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or("malformed stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64, String> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("malformed stat field {}", i + 3))
+    };
+    Ok(num(11)? + num(12)?)
+}
+
+/// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`) to `pid` with kill(1).
+pub fn signal(pid: u32, signal: &str) -> Result<(), String> {
+    let st = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("kill -{signal} {pid}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -{signal} {pid}: {st}"))
+    }
+}
+
+/// Pseudo-random, incompressible bytes (xorshift64*), so the layer has real size.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Runs a command to completion; its stderr in the error.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+// ------------------------------------------------------------------ registries
+
+/// A Distribution registry process on a loopback port with its own storage; it can
+/// be stopped and started again on the same port and storage.
+pub struct RegistryProc {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The storage root (`rootdirectory`).
+    pub data: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    bin: String,
+    child: Option<Child>,
+}
+
+impl RegistryProc {
+    /// Writes the config of a registry under `root` (storage in `root/data`, which
+    /// the caller may have mounted) and starts it.
+    pub async fn spawn(bin: &str, root: &Path) -> Result<Self, String> {
+        let data = root.join("data");
+        fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let config = root.join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                data.display()
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", config.display()))?;
+        let mut r = Self {
+            addr,
+            data,
+            log: root.join("registry.log"),
+            config,
+            bin: bin.to_owned(),
+            child: None,
+        };
+        r.start().await?;
+        Ok(r)
+    }
+
+    /// Starts the process and waits until its port accepts connections.
+    pub async fn start(&mut self) -> Result<(), String> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&self.bin)
+            .arg("serve")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.bin))?;
+        self.child = Some(child);
+        let addr = self.addr.clone();
+        poll(Duration::from_secs(15), "registry listening", async || {
+            TcpStream::connect(&addr)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The repository directory of `repo` in the storage.
+    pub fn repo_dir(&self, repo: &str) -> PathBuf {
+        self.data.join("docker/registry/v2/repositories").join(repo)
+    }
+
+    /// The data file of blob `hex` (sha256) in the storage.
+    pub fn blob_data(&self, hex: &str) -> PathBuf {
+        self.data
+            .join("docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or(hex))
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for RegistryProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------------------ TCP proxy
+
+/// A loopback TCP proxy: forwards to a target, or (in 503 mode) answers every HTTP
+/// request with `503 Service Unavailable`. Stopping it drops the listener and every
+/// live connection; it listens again on the same port.
+pub struct TcpProxy {
+    /// The port it listens on.
+    pub port: u16,
+    target: String,
+    fail: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+/// The answer of a proxy in 503 mode.
+const ANSWER_503: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nbr2k-faults: 503 :)\n";
+
+impl TcpProxy {
+    /// A proxy to `target` (`host:port`) on a free loopback port.
+    pub async fn start(target: &str) -> Result<Self, String> {
+        let mut p = Self {
+            port: free_port()?,
+            target: target.to_owned(),
+            fail: Arc::default(),
+            accept: None,
+            conns: Arc::default(),
+        };
+        p.resume().await?;
+        Ok(p)
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Switches the 503 mode; live connections are dropped either way, so that no
+    /// keep-alive connection outlives the switch.
+    pub async fn set_failing(&mut self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+        self.drop_conns().await;
+    }
+
+    /// Listens again on the same port (retrying while the port is still taken).
+    pub async fn resume(&mut self) -> Result<(), String> {
+        if self.accept.is_some() {
+            return Ok(());
+        }
+        let addr: std::net::SocketAddr = self.addr().parse().map_err(|e| format!("{e}"))?;
+        let listener = poll(Duration::from_secs(10), "proxy port free", async || {
+            let s = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            s.set_reuseaddr(true).map_err(|e| e.to_string())?;
+            s.bind(addr).map_err(|e| e.to_string())?;
+            s.listen(1024).map_err(|e| e.to_string())
+        })
+        .await?;
+        let target = self.target.clone();
+        let conns = self.conns.clone();
+        let fail = self.fail.clone();
+        self.accept = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let failing = fail.load(Ordering::SeqCst);
+                let conn = tokio::spawn(async move {
+                    if failing {
+                        answer_503(&mut inbound).await;
+                    } else if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
+                c.retain(|t| !t.is_finished());
+                c.push(conn);
+            }
+        }));
+        Ok(())
+    }
+
+    /// Drops the listener and every live connection, and waits until they are gone.
+    pub async fn stop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+            let _ = a.await;
+        }
+        self.drop_conns().await;
+    }
+
+    async fn drop_conns(&mut self) {
+        let conns: Vec<JoinHandle<()>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for c in conns {
+            c.abort();
+            let _ = c.await;
+        }
+    }
+}
+
+/// Reads one request head (up to 64 KiB or 5 s) and answers 503.
+async fn answer_503(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read_head = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 64 * 1024 {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read_head)
+        .await
+        .unwrap_or(false)
+    {
+        let _ = s.write_all(ANSWER_503).await;
+        let _ = s.shutdown().await;
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            c.abort();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ operator process
+
+/// The operator binary as its own process.
+pub struct OperatorProc {
+    pub bin: PathBuf,
+    pub log: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub lease: String,
+    pub identity: String,
+    pub metrics_addr: String,
+    /// Trust anchors: `--chain-id`, `--rpc-url`, `--registry-contract`,
+    /// `--oci-registry` and `--allowed-owner`.
+    pub anchors: Vec<String>,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+impl OperatorProc {
+    pub fn new(
+        bin: PathBuf,
+        log: PathBuf,
+        kubeconfig: PathBuf,
+        run: &str,
+        anchors: Vec<String>,
+    ) -> Self {
+        Self {
+            bin,
+            log,
+            kubeconfig,
+            lease: format!("br2k-faults-{run}"),
+            identity: format!("faults-{run}"),
+            metrics_addr: String::new(),
+            anchors,
+            child: None,
+            stopped: false,
+        }
+    }
+
+    /// Starts the process (a fresh metrics port each time).
+    pub fn start(&mut self) -> Result<(), String> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let _ = writeln!(out, "===== faults: starting {}", self.bin.display());
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let resync = std::env::var("BR2K_FAULTS_RESYNC_SECONDS").unwrap_or("2".into());
+        let verify = std::env::var("BR2K_FAULTS_VERIFY_SECONDS").unwrap_or("2".into());
+        let child = Command::new(&self.bin)
+            .args([
+                "--metrics-addr",
+                self.metrics_addr.as_str(),
+                "--lease-namespace",
+                "br2k-system",
+                "--lease-name",
+                self.lease.as_str(),
+                "--identity",
+                self.identity.as_str(),
+                "--insecure-loopback-registries",
+                "--resync-seconds",
+                resync.as_str(),
+                "--verify-seconds",
+                verify.as_str(),
+                "--lease-seconds",
+                "4",
+            ])
+            .args(&self.anchors)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process still runs; an exit is returned as its status text.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(st))) => {
+                self.child = None;
+                Some(st.to_string())
+            }
+            Some(Err(e)) => Some(e.to_string()),
+            None => Some("not started".into()),
+        }
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&mut self) -> Result<(), String> {
+        let pid = self.pid().ok_or("operator not running")?;
+        signal(pid, "STOP")?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// SIGCONT (after [`OperatorProc::pause`]).
+    pub fn resume(&mut self) -> Result<(), String> {
+        if !self.stopped {
+            return Ok(());
+        }
+        let pid = self.pid().ok_or("operator not running")?;
+        signal(pid, "CONT")?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.stopped = false;
+    }
+
+    /// SIGTERM (the operator releases its lease), up to 10 s, then SIGKILL.
+    pub async fn terminate(&mut self) {
+        let _ = self.resume();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = signal(c.id(), "TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for OperatorProc {
+    fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; nothing stays stopped.
+        self.kill();
+    }
+}
+
+// ------------------------------------------------------------------ iptables
+
+/// DROP rules in the INPUT chain for loopback traffic of one port; removed on
+/// [`IptablesDrop::remove`] and on drop.
+pub struct IptablesDrop {
+    rules: Vec<Vec<String>>,
+}
+
+impl IptablesDrop {
+    /// Drops packets to `port` (`both`: also from it) on loopback.
+    pub fn install(port: u16, both: bool, tag: &str) -> Result<Self, String> {
+        let rule = |dir: &str| -> Vec<String> {
+            [
+                "-i",
+                "lo",
+                "-p",
+                "tcp",
+                dir,
+                &port.to_string(),
+                "-m",
+                "comment",
+                "--comment",
+                tag,
+                "-j",
+                "DROP",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+        };
+        let mut me = Self { rules: Vec::new() };
+        let dirs: &[&str] = if both {
+            &["--dport", "--sport"]
+        } else {
+            &["--dport"]
+        };
+        for dir in dirs {
+            let r = rule(dir);
+            let mut args = vec!["-w", "-I", "INPUT"];
+            args.extend(r.iter().map(String::as_str));
+            run("iptables", &args)?; // `me` drops what was installed so far
+            me.rules.push(r);
+        }
+        Ok(me)
+    }
+
+    /// Removes every rule this guard installed; the error names the ones left.
+    pub fn remove(&mut self) -> Result<(), String> {
+        let mut left = Vec::new();
+        for r in self.rules.drain(..) {
+            let mut args = vec!["-w", "-D", "INPUT"];
+            args.extend(r.iter().map(String::as_str));
+            if let Err(e) = run("iptables", &args) {
+                left.push(e);
+            }
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join("; "))
+        }
+    }
+}
+
+impl Drop for IptablesDrop {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("[faults/operator] iptables cleanup: {e}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ tmpfs
+
+/// A tmpfs mounted at a directory, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, e.g. `16m`) at `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Result<Self, String> {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let d = dir.to_string_lossy().into_owned();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "br2k-faults",
+                &d,
+            ],
+        )?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            mounted: true,
+        })
+    }
+
+    /// Fills the file system with file `name` until it is full; returns the bytes
+    /// written.
+    pub fn fill(&self, name: &str) -> Result<u64, String> {
+        let path = self.dir.join(name);
+        let mut f = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let chunk = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(k) => n += k as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => return Err(format!("fill {}: {e}", path.display())),
+            }
+        }
+        let _ = f.flush();
+        Ok(n)
+    }
+
+    /// Unmounts (lazily if busy).
+    pub fn unmount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let d = self.dir.to_string_lossy().into_owned();
+        if run("umount", &[&d]).is_err()
+            && let Err(e) = run("umount", &["-l", &d])
+        {
+            eprintln!("[faults/operator] umount {d}: {e}");
+        }
+        self.mounted = false;
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+// ------------------------------------------------------------------ kube-apiserver
+
+/// The kwok cluster's kube-apiserver, killed: what it takes to start it again with
+/// the same command line, working directory and log. Dropping it starts it again.
+pub struct KilledApiserver {
+    pid_file: PathBuf,
+    argv: Vec<String>,
+    cwd: PathBuf,
+    log: PathBuf,
+    restarted: bool,
+}
+
+impl KilledApiserver {
+    /// SIGKILLs the kube-apiserver of cluster `$BR2K_KWOK_CLUSTER` (pid file under
+    /// `$KWOK_WORKDIR`) and waits until it is gone.
+    pub async fn kill() -> Result<Self, String> {
+        let workdir = env("KWOK_WORKDIR")?;
+        let cluster = env("BR2K_KWOK_CLUSTER")?;
+        let pid_file = Path::new(&workdir)
+            .join("clusters")
+            .join(&cluster)
+            .join("pids/kube-apiserver.pid");
+        let pid: u32 = fs::read_to_string(&pid_file)
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let cmdline =
+            fs::read(proc_dir.join("cmdline")).map_err(|e| format!("apiserver {pid}: {e}"))?;
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !argv.first().is_some_and(|a| a.ends_with("kube-apiserver")) {
+            return Err(format!("pid {pid} of {} is {argv:?}", pid_file.display()));
+        }
+        let cwd = fs::read_link(proc_dir.join("cwd")).map_err(|e| e.to_string())?;
+        let log = fs::read_link(proc_dir.join("fd/2"))
+            .unwrap_or_else(|_| cwd.join("logs/kube-apiserver.log"));
+        signal(pid, "KILL")?;
+        let me = Self {
+            pid_file,
+            argv,
+            cwd,
+            log,
+            restarted: false,
+        };
+        poll(Duration::from_secs(10), "kube-apiserver gone", async || {
+            match fs::read_to_string(proc_dir.join("stat")) {
+                // Gone, or a zombie its parent has not reaped yet.
+                Err(_) => Ok(()),
+                Ok(s)
+                    if s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                {
+                    Ok(())
+                }
+                Ok(_) => Err(format!("pid {pid} still runs")),
+            }
+        })
+        .await?;
+        Ok(me)
+    }
+
+    /// Starts it again (its own process group, so it outlives this process like
+    /// kwokctl's) and records its pid in the pid file; returns the pid.
+    pub fn restart(&mut self) -> Result<u32, String> {
+        if self.restarted {
+            return Err("already restarted".into());
+        }
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&self.argv[0])
+            .args(&self.argv[1..])
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", self.argv[0]))?;
+        let pid = child.id();
+        // Not waited for: it belongs to the stack (`scripts/stack down` stops it by
+        // the pid file), like the one kwokctl started.
+        std::mem::forget(child);
+        self.restarted = true;
+        fs::write(&self.pid_file, format!("{pid}\n"))
+            .map_err(|e| format!("{}: {e}", self.pid_file.display()))?;
+        Ok(pid)
+    }
+}
+
+impl Drop for KilledApiserver {
+    fn drop(&mut self) {
+        if !self.restarted
+            && let Err(e) = self.restart()
+        {
+            eprintln!("[faults/operator] restarting kube-apiserver: {e}");
+        }
+    }
+}
