@@ -485,3 +485,60 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
     assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
 }
+
+/// An effect that takes a while.
+#[derive(Debug, Clone)]
+struct SlowEffect(CountingEffect);
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for SlowEffect {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        self.0.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.run(key, c).await
+    }
+}
+
+/// Found by the fault matrix (#17, anvil stopped under load): the HTTP client of a
+/// settlement timed out and disconnected while the leader ran the effect; the request's
+/// future was dropped with the effect half done, and the intent stayed pending: every
+/// retry with the same key waited in vain. The effect now runs in a task of its own.
+#[tokio::test]
+async fn once_whose_caller_went_away_is_still_resolved() {
+    let c = Cluster::new(0).await;
+    let effect = SlowEffect(c.effect.clone());
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_secs(2);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(c.log.connect()),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(effect)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // The caller gives up while the effect runs (its future is dropped).
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), r.once("s-1", settle.clone())).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let again = r.once("s-1", settle.clone()).await;
+    let out = again.expect("the retry gets the settlement's result");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+}

@@ -426,7 +426,10 @@ impl World {
         cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BR2K_FAULTS_LEDGER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("BR2K_RPC_URLS", &self.rpc)
             .env("BR2K_REGISTRY_ADDRESS", &self.registry_address)
             .env("BR2K_PRIVATE_KEY", REPLICA_KEYS[slot])
