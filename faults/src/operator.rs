@@ -38,7 +38,7 @@ use br2k_oci::{ImageBuilder, OciImageStore};
 use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -736,16 +736,48 @@ impl OperatorWorkload {
             || st.ready_replicas.unwrap_or(0) != replicas
             || st.replicas != replicas
             || st.observed_generation != sts.metadata.generation
-            || st.current_revision != st.update_revision
         {
             return Err(format!(
-                "StatefulSet spec.replicas {spec_replicas:?} status replicas {} ready {:?} observedGeneration {:?}/{:?} revision {:?}/{:?}, record {replicas}",
-                st.replicas,
-                st.ready_replicas,
-                st.observed_generation,
-                sts.metadata.generation,
-                st.current_revision,
-                st.update_revision
+                "StatefulSet spec.replicas {spec_replicas:?} status replicas {} ready {:?} observedGeneration {:?}/{:?}, record {replicas}",
+                st.replicas, st.ready_replicas, st.observed_generation, sts.metadata.generation,
+            ));
+        }
+        // The pods themselves: as many as recorded, none terminating, each running the
+        // recorded digest. (br2k freezes rollouts, `partition: replicas`, so a template
+        // change that keeps the digest, e.g. the mirror instead of the primary, leaves
+        // the pods on the older revision: revisions may differ, digests may not.)
+        let selector = sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.as_ref())
+            .map(|l| {
+                l.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .filter(|l| !l.is_empty())
+            .ok_or("StatefulSet without a label selector")?;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| format!("list pods: {e}"))?
+            .items;
+        let wrong: Vec<String> = pods
+            .iter()
+            .filter_map(|p| {
+                let img = p.spec.as_ref()?.containers.first()?.image.clone()?;
+                let ok = p.metadata.deletion_timestamp.is_none()
+                    && ImageRef::parse(&img)
+                        .ok()
+                        .is_some_and(|i| i.digest() == Some(&digest));
+                (!ok).then(|| format!("{} ({img})", p.name_any()))
+            })
+            .collect();
+        if pods.len() != replicas as usize || !wrong.is_empty() {
+            return Err(format!(
+                "{} pod(s), record {replicas}; not on the recorded digest or terminating: {wrong:?}",
+                pods.len()
             ));
         }
         let cr = self
