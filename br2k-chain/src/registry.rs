@@ -25,6 +25,9 @@ use crate::rpc::{Endpoints, Pin};
 use crate::sender::Sender;
 
 /// Ids per `getRecords` call (keeps a view call well under the block gas limit).
+/// Reads of a record batch when an endpoint answers for another block than the pinned
+/// one (each at a fresh pin) before the read fails.
+const READ_ATTEMPTS: u32 = 3;
 const RECORDS_PER_CALL: usize = 200;
 /// Ids per `eth_getLogs` topic filter.
 const IDS_PER_LOG_QUERY: usize = 500;
@@ -668,44 +671,56 @@ impl ChainRegistry {
     ) -> Result<Vec<Result<ServiceRecord, ChainError>>, ChainError> {
         let keys: Vec<B256> = ids.iter().map(service_key).collect();
         let mut raws: Vec<(u64, C::Record)> = Vec::with_capacity(ids.len());
-        // One block for every call of this read.
-        let pin = self.pin().await?;
-        for chunk in keys.chunks(RECORDS_PER_CALL) {
-            let r = self
-                .call_at(
-                    pin,
-                    "getRecords",
-                    C::getRecordsCall {
-                        keys: chunk.to_vec(),
-                    },
-                )
-                .await?;
-            if r.blockNumber != pin.number {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: answered for block {} when asked at block {}",
-                    r.blockNumber, pin.number
-                )));
+        // One block for every call of this read. An answer for another block than the
+        // pinned one is never used; it is read again at a fresh pin (anvil executed a
+        // call at the head block in the next block's environment when a block was
+        // mined meanwhile: the fault matrix saw a replica fail to start on it).
+        let mut attempts = 0;
+        'read: loop {
+            attempts += 1;
+            raws.clear();
+            let pin = self.pin().await?;
+            for chunk in keys.chunks(RECORDS_PER_CALL) {
+                let r = self
+                    .call_at(
+                        pin,
+                        "getRecords",
+                        C::getRecordsCall {
+                            keys: chunk.to_vec(),
+                        },
+                    )
+                    .await?;
+                if r.blockNumber != pin.number {
+                    if attempts < READ_ATTEMPTS {
+                        continue 'read;
+                    }
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: answered for block {} when asked at block {}",
+                        r.blockNumber, pin.number
+                    )));
+                }
+                // An endpoint that answers fewer records, or another service's record,
+                // is not trusted.
+                if r.records.len() != chunk.len() {
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: {} records for {} ids",
+                        r.records.len(),
+                        chunk.len()
+                    )));
+                }
+                if let Some((want, got)) = chunk
+                    .iter()
+                    .zip(&r.records)
+                    .find(|(want, got)| got.exists && got.id != **want)
+                {
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: the record of {} answered for {want}",
+                        got.id
+                    )));
+                }
+                raws.extend(r.records.into_iter().map(|rec| (r.blockNumber, rec)));
             }
-            // An endpoint that answers fewer records, or another service's record,
-            // is not trusted.
-            if r.records.len() != chunk.len() {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: {} records for {} ids",
-                    r.records.len(),
-                    chunk.len()
-                )));
-            }
-            if let Some((want, got)) = chunk
-                .iter()
-                .zip(&r.records)
-                .find(|(want, got)| got.exists && got.id != **want)
-            {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: the record of {} answered for {want}",
-                    got.id
-                )));
-            }
-            raws.extend(r.records.into_iter().map(|rec| (r.blockNumber, rec)));
+            break;
         }
         let mut spec_wants = Vec::new();
         let mut loc_wants = Vec::new();
