@@ -279,11 +279,17 @@ impl ReplicaProc {
         Ok(())
     }
 
-    /// Whether it exited by itself (crashed).
+    /// Whether it exited by itself (crashed); it then counts as not running (a heal
+    /// starts it again).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
+        let st = self
+            .child
             .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|c| c.try_wait().ok().flatten());
+        if st.is_some() {
+            self.child = None;
+        }
+        st
     }
 
     /// The last `n` lines of its log.

@@ -25,8 +25,9 @@ use crate::proxy::Mode;
 /// Transfer clients (each from its own account into the hub).
 const CLIENTS: usize = 3;
 const INITIAL: u64 = 1_000_000_000;
-/// How long the faults last.
-const HOLD: Duration = Duration::from_secs(4);
+/// How long the faults last (past the replicas' 2 s lease: a stopped or cut off
+/// leader is replaced).
+const HOLD: Duration = Duration::from_secs(3);
 /// A client gives up on one command after this (its outcome is then unknown until the
 /// retry after the heal).
 const OP_DEADLINE: Duration = Duration::from_secs(12);
@@ -323,7 +324,7 @@ impl Matrix {
             }));
         }
         // Warm up, then the faults.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let mut rng = StdRng::seed_from_u64(plan.pick);
         let mut inject_err = None;
         for f in &plan.faults {
@@ -648,6 +649,12 @@ impl Matrix {
         if let Some(w) = self.world.as_mut() {
             for s in 0..3 {
                 let r = &mut w.world.replicas[s];
+                if let Some(st) = r.exited() {
+                    errs.push(format!(
+                        "replica {s} had exited by itself ({st}):\n{}",
+                        r.tail(8)
+                    ));
+                }
                 if let Err(e) = r.resume() {
                     errs.push(e);
                 }
