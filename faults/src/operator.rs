@@ -20,7 +20,7 @@
 //! [`OperatorWorkload::check`]. What inject did is in
 //! [`OperatorWorkload::last_injection`].
 
-mod infra;
+pub mod infra;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -44,8 +44,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use infra::{
-    IptablesDrop, KilledApiserver, OperatorProc, RegistryProc, TcpProxy, Tmpfs, clock_ticks,
-    cpu_ticks, env, metric, noise, poll, unique,
+    ControlPlaneSupervisor, IptablesDrop, KilledApiserver, OperatorProc, RegistryProc, TcpProxy,
+    Tmpfs, clock_ticks, cpu_ticks, env, metric, noise, poll, unique,
 };
 
 /// Anvil's dev account 3 (the workload's chain account: deploys, registers, owns).
@@ -80,6 +80,9 @@ pub struct OperatorCheck {
     pub quiet_reconciles: Option<u64>,
     /// See [`OperatorCheck::quiet_reconciles`].
     pub quiet_cpu_pct: Option<f64>,
+    /// What happened besides (control-plane components restarted since the last
+    /// check).
+    pub notes: Vec<String>,
 }
 
 impl OperatorCheck {
@@ -180,6 +183,8 @@ pub struct OperatorWorkload {
     /// The operator's way to the API server.
     api_proxy: TcpProxy,
     operator: OperatorProc,
+    /// Keeps the kwok control plane running (see [`ControlPlaneSupervisor`]).
+    control_plane: ControlPlaneSupervisor,
     clk_tck: f64,
     active: Option<Active>,
     healed_at: Option<Instant>,
@@ -226,6 +231,7 @@ impl OperatorWorkload {
                 operator_bin.display()
             ));
         }
+        let control_plane = ControlPlaneSupervisor::start()?;
         let run = unique();
         let dir = work_dir.join(format!("operator-{run}"));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -277,7 +283,7 @@ impl OperatorWorkload {
         for (i, (tag, replicas)) in [("a", 3u32), ("b", 2u32)].into_iter().enumerate() {
             let repo = Repository::new(format!("br2k-faults/app-{run}-{tag}"))
                 .map_err(|e| e.to_string())?;
-            let image = build_image(seed.wrapping_add(i as u64 + 1))?;
+            let image = build_image(mix(seed, i as u64 + 10))?;
             for addr in [&primary.addr, &mirror.addr] {
                 let store = OciImageStore::insecure(addr).map_err(|e| e.to_string())?;
                 let d = store
@@ -396,6 +402,7 @@ impl OperatorWorkload {
             mirror_fs,
             api_proxy,
             operator,
+            control_plane,
             clk_tck: clock_ticks(),
             active: None,
             healed_at: None,
@@ -652,11 +659,23 @@ impl OperatorWorkload {
         let t0 = self.healed_at.unwrap_or_else(Instant::now);
         let deadline = Instant::now() + within;
         let mut out = OperatorCheck::default();
+        let res = self.converge(t0, deadline, &mut out).await;
+        out.notes = self.control_plane.take_restarts();
+        res.map(|()| out)
+    }
+
+    /// The loop of [`OperatorWorkload::check`].
+    async fn converge(
+        &mut self,
+        t0: Instant,
+        deadline: Instant,
+        out: &mut OperatorCheck,
+    ) -> Result<(), String> {
         loop {
             if let Some(st) = self.operator.exited() {
                 out.problems = vec![format!("the operator exited: {st}")];
                 out.converged_after = t0.elapsed();
-                return Ok(out);
+                return Ok(());
             }
             let p = self.problems().await;
             if p.is_empty() {
@@ -666,7 +685,7 @@ impl OperatorWorkload {
             if Instant::now() >= deadline {
                 out.converged_after = t0.elapsed();
                 out.problems = p;
-                return Ok(out);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -678,7 +697,7 @@ impl OperatorWorkload {
             }
             Err(e) => out.problems.push(format!("quiet window: {e}")),
         }
-        Ok(out)
+        Ok(())
     }
 
     /// CPU of the operator in % of one core, and the reconciles it counted, over
