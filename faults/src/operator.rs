@@ -39,7 +39,7 @@ use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -232,6 +232,10 @@ impl OperatorWorkload {
             ));
         }
         let control_plane = ControlPlaneSupervisor::start()?;
+        let (cleaned, stale_runs) = infra::clean_stale(work_dir);
+        for line in cleaned {
+            eprintln!("[faults/operator] left by an earlier run: {line}");
+        }
         let run = unique();
         let dir = work_dir.join(format!("operator-{run}"));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -345,6 +349,7 @@ impl OperatorWorkload {
                 .map_err(|e| e.to_string())
         })
         .await?;
+        remove_stale_namespaces(&client, &stale_runs).await;
         let ns = format!("br2k-faults-op-{run}");
         let namespaces: Api<Namespace> = Api::all(client.clone());
         for (name, labels) in [
@@ -379,6 +384,10 @@ impl OperatorWorkload {
                 mirror.addr.clone(),
                 "--allowed-owner".into(),
                 chain.account().to_string(),
+                // Only its own resources: not those of another workload, nor the
+                // ones a killed run left.
+                "--watch-namespace".into(),
+                ns.clone(),
             ],
         );
         let http = reqwest::Client::builder()
@@ -548,6 +557,7 @@ impl OperatorWorkload {
                     self.api_proxy.port,
                     both,
                     &tag,
+                    &self.dir.join("iptables.rules"),
                 )?));
                 self.disturb(svc, disturbance).await?;
             }
@@ -978,6 +988,36 @@ impl Drop for OperatorWorkload {
         self.primary.stop();
         self.mirror.stop();
         self.mirror_fs.unmount();
+    }
+}
+
+/// Deletes the namespaces (and leases) of earlier runs `runs` that are still there
+/// (their process was killed before its shutdown): their resources' finalizers are
+/// dropped first, since no operator serves them any more.
+async fn remove_stale_namespaces(client: &Client, runs: &[String]) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for run in runs {
+        let ns = format!("br2k-faults-op-{run}");
+        if !matches!(namespaces.get_opt(&ns).await, Ok(Some(_))) {
+            continue;
+        }
+        let crs: Api<Br2kService> = Api::namespaced(client.clone(), &ns);
+        if let Ok(list) = crs.list(&ListParams::default()).await {
+            for o in list.items {
+                let _ = crs
+                    .patch(
+                        &o.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        }
+        let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+        let _ = Api::<Lease>::namespaced(client.clone(), "br2k-system")
+            .delete(&format!("br2k-faults-{run}"), &DeleteParams::default())
+            .await;
+        eprintln!("[faults/operator] left by an earlier run: deleted namespace {ns}");
     }
 }
 

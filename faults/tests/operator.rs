@@ -8,7 +8,9 @@
 //! one: it kills the API server and cuts ports), root (iptables, mount) and the
 //! operator binary (`BR2K_OPERATOR_BIN`, else `br2k-operator` beside the test's
 //! target directory: `cargo build -p br2k-operator`). `BR2K_FAULTS_ONLY=a,b` runs
-//! only those faults; `BR2K_FAULTS_SEED` sets the first seed (default 1).
+//! only those faults; `BR2K_FAULTS_SEED` sets the first seed (default 1);
+//! `BR2K_FAULTS_KEEP=1` keeps the work directory (the operator's log);
+//! `BR2K_FAULTS_WORK_DIR` puts it there (a run cleans up what a killed run left).
 //!
 //! `cargo test -p br2k-faults --test operator -- --ignored --nocapture`
 
@@ -51,7 +53,11 @@ async fn every_operator_fault_converges_without_a_hot_loop() {
         .collect();
     assert!(!faults.is_empty(), "no fault selected ({only:?})");
     let work = tempfile::tempdir().expect("temp dir");
-    let mut w = OperatorWorkload::start(operator_bin(), work.path())
+    // A fixed work directory lets a run clean up what a killed one left there.
+    let dir = std::env::var_os("BR2K_FAULTS_WORK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.path().to_owned());
+    let mut w = OperatorWorkload::start(operator_bin(), &dir)
         .await
         .unwrap_or_else(|e| panic!("start: {e}"));
     let mut failures = Vec::new();
@@ -84,5 +90,9 @@ async fn every_operator_fault_converges_without_a_hot_loop() {
         eprintln!("--- operator log (tail) ---\n{}", w.log_tail(80));
     }
     w.shutdown().await;
+    if std::env::var_os("BR2K_FAULTS_KEEP").is_some() {
+        // The work directory (logs) outlives the test.
+        std::mem::forget(work);
+    }
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }

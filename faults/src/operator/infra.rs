@@ -224,6 +224,7 @@ impl RegistryProc {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", self.bin))?;
+        record_pid(&self.log, child.id());
         self.child = Some(child);
         let addr = self.addr.clone();
         poll(Duration::from_secs(15), "registry listening", async || {
@@ -491,6 +492,7 @@ impl OperatorProc {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
+        record_pid(&self.log, child.id());
         self.child = Some(child);
         self.stopped = false;
         Ok(())
@@ -574,11 +576,14 @@ impl Drop for OperatorProc {
 /// [`IptablesDrop::remove`] and on drop.
 pub struct IptablesDrop {
     rules: Vec<Vec<String>>,
+    /// The rules, one a line, written before they are inserted (see [`clean_stale`]).
+    record: PathBuf,
 }
 
 impl IptablesDrop {
-    /// Drops packets to `port` (`both`: also from it) on loopback.
-    pub fn install(port: u16, both: bool, tag: &str) -> Result<Self, String> {
+    /// Drops packets to `port` (`both`: also from it) on loopback; the rules are
+    /// written to file `record` first.
+    pub fn install(port: u16, both: bool, tag: &str, record: &Path) -> Result<Self, String> {
         let rule = |dir: &str| -> Vec<String> {
             [
                 "-i",
@@ -598,12 +603,18 @@ impl IptablesDrop {
             .map(|s| (*s).to_owned())
             .collect()
         };
-        let mut me = Self { rules: Vec::new() };
+        let mut me = Self {
+            rules: Vec::new(),
+            record: record.to_owned(),
+        };
         let dirs: &[&str] = if both {
             &["--dport", "--sport"]
         } else {
             &["--dport"]
         };
+        let lines: Vec<String> = dirs.iter().map(|d| rule(d).join(" ")).collect();
+        fs::write(record, lines.join("\n") + "\n")
+            .map_err(|e| format!("{}: {e}", record.display()))?;
         for dir in dirs {
             let r = rule(dir);
             let mut args = vec!["-w", "-I", "INPUT"];
@@ -625,6 +636,7 @@ impl IptablesDrop {
             }
         }
         if left.is_empty() {
+            let _ = fs::remove_file(&self.record);
             Ok(())
         } else {
             Err(left.join("; "))
@@ -925,4 +937,81 @@ impl Drop for KilledApiserver {
             eprintln!("[faults/operator] restarting kube-apiserver: {e}");
         }
     }
+}
+
+// ------------------------------------------------------------------ leftovers
+
+/// Writes `pid` beside `log` (`NAME.pid` for `NAME.log`), for [`clean_stale`].
+fn record_pid(log: &Path, pid: u32) {
+    let _ = fs::write(log.with_extension("pid"), format!("{pid}\n"));
+}
+
+/// Whether process `pid` runs a command line containing `needle`.
+fn runs(pid: u32, needle: &str) -> bool {
+    alive(pid)
+        && fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+}
+
+/// Undoes what an earlier workload under `work_dir` left when its process was
+/// killed without unwinding (SIGKILL, a second ^C) in its directory
+/// `work_dir/operator-*`: its operator (maybe SIGSTOPped) and registry processes
+/// (by the pid files they left, if the pid still runs that program), its iptables
+/// rules and its tmpfs. The directory itself (logs) stays. Returns what it did and
+/// the run ids of the directories (`operator-<run>`).
+pub fn clean_stale(work_dir: &Path) -> (Vec<String>, Vec<String>) {
+    let mut did = Vec::new();
+    let mut ids = Vec::new();
+    let Ok(entries) = fs::read_dir(work_dir) else {
+        return (did, ids);
+    };
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for e in entries.flatten() {
+        let dir = e.path();
+        let id = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("operator-"))
+            .map(str::to_owned);
+        let Some(id) = id.filter(|_| dir.is_dir()) else {
+            continue;
+        };
+        ids.push(id);
+        for (pid_file, needle) in [
+            (dir.join("operator.pid"), "br2k-operator"),
+            (dir.join("registry-primary/registry.pid"), "registry"),
+            (dir.join("registry-mirror/registry.pid"), "registry"),
+        ] {
+            if let Ok(pid) = read_pid(&pid_file)
+                && runs(pid, needle)
+            {
+                let _ = signal(pid, "CONT");
+                let _ = signal(pid, "KILL");
+                did.push(format!("killed {needle} {pid} ({})", pid_file.display()));
+            }
+            let _ = fs::remove_file(&pid_file);
+        }
+        if let Ok(rules) = fs::read_to_string(dir.join("iptables.rules")) {
+            for r in rules.lines().filter(|l| !l.trim().is_empty()) {
+                let mut args = vec!["-w", "-D", "INPUT"];
+                args.extend(r.split(' '));
+                if run("iptables", &args).is_ok() {
+                    did.push(format!("removed iptables rule {r}"));
+                }
+            }
+            let _ = fs::remove_file(dir.join("iptables.rules"));
+        }
+        let data = dir.join("registry-mirror/data");
+        let data_s = data.to_string_lossy().into_owned();
+        if mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(data_s.as_str()))
+        {
+            match run("umount", &["-l", &data_s]) {
+                Ok(_) => did.push(format!("unmounted {data_s}")),
+                Err(e) => did.push(format!("umount {data_s}: {e}")),
+            }
+        }
+    }
+    (did, ids)
 }
