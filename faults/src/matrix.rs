@@ -337,7 +337,12 @@ impl Matrix {
             }
         }
         if inject_err.is_none() {
-            tokio::time::sleep(HOLD).await;
+            // BR2K_FAULTS_HOLD_MS: a longer (or shorter) fault, to chase a finding.
+            let hold = std::env::var("BR2K_FAULTS_HOLD_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(HOLD, Duration::from_millis);
+            tokio::time::sleep(hold).await;
         }
         let healed = start.elapsed();
         let heal_result = self.heal_all().await;
