@@ -132,10 +132,11 @@ pub struct Injection {
     pub fault: String,
     /// The seed.
     pub seed: u64,
-    /// The service disturbed (`a` or `b`) and how.
+    /// The service chosen (`a` or `b`): disturbed, or whose repository left the
+    /// mirror.
     pub service: String,
-    /// See [`Disturbance`].
-    pub disturbance: Disturbance,
+    /// How it was disturbed (the run's first fault only).
+    pub disturbance: Option<Disturbance>,
     /// Free text (e.g. how many reconciles the operator had started when killed).
     pub note: String,
 }
@@ -186,9 +187,11 @@ pub struct OperatorWorkload {
     /// Keeps the kwok control plane running (see [`ControlPlaneSupervisor`]).
     control_plane: ControlPlaneSupervisor,
     clk_tck: f64,
-    active: Option<Active>,
+    /// The faults in effect, in the order injected.
+    active: Vec<Active>,
     healed_at: Option<Instant>,
-    last: Option<Injection>,
+    /// The injections of the current (or last) run.
+    injections: Vec<Injection>,
 }
 
 /// splitmix64: the seeded choices of a run.
@@ -413,9 +416,9 @@ impl OperatorWorkload {
             operator,
             control_plane,
             clk_tck: clock_ticks(),
-            active: None,
+            active: Vec::new(),
             healed_at: None,
-            last: None,
+            injections: Vec::new(),
         };
         if let Err(e) = w.deploy().await {
             let tail = w.log_tail(40);
@@ -487,7 +490,12 @@ impl OperatorWorkload {
 
     /// What the last [`OperatorWorkload::inject`] did.
     pub fn last_injection(&self) -> Option<&Injection> {
-        self.last.as_ref()
+        self.injections.last()
+    }
+
+    /// What the injections of the current (or last) run did.
+    pub fn injections(&self) -> &[Injection] {
+        &self.injections
     }
 
     /// The last `lines` lines of the operator's log.
@@ -499,34 +507,62 @@ impl OperatorWorkload {
 
     // -------------------------------------------------------------- faults
 
-    /// Starts fault `fault` (one of [`Self::FAULTS`]) and disturbs one service (chosen
-    /// with the disturbance from `seed`) while it is in effect; returns once both are
-    /// done. A fault still in effect is an error (call [`Self::heal`] first).
+    /// Starts fault `fault` (one of [`Self::FAULTS`]); returns once it is in effect.
+    ///
+    /// The first fault of a run (none in effect) also disturbs one service while it
+    /// is in effect (the service and the [`Disturbance`] are chosen from `seed`), so
+    /// the operator has something to repair during the fault: after the fault for
+    /// `apiserver-restart` (kubectl needs the API server: disturbed just before the
+    /// kill), `operator-kill-mid-recovery` (disturbed, then killed once a reconcile
+    /// started) and `registry-disk-full` (the service's repository is removed from
+    /// the full mirror). A second fault of the same run (a pair) does not disturb
+    /// again. A fault already in effect, or one whose injection fails, is an error;
+    /// on an error every fault in effect is healed before returning.
     pub async fn inject(&mut self, fault: &str, seed: u64) -> Result<(), String> {
-        if self.active.is_some() {
-            return Err("a fault is still in effect (heal first)".into());
-        }
         if !Self::FAULTS.contains(&fault) {
             return Err(format!("unknown fault {fault}"));
         }
+        if self.injections.iter().any(|i| i.fault == fault) && !self.active.is_empty() {
+            return Err(format!("{fault} is in effect already"));
+        }
+        if self.active.is_empty() {
+            self.injections.clear();
+        }
+        let res = self.inject_one(fault, seed).await;
+        if res.is_err() {
+            let _ = self.heal().await;
+        }
+        res
+    }
+
+    async fn inject_one(&mut self, fault: &str, seed: u64) -> Result<(), String> {
         self.healed_at = None;
+        let first = self.active.is_empty();
         let svc = (mix(seed, 1) % self.services.len() as u64) as usize;
         let disturbance = Disturbance::ALL[(mix(seed, 2) % 4) as usize];
         let mut note = String::new();
+        // Disturbs when this is the run's first fault.
+        let disturb = async |me: &Self| -> Result<(), String> {
+            if first {
+                me.disturb(svc, disturbance).await
+            } else {
+                Ok(())
+            }
+        };
         match fault {
             "operator-kill" => {
                 self.operator.kill();
-                self.active = Some(Active::OperatorKilled);
-                self.disturb(svc, disturbance).await?;
+                self.active.push(Active::OperatorKilled);
+                disturb(self).await?;
             }
             "operator-stop" => {
                 self.operator.pause()?;
-                self.active = Some(Active::OperatorStopped);
-                self.disturb(svc, disturbance).await?;
+                self.active.push(Active::OperatorStopped);
+                disturb(self).await?;
             }
             "operator-kill-mid-recovery" => {
-                let before = self.reconciles().await?;
-                self.disturb(svc, disturbance).await?;
+                let before = self.reconciles().await.unwrap_or(0);
+                disturb(self).await?;
                 // The operator counts a reconcile when it starts one: kill it as soon
                 // as one started after the disturbance.
                 let started = poll(Duration::from_secs(10), "a reconcile starts", async || {
@@ -539,7 +575,7 @@ impl OperatorWorkload {
                 })
                 .await;
                 self.operator.kill();
-                self.active = Some(Active::OperatorKilled);
+                self.active.push(Active::OperatorKilled);
                 note = match started {
                     Ok(n) => format!("killed with reconcile {} started", n - before),
                     Err(e) => format!("killed without a reconcile seen: {e}"),
@@ -547,49 +583,56 @@ impl OperatorWorkload {
             }
             "apiserver-restart" => {
                 // Disturb first: the repair is under way when the API server goes.
-                self.disturb(svc, disturbance).await?;
-                self.active = Some(Active::Apiserver(KilledApiserver::kill().await?));
+                disturb(self).await?;
+                let killed = KilledApiserver::kill().await?;
+                self.active.push(Active::Apiserver(killed));
             }
             "apiserver-partition-both" | "apiserver-partition-oneway" => {
                 let both = fault.ends_with("both");
                 let tag = format!("br2k-faults-{}", self.ns);
-                self.active = Some(Active::Partition(IptablesDrop::install(
+                let guard = IptablesDrop::install(
                     self.api_proxy.port,
                     both,
                     &tag,
-                    &self.dir.join("iptables.rules"),
-                )?));
-                self.disturb(svc, disturbance).await?;
+                    &self.dir.join(format!("iptables-{fault}.rules")),
+                )?;
+                self.active.push(Active::Partition(guard));
+                disturb(self).await?;
             }
             "registry-stop" => {
                 self.primary_proxy.stop().await;
                 self.primary.stop();
-                self.active = Some(Active::RegistryStopped);
-                self.disturb(svc, disturbance).await?;
+                self.active.push(Active::RegistryStopped);
+                disturb(self).await?;
             }
             "registry-5xx" => {
                 self.primary_proxy.set_failing(true).await;
-                self.active = Some(Active::Registry5xx);
-                self.disturb(svc, disturbance).await?;
+                self.active.push(Active::Registry5xx);
+                disturb(self).await?;
             }
             "registry-disk-full" => {
-                // The disturbed service's repository leaves the mirror, which is full:
-                // the operator must copy the image there and cannot until the heal.
+                // The service's repository leaves the mirror, which is full: the
+                // operator must copy the image there and cannot until the heal.
                 let repo_dir = self.mirror.repo_dir(self.services[svc].repo.as_str());
-                fs::remove_dir_all(&repo_dir)
-                    .map_err(|e| format!("{}: {e}", repo_dir.display()))?;
-                self.active = Some(Active::DiskFull);
+                if repo_dir.exists() {
+                    fs::remove_dir_all(&repo_dir)
+                        .map_err(|e| format!("{}: {e}", repo_dir.display()))?;
+                }
+                self.active.push(Active::DiskFull);
                 let n = self.mirror_fs.fill("filler")?;
-                note = format!("mirror full ({n} bytes of filler), repository removed");
-                self.disturb(svc, disturbance).await?;
+                note = format!(
+                    "mirror full ({n} bytes of filler), repository of {} removed",
+                    self.services[svc].tag
+                );
+                disturb(self).await?;
             }
             _ => unreachable!("checked against FAULTS"),
         }
-        self.last = Some(Injection {
+        self.injections.push(Injection {
             fault: fault.to_owned(),
             seed,
             service: self.services[svc].tag.clone(),
-            disturbance,
+            disturbance: first.then_some(disturbance),
             note,
         });
         Ok(())
@@ -632,30 +675,40 @@ impl OperatorWorkload {
         Ok(())
     }
 
-    /// Ends every fault this workload injected.
+    /// Ends every fault this workload injected (the last one first); the error
+    /// names every heal that failed.
     pub async fn heal(&mut self) -> Result<(), String> {
-        let res = match self.active.take() {
-            None => Ok(()),
-            Some(Active::OperatorKilled) => self.operator.start(),
-            Some(Active::OperatorStopped) => self.operator.resume(),
-            Some(Active::Apiserver(mut a)) => a.restart().map(drop),
-            Some(Active::Partition(mut p)) => p.remove(),
-            Some(Active::RegistryStopped) => {
-                let r = self.primary.start().await;
-                let p = self.primary_proxy.resume().await;
-                r.and(p)
+        let mut errors = Vec::new();
+        while let Some(a) = self.active.pop() {
+            let res = match a {
+                Active::OperatorKilled => self.operator.start(),
+                Active::OperatorStopped => self.operator.resume(),
+                Active::Apiserver(mut a) => a.restart().map(drop),
+                Active::Partition(mut p) => p.remove(),
+                Active::RegistryStopped => {
+                    let r = self.primary.start().await;
+                    let p = self.primary_proxy.resume().await;
+                    r.and(p)
+                }
+                Active::Registry5xx => {
+                    self.primary_proxy.set_failing(false).await;
+                    Ok(())
+                }
+                Active::DiskFull => {
+                    let f = self.mirror_fs.dir.join("filler");
+                    fs::remove_file(&f).map_err(|e| format!("{}: {e}", f.display()))
+                }
+            };
+            if let Err(e) = res {
+                errors.push(e);
             }
-            Some(Active::Registry5xx) => {
-                self.primary_proxy.set_failing(false).await;
-                Ok(())
-            }
-            Some(Active::DiskFull) => {
-                let f = self.mirror_fs.dir.join("filler");
-                fs::remove_file(&f).map_err(|e| format!("{}: {e}", f.display()))
-            }
-        };
+        }
         self.healed_at = Some(Instant::now());
-        res
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     // -------------------------------------------------------------- check
@@ -663,7 +716,7 @@ impl OperatorWorkload {
     /// Waits at most `within` until both services match their record, then measures
     /// the operator over a quiet window.
     pub async fn check(&mut self, within: Duration) -> Result<OperatorCheck, String> {
-        if self.active.is_some() {
+        if !self.active.is_empty() {
             return Err("a fault is still in effect (heal first)".into());
         }
         let t0 = self.healed_at.unwrap_or_else(Instant::now);
@@ -980,8 +1033,10 @@ impl Drop for OperatorWorkload {
         // Undo a fault still in effect (rules, a stopped operator, the API server:
         // each guard does its own part when dropped), then stop the processes and
         // unmount (the fields' own drops, in this order).
-        if let Some(Active::DiskFull) = self.active.take() {
-            let _ = fs::remove_file(self.mirror_fs.dir.join("filler"));
+        for a in self.active.drain(..) {
+            if let Active::DiskFull = a {
+                let _ = fs::remove_file(self.mirror_fs.dir.join("filler"));
+            }
         }
         let _ = self.operator.resume();
         self.operator.kill();

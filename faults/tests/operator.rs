@@ -1,6 +1,6 @@
 //! The operator workload against the real stack: start (two services, the operator
 //! binary), then every fault of `OperatorWorkload::FAULTS` once (inject with its
-//! disturbance, a few seconds, heal, check), then shutdown. Each run must converge
+//! disturbance, a few seconds, heal, check) and a few pairs of them, then shutdown. Each run must converge
 //! (both services back to their record, read from the chain, the API server and the
 //! registries' storage) with no hot loop after.
 //!
@@ -23,6 +23,14 @@ use br2k_faults::operator::OperatorWorkload;
 const FAULT_WINDOW: Duration = Duration::from_secs(4);
 /// Longest wait for convergence after the heal.
 const WITHIN: Duration = Duration::from_secs(90);
+/// The pairs run after the single faults (`BR2K_FAULTS_NO_PAIRS` skips them).
+const PAIRS: [(&str, &str); 5] = [
+    ("operator-stop", "registry-5xx"),
+    ("apiserver-restart", "apiserver-partition-oneway"),
+    ("registry-stop", "registry-disk-full"),
+    ("operator-kill", "operator-stop"),
+    ("apiserver-partition-both", "operator-kill-mid-recovery"),
+];
 
 fn operator_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BR2K_OPERATOR_BIN") {
@@ -60,30 +68,56 @@ async fn every_operator_fault_converges_without_a_hot_loop() {
     let mut w = OperatorWorkload::start(operator_bin(), &dir)
         .await
         .unwrap_or_else(|e| panic!("start: {e}"));
+    // Every selected fault alone, then pairs of them (both in effect together).
+    let mut runs: Vec<Vec<&str>> = faults.iter().map(|f| vec![*f]).collect();
+    if std::env::var_os("BR2K_FAULTS_NO_PAIRS").is_none() {
+        runs.extend(
+            PAIRS
+                .iter()
+                .filter(|(a, b)| faults.contains(a) && faults.contains(b))
+                .map(|(a, b)| vec![*a, *b]),
+        );
+    }
     let mut failures = Vec::new();
-    for (i, fault) in faults.iter().enumerate() {
+    for (i, run) in runs.iter().enumerate() {
         let seed = seed0 + i as u64;
-        if let Err(e) = w.inject(fault, seed).await {
-            failures.push(format!("{fault} (seed {seed}): inject: {e}"));
+        let label = run.join("+");
+        let mut injected = Ok(());
+        for fault in run {
+            injected = w.inject(fault, seed).await;
+            if injected.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = injected {
+            failures.push(format!("{label} (seed {seed}): inject: {e}"));
             let _ = w.heal().await;
             continue;
         }
         tokio::time::sleep(FAULT_WINDOW).await;
         let healed = w.heal().await;
-        let inj = w.last_injection().cloned();
+        let what: Vec<String> = w
+            .injections()
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}: {} {} {}",
+                    i.fault,
+                    i.service,
+                    i.disturbance.map_or("-", |d| d.name()),
+                    i.note
+                )
+            })
+            .collect();
         let c = w.check(WITHIN).await;
-        eprintln!(
-            "[operator] {fault} seed {seed} {:?}: {c:?}",
-            inj.as_ref()
-                .map(|i| format!("{} {} {}", i.service, i.disturbance.name(), i.note))
-        );
+        eprintln!("[operator] {label} seed {seed} {what:?}: {c:?}");
         if let Err(e) = healed {
-            failures.push(format!("{fault} (seed {seed}): heal: {e}"));
+            failures.push(format!("{label} (seed {seed}): heal: {e}"));
         }
         match c {
             Ok(c) if c.passed() => {}
-            Ok(c) => failures.push(format!("{fault} (seed {seed}): {c:?}")),
-            Err(e) => failures.push(format!("{fault} (seed {seed}): check: {e}")),
+            Ok(c) => failures.push(format!("{label} (seed {seed}): {c:?}")),
+            Err(e) => failures.push(format!("{label} (seed {seed}): check: {e}")),
         }
     }
     if !failures.is_empty() {

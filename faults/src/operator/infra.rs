@@ -516,9 +516,11 @@ impl OperatorProc {
         }
     }
 
-    /// SIGSTOP.
+    /// SIGSTOP (nothing when it does not run: it is down already).
     pub fn pause(&mut self) -> Result<(), String> {
-        let pid = self.pid().ok_or("operator not running")?;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
         signal(pid, "STOP")?;
         self.stopped = true;
         Ok(())
@@ -991,15 +993,28 @@ pub fn clean_stale(work_dir: &Path) -> (Vec<String>, Vec<String>) {
             }
             let _ = fs::remove_file(&pid_file);
         }
-        if let Ok(rules) = fs::read_to_string(dir.join("iptables.rules")) {
-            for r in rules.lines().filter(|l| !l.trim().is_empty()) {
+        let rule_files = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("iptables") && n.ends_with(".rules"))
+            });
+        for f in rule_files {
+            for r in fs::read_to_string(f.path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+            {
                 let mut args = vec!["-w", "-D", "INPUT"];
                 args.extend(r.split(' '));
                 if run("iptables", &args).is_ok() {
                     did.push(format!("removed iptables rule {r}"));
                 }
             }
-            let _ = fs::remove_file(dir.join("iptables.rules"));
+            let _ = fs::remove_file(f.path());
         }
         let data = dir.join("registry-mirror/data");
         let data_s = data.to_string_lossy().into_owned();
