@@ -37,9 +37,9 @@ const SETTLER_KEY: &str = "2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf707
 pub const LEASE_TTL_SECS: u64 = 2;
 /// A snapshot every this many log entries (several per run, so registry faults hit
 /// snapshot pushes).
-pub const SNAPSHOT_EVERY: u64 = 40;
+pub const SNAPSHOT_EVERY: u64 = 100;
 /// Size of the snapshot registry's tmpfs.
-const REGISTRY_TMPFS: &str = "48m";
+const REGISTRY_TMPFS: &str = "256m";
 
 /// Where `libfaketime` is (Debian's `faketime` package).
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";

@@ -48,7 +48,7 @@ fn parse() -> Result<Args, String> {
     let mut ledger_bin = exe_dir.join("ledger");
     let mut operator_bin = Some(exe_dir.join("br2k-operator"));
     let mut work_dir = None;
-    let mut world_runs = 20;
+    let mut world_runs = 10;
     while let Some(a) = argv.next() {
         let mut val = |name: &str| argv.next().ok_or_else(|| format!("{name} needs a value"));
         match a.as_str() {

@@ -94,7 +94,6 @@ struct StackProcs {
 pub struct Matrix {
     opts: Options,
     stack: Stack,
-    registry: SnapshotRegistry,
     procs: StackProcs,
     firewall: Firewall,
     operator: Option<OperatorWorkload>,
@@ -104,6 +103,9 @@ pub struct Matrix {
 
 struct WorldState {
     world: World,
+    /// Its snapshot registry (a fresh tmpfs per world: snapshots grow with the
+    /// idempotency keys they remember).
+    registry: SnapshotRegistry,
     /// The state after the last run (checked).
     model: BTreeMap<String, u64>,
     /// Every settlement acknowledged in this world.
@@ -125,8 +127,6 @@ impl Matrix {
     pub async fn start(opts: Options) -> Result<Self, String> {
         let stack = Stack::open(&opts.stack_dir)?;
         std::fs::create_dir_all(&opts.work_dir).map_err(|e| e.to_string())?;
-        let registry =
-            SnapshotRegistry::start(stack.var("BR2K_REGISTRY_BIN")?, &opts.work_dir).await?;
         let etcd = (0..3)
             .map(|i| StackProc::open(&stack.dir, &format!("etcd-{i}")))
             .collect::<Result<Vec<_>, _>>()?;
@@ -144,7 +144,6 @@ impl Matrix {
         Ok(Self {
             opts,
             stack,
-            registry,
             procs: StackProcs {
                 etcd,
                 anvil,
@@ -166,14 +165,10 @@ impl Matrix {
         self.worlds += 1;
         let name = format!("f{}-w{}", std::process::id(), self.worlds);
         let dir = self.opts.work_dir.join(&name);
-        let world = World::start(
-            &self.stack,
-            &self.opts.ledger_bin,
-            &self.registry,
-            &dir,
-            &name,
-        )
-        .await?;
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let registry = SnapshotRegistry::start(self.stack.var("BR2K_REGISTRY_BIN")?, &dir).await?;
+        let world =
+            World::start(&self.stack, &self.opts.ledger_bin, &registry, &dir, &name).await?;
         let c = world.client();
         if c.wait_leader(Duration::from_secs(90)).await.is_none() {
             return Err(format!("no leader in the new world\n{}", world.logs(20)));
@@ -203,6 +198,7 @@ impl Matrix {
         }
         self.world = Some(WorldState {
             world,
+            registry,
             model,
             settled: BTreeMap::new(),
             runs: 0,
@@ -556,7 +552,8 @@ impl Matrix {
             return Ok(format!("operator:{class}"));
         }
         let leader = client.wait_leader(Duration::from_secs(10)).await;
-        let w = &mut self.world.as_mut().expect("world").world;
+        let ws = self.world.as_mut().expect("world");
+        let (w, registry) = (&mut ws.world, &ws.registry);
         let pick_replica = |rng: &mut StdRng, want_leader: bool| -> usize {
             match leader {
                 Some(l) if want_leader => l,
@@ -595,15 +592,15 @@ impl Matrix {
                 Ok("anvil".into())
             }
             "snapshot-registry-down" => {
-                self.registry.proxy.set(Mode::Refuse);
+                registry.proxy.set(Mode::Refuse);
                 Ok("registry".into())
             }
             "snapshot-registry-5xx" => {
-                self.registry.proxy.set(Mode::Http503);
+                registry.proxy.set(Mode::Http503);
                 Ok("registry".into())
             }
             "snapshot-registry-disk-full" => {
-                let n = self.registry.fill_disk()?;
+                let n = registry.fill_disk()?;
                 Ok(format!("registry tmpfs (+{} KiB)", n / 1024))
             }
             "partition-both" | "partition-to-etcd" | "partition-from-etcd" => {
@@ -641,8 +638,6 @@ impl Matrix {
         if let Err(e) = self.firewall.heal() {
             errs.push(e);
         }
-        self.registry.proxy.set(Mode::Pass);
-        self.registry.free_disk();
         if let Err(e) = self.procs.anvil.heal() {
             errs.push(e);
         }
@@ -652,6 +647,8 @@ impl Matrix {
             }
         }
         if let Some(w) = self.world.as_mut() {
+            w.registry.proxy.set(Mode::Pass);
+            w.registry.free_disk();
             for s in 0..3 {
                 let r = &mut w.world.replicas[s];
                 if let Some(st) = r.exited() {
