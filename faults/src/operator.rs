@@ -73,8 +73,13 @@ pub struct OperatorCheck {
     pub converged_after: Duration,
     /// What did not match (empty when converged).
     pub problems: Vec<String>,
-    /// Whether the operator was busy in a loop while nothing was wrong.
+    /// Whether the operator was busy in a loop: more than 20 reconciles or 50% of a
+    /// core in the quiet window after convergence, or more than 50% of a core
+    /// while the fault lasted (from the injection to the heal, when the same
+    /// operator process ran throughout).
     pub hot_loop: bool,
+    /// CPU (% of one core) of the operator while the fault lasted, if measured.
+    pub fault_cpu_pct: Option<f64>,
     /// Reconciles and CPU (% of one core) of the operator over the quiet window
     /// after convergence (not measured when it did not converge).
     pub quiet_reconciles: Option<u64>,
@@ -190,6 +195,10 @@ pub struct OperatorWorkload {
     /// The faults in effect, in the order injected.
     active: Vec<Active>,
     healed_at: Option<Instant>,
+    /// The operator's pid, CPU ticks and the time when the last injection returned.
+    fault_cpu_start: Option<(u32, u64, Instant)>,
+    /// CPU (% of one core) of the operator from the injection to the heal.
+    fault_cpu_pct: Option<f64>,
     /// The injections of the current (or last) run.
     injections: Vec<Injection>,
 }
@@ -418,6 +427,8 @@ impl OperatorWorkload {
             clk_tck: clock_ticks(),
             active: Vec::new(),
             healed_at: None,
+            fault_cpu_start: None,
+            fault_cpu_pct: None,
             injections: Vec::new(),
         };
         if let Err(e) = w.deploy().await {
@@ -532,6 +543,11 @@ impl OperatorWorkload {
         if res.is_err() {
             let _ = self.heal().await;
         }
+        // The window of the CPU measurement: from the run's last injection.
+        self.fault_cpu_start = self
+            .operator
+            .pid()
+            .and_then(|pid| cpu_ticks(pid).ok().map(|t| (pid, t, Instant::now())));
         res
     }
 
@@ -678,6 +694,12 @@ impl OperatorWorkload {
     /// Ends every fault this workload injected (the last one first); the error
     /// names every heal that failed.
     pub async fn heal(&mut self) -> Result<(), String> {
+        self.fault_cpu_pct = self.fault_cpu_start.take().and_then(|(pid, t0, at)| {
+            let same = self.operator.pid() == Some(pid);
+            let t1 = cpu_ticks(pid).ok().filter(|_| same)?;
+            let wall = at.elapsed().as_secs_f64().max(0.001);
+            Some(t1.saturating_sub(t0) as f64 / self.clk_tck / wall * 100.0)
+        });
         let mut errors = Vec::new();
         while let Some(a) = self.active.pop() {
             let res = match a {
@@ -721,7 +743,11 @@ impl OperatorWorkload {
         }
         let t0 = self.healed_at.unwrap_or_else(Instant::now);
         let deadline = Instant::now() + within;
-        let mut out = OperatorCheck::default();
+        let mut out = OperatorCheck {
+            fault_cpu_pct: self.fault_cpu_pct.take(),
+            ..OperatorCheck::default()
+        };
+        out.hot_loop = out.fault_cpu_pct.is_some_and(|c| c > MAX_QUIET_CPU_PCT);
         let res = self.converge(t0, deadline, &mut out).await;
         out.notes = self.control_plane.take_restarts();
         res.map(|()| out)
@@ -756,7 +782,7 @@ impl OperatorWorkload {
             Ok((pct, n)) => {
                 out.quiet_cpu_pct = Some(pct);
                 out.quiet_reconciles = Some(n);
-                out.hot_loop = n > MAX_QUIET_RECONCILES || pct > MAX_QUIET_CPU_PCT;
+                out.hot_loop |= n > MAX_QUIET_RECONCILES || pct > MAX_QUIET_CPU_PCT;
             }
             Err(e) => out.problems.push(format!("quiet window: {e}")),
         }
