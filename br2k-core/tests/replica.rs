@@ -351,11 +351,13 @@ async fn histories_under_leader_crashes_are_linearizable() {
     );
 }
 
-/// A log whose appends fail (unavailable, nothing written) while `fail` is set.
+/// A log whose appends fail (unavailable, nothing written) while `fail` is set, and
+/// whose leader reads fail while `fail_leader` is set.
 #[derive(Debug, Clone)]
 struct FlakyAppends {
     inner: InMemoryLog,
     fail: Arc<std::sync::atomic::AtomicBool>,
+    fail_leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait::async_trait]
@@ -367,6 +369,9 @@ impl ReplicatedLog for FlakyAppends {
         self.inner.resign(l).await
     }
     async fn leader(&self) -> br2k_core::Result<Option<br2k_core::log::LeaderInfo>> {
+        if self.fail_leader.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("leader: injected failure"));
+        }
         self.inner.leader().await
     }
     async fn observe(&self) -> br2k_core::Result<br2k_core::log::LeaderStream> {
@@ -430,6 +435,7 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
     let log = FlakyAppends {
         inner: c.log.connect(),
         fail: fail.clone(),
+        fail_leader: Arc::default(),
     };
     let effect = BreaksTheLog {
         inner: c.effect.clone(),
@@ -539,6 +545,62 @@ async fn once_whose_caller_went_away_is_still_resolved() {
     assert!(gave_up.is_err(), "{gave_up:?}");
     let again = r.once("s-1", settle.clone()).await;
     let out = again.expect("the retry gets the settlement's result");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+}
+
+/// Found by the fault matrix (#17, etcd member killed under load, long run seed 1039):
+/// the leader's check that it still leads (an etcd read) failed while a member was
+/// down, so the settlement's resolution gave up as "not the leader" although the
+/// replica went on leading: the key stayed pending and every retry waited in vain.
+/// The resolution now goes on while the replica leads.
+#[tokio::test]
+async fn once_resolution_survives_a_failed_leadership_check() {
+    let c = Cluster::new(0).await;
+    let fail_leader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = FlakyAppends {
+        inner: c.log.connect(),
+        fail: Arc::default(),
+        fail_leader: fail_leader.clone(),
+    };
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_millis(700);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(log),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(c.effect.clone())),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // The leadership check fails for a while (an etcd member is down).
+    fail_leader.store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = r.once("s-1", settle.clone()).await;
+    assert!(first.is_err(), "{first:?}");
+    fail_leader.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(r.role(), ReplicaRole::Leader, "it still leads");
+    let mut answer = None;
+    for _ in 0..10 {
+        if let Ok(out) = r.once("s-1", settle.clone()).await {
+            answer = Some(out);
+            break;
+        }
+    }
+    let out = answer.expect("the retry is answered once the check works again");
     assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
 }

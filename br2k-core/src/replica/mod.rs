@@ -975,7 +975,10 @@ impl<S: StateMachine> Shared<S> {
                     .resolve(effect.clone(), key.clone(), cmd.clone(), true)
                     .await
                 {
-                    Ok(()) | Err(ReplicaError::NotLeader { .. }) => return,
+                    Ok(()) => return,
+                    // Also "not the leader": the leadership check reads etcd and fails
+                    // while a member is down, though this replica still leads (the
+                    // loop ends when it really stops leading).
                     Err(e) => {
                         tracing::warn!(key, error = %e, "cannot resolve an effect yet; retrying")
                     }
