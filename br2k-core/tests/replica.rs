@@ -604,3 +604,113 @@ async fn once_resolution_survives_a_failed_leadership_check() {
     assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
 }
+
+/// An effect whose first `lookup` fails (the chain briefly unreachable).
+#[derive(Debug, Clone)]
+struct LookupFailsOnce {
+    inner: BreaksTheLog,
+    failures: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for LookupFailsOnce {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        if self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(Error::unavailable("lookup: injected failure"));
+        }
+        self.inner.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        self.inner.run(key, c).await
+    }
+}
+
+/// Found while fixing the matrix's findings (#17): a new leader resolved an intent its
+/// predecessor left pending with a single attempt; when that attempt failed (the chain
+/// briefly unreachable) the key stayed pending for the whole leadership. It now keeps
+/// trying while it leads.
+#[tokio::test]
+async fn a_new_leader_keeps_resolving_an_inherited_intent() {
+    let c = Cluster::new(0).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut rs = Vec::new();
+    for n in 0..2 {
+        let log = FlakyAppends {
+            inner: c.log.connect(),
+            fail: if n == 0 { fail.clone() } else { Arc::default() },
+            fail_leader: Arc::default(),
+        };
+        let effect = LookupFailsOnce {
+            inner: BreaksTheLog {
+                inner: c.effect.clone(),
+                fail: if n == 0 { fail.clone() } else { Arc::default() },
+            },
+            failures: failures.clone(),
+        };
+        let mut cfg = ReplicaConfig::new(c.id.clone(), format!("http://r{n}:8080")).unwrap();
+        cfg.request_timeout = Duration::from_millis(700);
+        let r = Replica::start(
+            cfg,
+            Counters::default(),
+            Arc::new(log.clone()),
+            Arc::new(c.registry.clone()),
+            Arc::new(c.store.clone()),
+            Some(Arc::new(effect)),
+        )
+        .await
+        .unwrap();
+        rs.push((r, log));
+        if n == 0 {
+            // Replica 0 leads.
+            eventually(Duration::from_secs(5), "leader", || async {
+                if rs[0].0.role() == ReplicaRole::Leader {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", rs[0].0.role()))
+                }
+            })
+            .await;
+        }
+    }
+    rs[0].0.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // Replica 0 runs the effect and cannot log its result; then it dies.
+    assert!(rs[0].0.once("s-1", settle.clone()).await.is_err());
+    assert_eq!(c.effect.runs("s-1"), 1);
+    let (mut dead, dead_log) = rs.remove(0);
+    dead.kill();
+    dead_log.inner.expire_session();
+    // The new leader's first lookup fails.
+    failures.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = &rs[0].0;
+    eventually(Duration::from_secs(10), "new leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    let mut answer = None;
+    for _ in 0..10 {
+        if let Ok(out) = r.once("s-1", settle.clone()).await {
+            answer = Some(out);
+            break;
+        }
+    }
+    let out = answer.expect("the new leader resolves the inherited intent");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "found by lookup, never run again");
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

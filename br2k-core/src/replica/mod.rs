@@ -918,14 +918,10 @@ impl<S: StateMachine> Shared<S> {
             .map(|(k, c)| (k.clone(), c.clone()))
             .collect();
         if let Some(effect) = self.effect.clone() {
+            // Until resolved or this leadership ends: one failed attempt (the chain
+            // or etcd briefly unreachable) must not leave the key pending.
             for (key, cmd) in pending {
-                let me = self.clone();
-                let effect = effect.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = me.resolve(effect, key.clone(), cmd, true).await {
-                        tracing::warn!(key, error = %e, "cannot resolve a pending effect");
-                    }
-                });
+                self.clone().keep_resolving(effect.clone(), key, cmd);
             }
         }
         let mut leader_rx = self.leader.subscribe();
