@@ -3,6 +3,7 @@
 pub mod config;
 pub mod http;
 pub mod settle;
+pub mod startup;
 pub mod state;
 
 pub use http::{App, Status, router};

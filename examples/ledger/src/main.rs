@@ -12,6 +12,7 @@ use br2k_core::{
 };
 use br2k_etcd::{EtcdLog, EtcdLogConfig};
 use br2k_ledger::config::{Args, ServeConfig};
+use br2k_ledger::startup::{START_RETRY, retry_start};
 use br2k_ledger::{App, Ledger, SettleEffect, router};
 use br2k_oci::{OciConfig, OciImageStore};
 
@@ -67,7 +68,12 @@ async fn serve(args: &Args) -> Result<()> {
         .first()
         .cloned()
         .ok_or_else(|| Error::unavailable("no RPC URL"))?;
-    let registry = ChainRegistry::connect(chain).await?;
+    // An etcd member restarting or the chain node busy at start is waited for (a
+    // bounded time), not a reason to exit.
+    let registry = retry_start("chain", START_RETRY, || {
+        ChainRegistry::connect(chain.clone())
+    })
+    .await?;
     let store = OciImageStore::new(
         OciConfig::new(&cfg.oci_registry)?
             .with_insecure(cfg.oci_insecure)
@@ -77,7 +83,12 @@ async fn serve(args: &Args) -> Result<()> {
         .with_confirmations(cfg.settlement_confirmations);
     let mut log_cfg = EtcdLogConfig::new(cfg.etcd.clone(), cfg.namespace.clone());
     log_cfg.lease_ttl = cfg.lease_ttl;
-    let log = EtcdLog::connect_with(log_cfg).await?;
+    let log = Arc::new(
+        retry_start("etcd", START_RETRY, || {
+            EtcdLog::connect_with(log_cfg.clone())
+        })
+        .await?,
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(io)?;
@@ -92,14 +103,17 @@ async fn serve(args: &Args) -> Result<()> {
         settler = ?effect,
         "starting replica"
     );
-    let replica = Replica::start(
-        rc,
-        Ledger::default(),
-        Arc::new(log),
-        Arc::new(registry),
-        Arc::new(store),
-        Some(Arc::new(effect)),
-    )
+    let (registry, store, effect) = (Arc::new(registry), Arc::new(store), Arc::new(effect));
+    let replica = retry_start("replica start", START_RETRY, || {
+        Replica::start(
+            rc.clone(),
+            Ledger::default(),
+            log.clone(),
+            registry.clone(),
+            store.clone(),
+            Some(effect.clone()),
+        )
+    })
     .await?;
     let replica = Arc::new(replica);
     tracing::info!(applied = replica.applied_index(), "replica joined; serving");
