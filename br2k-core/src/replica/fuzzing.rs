@@ -12,8 +12,10 @@
 //! exercised, not a particular application.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -136,7 +138,7 @@ pub fn entries(data: &[u8]) {
         };
         shared.apply_entry(&entry);
     }
-    let a = super::lock(&shared.applied).clone();
+    let a = shared.applied.lock().clone();
     assert_eq!(
         a.dedupe.len(),
         a.dedupe_order.len(),
@@ -220,6 +222,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         });
     }
     let mut snap = vec![0u8];
-    snap.extend(snapshot::encode(&super::lock(&shared.applied)).expect("encodes"));
+    snap.extend(snapshot::encode(&shared.applied.lock()).expect("encodes"));
     vec![("entries", log), ("snapshot", snap)]
 }

@@ -20,13 +20,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -276,10 +277,6 @@ impl<S: StateMachine> Debug for Replica<S> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<S: StateMachine> Replica<S> {
     /// Starts a replica: restores the newest recorded checkpoint if it is ahead of
     /// `initial` (a checkpoint that fails verification is [`Error::Tampered`] and the
@@ -353,7 +350,7 @@ impl<S: StateMachine> Replica<S> {
 
     /// Resigns leadership (if held) and stops.
     pub async fn shutdown(mut self) {
-        let lead = lock(&self.shared.leadership).take();
+        let lead = self.shared.leadership.lock().take();
         self.kill();
         if let Some(l) = lead {
             let _ = self.shared.log.resign(&l).await;
@@ -383,12 +380,12 @@ impl<S: StateMachine> Replica<S> {
 
     /// Index of the last applied entry.
     pub fn applied_index(&self) -> u64 {
-        lock(&self.shared.applied).index
+        self.shared.applied.lock().index
     }
 
     /// Entries skipped because they could not be decoded (the same on every replica).
     pub fn skipped_entries(&self) -> u64 {
-        lock(&self.shared.applied).skipped
+        self.shared.applied.lock().skipped
     }
 
     /// Counters.
@@ -398,7 +395,7 @@ impl<S: StateMachine> Replica<S> {
 
     /// Reads the local state (possibly stale on a follower).
     pub fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> R {
-        f(&lock(&self.shared.applied).sm)
+        f(&self.shared.applied.lock().sm)
     }
 
     /// Waits until this replica applied at least `index`.
@@ -419,12 +416,13 @@ impl<S: StateMachine> Replica<S> {
         let key = key
             .map(|k| check_key(k).map(|()| format!("r:{k}")))
             .transpose()?;
-        lock(&s.applied)
+        s.applied
+            .lock()
             .sm
             .validate(&command)
             .map_err(Error::from)?;
         if let Some(k) = &key
-            && let Some(out) = lock(&s.applied).dedupe.get(k)
+            && let Some(out) = s.applied.lock().dedupe.get(k)
         {
             return Ok(out.clone());
         }
@@ -467,13 +465,14 @@ impl<S: StateMachine> Replica<S> {
             .effect
             .clone()
             .ok_or_else(|| Error::not_supported("once without an effect handler"))?;
-        lock(&s.applied)
+        s.applied
+            .lock()
             .sm
             .validate(&command)
             .map_err(Error::from)?;
         let okey = format!("o:{key}");
         let waiting = {
-            let applied = lock(&s.applied);
+            let applied = s.applied.lock();
             if let Some(out) = applied.dedupe.get(&okey) {
                 return Ok(out.clone());
             }
@@ -499,12 +498,12 @@ impl<S: StateMachine> Replica<S> {
             }
             // A concurrent intent with the same key won: wait for its result.
             Err(ReplicaError::Failed(Error::Conflict { reason })) if reason == DUPLICATE_INTENT => {
-                if let Some(out) = lock(&s.applied).dedupe.get(&okey) {
+                if let Some(out) = s.applied.lock().dedupe.get(&okey) {
                     return Ok(out.clone());
                 }
             }
             Err(e) => {
-                lock(&s.waiters).remove(&okey);
+                s.waiters.lock().remove(&okey);
                 return Err(e);
             }
         }
@@ -519,7 +518,7 @@ impl<S: StateMachine> Replica<S> {
         let id = s.next_id();
         s.submit(&id, &Op::<S::Command>::Noop { id: id.clone() })
             .await?;
-        Ok(f(&lock(&s.applied).sm))
+        Ok(f(&s.applied.lock().sm))
     }
 }
 
@@ -571,14 +570,16 @@ impl<S: StateMachine> Shared<S> {
         if *self.role.borrow() != ReplicaRole::Leader {
             return Err(self.not_leader());
         }
-        lock(&self.leadership)
+        self.leadership
+            .lock()
             .clone()
             .ok_or_else(|| self.not_leader())
     }
 
     fn wait_for(&self, id: &str) -> oneshot::Receiver<Outcome<S::Output>> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters)
+        self.waiters
+            .lock()
             .entry(id.to_owned())
             .or_default()
             .push(tx);
@@ -625,7 +626,7 @@ impl<S: StateMachine> Shared<S> {
             Err(_) => Err(Error::unavailable("replica stopped")),
         };
         if let Err(e) = appended {
-            lock(&self.waiters).remove(id);
+            self.waiters.lock().remove(id);
             return Err(match e {
                 Error::Conflict { .. } => self.not_leader(),
                 e => e.into(),
@@ -649,7 +650,7 @@ impl<S: StateMachine> Shared<S> {
                     Err(_) => break,
                 }
             }
-            let lead = lock(&self.leadership).clone();
+            let lead = self.leadership.lock().clone();
             let result = match lead {
                 Some(l) => {
                     let data = batch.iter().map(|p| p.data.clone()).collect();
@@ -682,7 +683,7 @@ impl<S: StateMachine> Shared<S> {
     /// the needed entries were compacted away.
     async fn apply_loop(self: Arc<Self>) {
         loop {
-            let from = lock(&self.applied).index + 1;
+            let from = self.applied.lock().index + 1;
             let mut stream = match self.log.watch(from).await {
                 Ok(s) => s,
                 Err(Error::NotFound { .. }) => {
@@ -715,7 +716,7 @@ impl<S: StateMachine> Shared<S> {
         let mut notify: Vec<(String, Outcome<S::Output>)> = Vec::new();
         let snapshot_due;
         {
-            let mut a = lock(&self.applied);
+            let mut a = self.applied.lock();
             if entry.index != a.index + 1 {
                 // Already applied (or a gap, which the log must not produce).
                 if entry.index > a.index + 1 {
@@ -783,7 +784,7 @@ impl<S: StateMachine> Shared<S> {
         }
         self.applied_tx.send_replace(entry.index);
         if !notify.is_empty() {
-            let mut waiters = lock(&self.waiters);
+            let mut waiters = self.waiters.lock();
             for (id, outcome) in notify {
                 if let Some(list) = waiters.remove(&id) {
                     for tx in list {
@@ -800,7 +801,7 @@ impl<S: StateMachine> Shared<S> {
             let me = self.clone();
             tokio::spawn(async move {
                 loop {
-                    let copy = lock(&me.applied).clone();
+                    let copy = me.applied.lock().clone();
                     if let Err(e) = me.checkpoint(copy).await {
                         tracing::warn!(error = %e, "checkpoint failed");
                     }
@@ -854,11 +855,11 @@ impl<S: StateMachine> Shared<S> {
                     continue;
                 }
             };
-            *lock(&self.leadership) = Some(lead.clone());
+            *self.leadership.lock() = Some(lead.clone());
             if let Err(e) = self.clone().lead(&lead).await {
                 tracing::warn!(error = %e, "leadership ended");
             }
-            *lock(&self.leadership) = None;
+            *self.leadership.lock() = None;
             self.role.send_replace(ReplicaRole::Follower);
             let _ = self.log.resign(&lead).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -876,7 +877,7 @@ impl<S: StateMachine> Shared<S> {
         match tokio::time::timeout(self.cfg.request_timeout, rx).await {
             Ok(Ok(_)) => {}
             _ => {
-                lock(&self.waiters).remove(&id);
+                self.waiters.lock().remove(&id);
                 return Err(Error::unavailable(format!(
                     "barrier {} not applied in time",
                     range.end()
@@ -897,7 +898,9 @@ impl<S: StateMachine> Shared<S> {
             Err(e) => tracing::warn!(error = %e, "invalid endpoint"),
         }
         // Intents left by an earlier leader: resolve by key, never rerun blindly.
-        let pending: Vec<(String, S::Command)> = lock(&self.applied)
+        let pending: Vec<(String, S::Command)> = self
+            .applied
+            .lock()
             .pending
             .iter()
             .map(|(k, c)| (k.clone(), c.clone()))
@@ -957,7 +960,7 @@ impl<S: StateMachine> Shared<S> {
         let result = match found {
             Some(r) => Ok(r),
             None => {
-                let lead = lock(&self.leadership).clone();
+                let lead = self.leadership.lock().clone();
                 let current = match &lead {
                     Some(l) => self.still_leader(l).await,
                     None => false,
@@ -1030,7 +1033,7 @@ impl<S: StateMachine> Shared<S> {
             .await?;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         let compact_to = {
-            let mut cps = lock(&self.checkpoints);
+            let mut cps = self.checkpoints.lock();
             cps.push_back(index);
             while cps.len() > 2 {
                 cps.pop_front();
@@ -1060,7 +1063,7 @@ impl<S: StateMachine> Shared<S> {
                 Ok(())
             };
         };
-        if cp.log_index <= lock(&self.applied).index {
+        if cp.log_index <= self.applied.lock().index {
             return Ok(());
         }
         let image = self
@@ -1074,7 +1077,7 @@ impl<S: StateMachine> Shared<S> {
             .layers
             .first()
             .ok_or_else(|| ValidationError::malformed("snapshot", "no layer"))?;
-        let mut fresh = lock(&self.applied).clone();
+        let mut fresh = self.applied.lock().clone();
         let data = layer.data.clone();
         let restored = tokio::task::spawn_blocking(move || {
             snapshot::decode(&mut fresh, &data).map(|()| fresh)
@@ -1089,7 +1092,7 @@ impl<S: StateMachine> Shared<S> {
             ));
         }
         let index = restored.index;
-        *lock(&self.applied) = restored;
+        *self.applied.lock() = restored;
         self.applied_tx.send_replace(index);
         tracing::info!(index, version = cp.state_version, "restored checkpoint");
         Ok(())

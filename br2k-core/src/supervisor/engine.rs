@@ -3,11 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -37,12 +38,6 @@ const SETTLE_POLL: Duration = Duration::from_millis(25);
 /// How long a registry whose copy a repair could not fix is left alone before the
 /// next repair attempt (its finding is still reported on every diagnosis).
 const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(600);
-
-/// Locks `m`; every critical section here is a plain map update, so a poisoned lock
-/// still holds consistent data.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One recovery made by a running [`Supervisor`] (services found healthy produce no
 /// event).
@@ -328,7 +323,7 @@ impl Supervisor {
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> SupervisorMetrics {
-        let mut m = lock(&self.metrics).clone();
+        let mut m = self.metrics.lock().clone();
         m.change_events = self.change_events.load(Ordering::Relaxed);
         m
     }
@@ -355,7 +350,9 @@ impl Supervisor {
     /// verification after the copy), with the digest; they are never used as a
     /// source while their copy fails verification.
     pub fn unrepairable(&self) -> Vec<(String, Digest)> {
-        let mut out: Vec<(String, Digest)> = lock(&self.unrepairable)
+        let mut out: Vec<(String, Digest)> = self
+            .unrepairable
+            .lock()
             .iter()
             .filter(|(_, at)| at.elapsed() < UNREPAIRABLE_RETRY)
             .filter_map(|((i, _, d), _)| Some((self.stores.get(*i)?.registry().to_owned(), *d)))
@@ -367,7 +364,7 @@ impl Supervisor {
 
     /// Ids whose last verified record is cached.
     pub(super) fn cached_ids(&self) -> Vec<ServiceId> {
-        lock(&self.records).keys().cloned().collect()
+        self.records.lock().keys().cloned().collect()
     }
 
     /// Reads the active record, falling back to the last verified copy (stale) when
@@ -392,7 +389,7 @@ impl Supervisor {
             Ok(rec) => rec.verify().map(|()| rec),
             Err(e) => Err(e),
         };
-        let verified = lock(&self.records).get(id).cloned();
+        let verified = self.records.lock().get(id).cloned();
         match read {
             Ok(rec) => {
                 if let Some(prev) = verified.filter(|prev| regresses(&rec, prev)) {
@@ -410,7 +407,7 @@ impl Supervisor {
                     }));
                 }
                 if !rec.stale {
-                    lock(&self.records).insert(id.clone(), rec.clone());
+                    self.records.lock().insert(id.clone(), rec.clone());
                 }
                 Ok(Some(rec))
             }
@@ -428,7 +425,7 @@ impl Supervisor {
                 None => Ok(None),
             },
             Err(e) if e.is_retryable() || matches!(e, Error::Tampered { .. }) => {
-                let cached = lock(&self.records).get(id).cloned();
+                let cached = self.records.lock().get(id).cloned();
                 match cached {
                     Some(mut rec) => {
                         tracing::debug!(%id, error = %e, "registry unavailable; using the last verified record");
@@ -455,7 +452,9 @@ impl Supervisor {
             Err(e) => return classify(&e),
         }
         let key = (index, repository.clone(), *digest);
-        let fresh = lock(&self.verified)
+        let fresh = self
+            .verified
+            .lock()
             .get(&key)
             .is_some_and(|at| at.elapsed() < self.config.verify_ttl);
         if fresh {
@@ -464,12 +463,12 @@ impl Supervisor {
         match store.verify(repository, digest).await {
             Ok(()) => {
                 // Whatever made a copy unrepairable is over once it verifies.
-                lock(&self.unrepairable).remove(&key);
-                lock(&self.verified).insert(key, Instant::now());
+                self.unrepairable.lock().remove(&key);
+                self.verified.lock().insert(key, Instant::now());
                 ImageStatus::Ok
             }
             Err(e) => {
-                lock(&self.verified).remove(&key);
+                self.verified.lock().remove(&key);
                 classify(&e)
             }
         }
@@ -484,7 +483,9 @@ impl Supervisor {
         repository: &Repository,
         digest: &Digest,
     ) -> ImageStatus {
-        lock(&self.verified).remove(&(index, repository.clone(), *digest));
+        self.verified
+            .lock()
+            .remove(&(index, repository.clone(), *digest));
         self.store_status(index, store, repository, digest).await
     }
 
@@ -634,11 +635,11 @@ impl Supervisor {
                     .await
                 {
                     ImageStatus::Ok => {
-                        lock(&self.unrepairable).remove(&key);
+                        self.unrepairable.lock().remove(&key);
                         Ok(())
                     }
                     status => {
-                        lock(&self.unrepairable).insert(key, Instant::now());
+                        self.unrepairable.lock().insert(key, Instant::now());
                         Err(Error::tampered(
                             format!(
                                 "{to}/{repository} after repair (the registry keeps its \
@@ -662,7 +663,7 @@ impl Supervisor {
             && let Some(digest) = record.spec.image.digest()
         {
             let repository = record.spec.image.repository();
-            let unrepairable = lock(&self.unrepairable);
+            let unrepairable = self.unrepairable.lock();
             actions.retain(|a| match a {
                 RecoveryAction::RepairImage { to, .. } => {
                     !self.stores.iter().enumerate().any(|(i, s)| {
@@ -808,14 +809,14 @@ impl Supervisor {
         let ctx = match ctx {
             Ok(ctx) => ctx,
             Err(e) => {
-                lock(&self.metrics).errors += 1;
-                lock(&self.metrics).reconciles += 1;
+                self.metrics.lock().errors += 1;
+                self.metrics.lock().reconciles += 1;
                 return Err(e);
             }
         };
         let diagnosis = Self::diagnosis_of(id, &ctx);
         let report = self.act(&ctx, diagnosis).await;
-        let mut m = lock(&self.metrics);
+        let mut m = self.metrics.lock();
         m.reconciles += 1;
         if !report.diagnosis.is_healthy() {
             m.recoveries += 1;
