@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::error::is_forbidden;
 use crate::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR, Names};
 
 /// Change notifications buffered per subscriber; a slower subscriber loses the oldest
@@ -375,7 +376,7 @@ async fn guard_pods_task(
             Ok(_) => {
                 sent.insert(uid);
             }
-            Err(kube::Error::Api(e)) if e.code == 403 => {
+            Err(e) if is_forbidden(&e) => {
                 // No permission: do not retry this pod on each of its events.
                 tracing::warn!(pod = %name, error = %e, "br2k pod guard: may not patch pods");
                 sent.insert(uid);
