@@ -108,15 +108,15 @@ pub(crate) struct TokenAuth {
     insecure: bool,
     /// User name and the ready `Basic` header for the token server.
     basic: Option<(String, HeaderValue)>,
-    endpoint: std::sync::RwLock<Option<Endpoint>>,
-    cache: std::sync::Mutex<HashMap<String, Cached>>,
+    endpoint: parking_lot::RwLock<Option<Endpoint>>,
+    cache: parking_lot::Mutex<HashMap<String, Cached>>,
     fetching: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for TokenAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ep = self.endpoint.read().expect("endpoint lock").clone();
-        let cached = self.cache.lock().expect("token cache lock").len();
+        let ep = self.endpoint.read().clone();
+        let cached = self.cache.lock().len();
         f.debug_struct("TokenAuth")
             .field("realm", &ep.as_ref().map(|e| e.realm.as_str().to_owned()))
             .field("service", &ep.and_then(|e| e.service))
@@ -139,20 +139,20 @@ impl TokenAuth {
             registry,
             insecure,
             basic,
-            endpoint: std::sync::RwLock::new(None),
-            cache: std::sync::Mutex::new(HashMap::new()),
+            endpoint: parking_lot::RwLock::new(None),
+            cache: parking_lot::Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Whether the registry has asked for bearer tokens.
     pub(crate) fn active(&self) -> bool {
-        self.endpoint.read().expect("endpoint lock").is_some()
+        self.endpoint.read().is_some()
     }
 
     fn cached(&self, key: &str) -> Option<HeaderValue> {
         let now = Instant::now();
-        let cache = self.cache.lock().expect("token cache lock");
+        let cache = self.cache.lock();
         cache
             .get(key)
             .filter(|c| c.usable(now))
@@ -177,7 +177,7 @@ impl TokenAuth {
                 ),
             });
         }
-        *self.endpoint.write().expect("endpoint lock") = Some(Endpoint {
+        *self.endpoint.write() = Some(Endpoint {
             realm,
             service: ch.service.clone(),
         });
@@ -224,15 +224,10 @@ impl TokenAuth {
     }
 
     async fn fetch(&self, key: &str, scopes: &[String]) -> Result<HeaderValue, OciError> {
-        let ep = self
-            .endpoint
-            .read()
-            .expect("endpoint lock")
-            .clone()
-            .ok_or_else(|| OciError::Auth {
-                registry: self.registry.clone(),
-                reason: "no token realm known".into(),
-            })?;
+        let ep = self.endpoint.read().clone().ok_or_else(|| OciError::Auth {
+            registry: self.registry.clone(),
+            reason: "no token realm known".into(),
+        })?;
         let realm_host = ep.realm.host_str().unwrap_or_default().to_owned();
         let mut query: Vec<(&str, &str)> = Vec::new();
         if let Some(s) = &ep.service {
@@ -279,7 +274,7 @@ impl TokenAuth {
             lifetime_s = life.as_secs(),
             "fetched a registry token"
         );
-        self.cache.lock().expect("token cache lock").insert(
+        self.cache.lock().insert(
             key.to_owned(),
             Cached {
                 header: header.clone(),
@@ -387,7 +382,7 @@ mod tests {
             true,
             Some(("user".into(), basic)),
         );
-        t.cache.lock().unwrap().insert(
+        t.cache.lock().insert(
             "k".into(),
             Cached {
                 header: HeaderValue::from_static("Bearer tok-secret-123"),

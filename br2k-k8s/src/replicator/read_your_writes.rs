@@ -4,13 +4,13 @@
 //! and reads the API server if that takes longer than [`READ_YOUR_WRITES_WAIT`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use br2k_core::ServiceId;
 use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
+use parking_lot::Mutex;
 
 use crate::names::Names;
 use crate::watch::WatchHub;
@@ -69,10 +69,7 @@ pub(super) struct Writes(Mutex<HashMap<ServiceId, (Written, Instant)>>);
 impl Writes {
     /// Records `written` as the last write of `id`.
     pub(super) fn note(&self, id: &ServiceId, written: Written) {
-        self.0
-            .lock()
-            .expect("written lock")
-            .insert(id.clone(), (written, Instant::now()));
+        self.0.lock().insert(id.clone(), (written, Instant::now()));
     }
 
     /// Waits until the watch cache `hub` of namespace `ns` shows the last write of
@@ -105,7 +102,7 @@ impl Writes {
     /// was changed or deleted again since); a removal once the StatefulSet is gone
     /// from the cache.
     fn shown(&self, hub: &WatchHub, ns: &str, id: &ServiceId) -> bool {
-        let mut written = self.0.lock().expect("written lock");
+        let mut written = self.0.lock();
         let Some((w, at)) = written.get(id) else {
             return true;
         };

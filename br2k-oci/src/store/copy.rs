@@ -2,13 +2,14 @@
 //! repositories), blobs hashed and checked on their way from the source download into
 //! the target upload.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use br2k_core::artifact::Descriptor;
 use br2k_core::{CopyReport, Digest, Error, Repository, Result};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use super::OciImageStore;
@@ -159,7 +160,7 @@ impl OciImageStore {
                 .http
                 .upload_stream(target_repo, &d.digest, d.size, body)
                 .await;
-            if let Some(e) = verdict.lock().expect("verdict lock").take() {
+            if let Some(e) = verdict.lock().take() {
                 return Err(e.into());
             }
             match res {
@@ -195,7 +196,7 @@ impl OciImageStore {
         }
         let (body, verdict) = verified_body(src, d.digest, d.size, what);
         let res = self.http.upload_stream(repo, &d.digest, d.size, body).await;
-        if let Some(e) = verdict.lock().expect("verdict lock").take() {
+        if let Some(e) = verdict.lock().take() {
             return Err(e.into());
         }
         res?;
@@ -257,7 +258,7 @@ where
                 return None;
             }
             let fail = |st: St<S>, e: OciError| {
-                *verdict.lock().expect("verdict lock") = Some(e);
+                *verdict.lock() = Some(e);
                 Some((
                     Err(std::io::Error::other("blob verification failed")),
                     St { done: true, ..st },
