@@ -1,7 +1,8 @@
-//! Small building blocks for testing and benchmarking replicated services: a
-//! [`Counters`] state machine, a [`CountingEffect`], and a linearizability checker of
-//! client-visible counter histories ([`check_counter_history`]) with the client that
-//! records them ([`counter_op`], [`client_history`]).
+//! Small building blocks for testing and benchmarking replicated services (test
+//! support, feature `conformance`): a [`Counters`] state machine, a
+//! [`CountingEffect`], and a linearizability checker of client-visible counter
+//! histories ([`check_counter_history`]) with the client that records them
+//! ([`counter_op`], [`client_history`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
