@@ -7,13 +7,13 @@ use br2k_core::log::{Leadership, MAX_ENTRY_BYTES, check_entries};
 use br2k_core::{Error, Result, ValidationError};
 use bytes::Bytes;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
+    Compare, CompareOp, DeleteOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
 use crate::EtcdLog;
 use crate::election::Held;
-use crate::encoding::{chunks, corrupt, pad, parse_index};
+use crate::encoding::{chunks, pad};
+use crate::read::{bounds_ops, get_at, index_at};
 
 /// How often an append retries after finding `last` moved under it.
 const APPEND_ATTEMPTS: usize = 5;
@@ -150,32 +150,11 @@ pub(crate) async fn append(
 /// `up_to` and moves `first` past it.
 pub(crate) async fn compact(log: &EtcdLog, up_to: u64) -> Result<()> {
     let k = &log.inner.keys;
-    let txn = Txn::new().and_then([
-        TxnOp::get(k.first.clone(), None),
-        TxnOp::get(k.last.clone(), None),
-        TxnOp::get(
-            k.entry_prefix.clone(),
-            Some(
-                GetOptions::new()
-                    .with_range(k.entry(up_to.saturating_add(2)))
-                    .with_sort(SortTarget::Key, SortOrder::Descend)
-                    .with_limit(1)
-                    .with_keys_only(),
-            ),
-        ),
-    ]);
+    let txn = Txn::new().and_then(bounds_ops(k, up_to.saturating_add(2), true));
     let resp = log.txn("compact (read)", txn).await?;
     let ops = resp.op_responses();
-    let kv_at = |i: usize| match ops.get(i) {
-        Some(TxnOpResponse::Get(g)) => g.kvs().first().cloned(),
-        _ => None,
-    };
-    let index_at = |i: usize, name: &str| -> Result<u64> {
-        let kv = kv_at(i).ok_or_else(|| corrupt(name.as_bytes(), "missing"))?;
-        Ok(parse_index(kv.key(), kv.value())?)
-    };
-    let first = index_at(0, &k.first)?;
-    let last = index_at(1, &k.last)?;
+    let first = index_at(&ops, 0, &k.first)?;
+    let last = index_at(&ops, 1, &k.last)?;
     if up_to > last {
         return Err(ValidationError::malformed(
             "compaction index",
@@ -190,7 +169,7 @@ pub(crate) async fn compact(log: &EtcdLog, up_to: u64) -> Result<()> {
     let cut = if up_to == last {
         up_to + 1
     } else {
-        match kv_at(2) {
+        match get_at(&ops, 2)?.kvs().first() {
             Some(kv) => k.entry_index(kv.key())?,
             None => up_to + 1,
         }

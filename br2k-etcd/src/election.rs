@@ -5,7 +5,6 @@ use br2k_core::log::{LeaderInfo, LeaderStream, Leadership};
 use br2k_core::{Error, Result, ValidationError};
 use etcd_client::{
     Compare, CompareOp, GetOptions, LeaderKey, ResignOptions, SortOrder, SortTarget, Txn, TxnOp,
-    WatchOptions,
 };
 use futures::StreamExt;
 use std::sync::atomic::Ordering;
@@ -80,13 +79,9 @@ pub(crate) async fn campaign(log: &EtcdLog, candidate: &str) -> Result<Leadershi
             .await
         {
             Ok(resp) => {
-                let lk = resp.leader().ok_or_else(|| {
-                    Error::backend(
-                        "etcd",
-                        corrupt(b"campaign", "response without leader key"),
-                        false,
-                    )
-                })?;
+                let lk = resp
+                    .leader()
+                    .ok_or_else(|| corrupt(b"campaign", "response without leader key"))?;
                 let term = lk.rev() as u64;
                 let key = lk.key().to_vec();
                 log.inner.held.lock().insert(
@@ -156,20 +151,8 @@ pub(crate) async fn resign(log: &EtcdLog, leadership: &Leadership) -> Result<()>
 /// [`br2k_core::log::ReplicatedLog::observe`]: the leader now, then each change.
 pub(crate) async fn observe(log: &EtcdLog) -> Result<LeaderStream> {
     let (now, rev) = log.leader_at().await?;
-    let mut wc = log.inner.session.client.watch_client();
     let p = log.inner.keys.election_prefix.clone();
-    let mut stream = timed(log.inner.cfg.request_timeout, "observe", async {
-        wc.watch(
-            p,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-    })
-    .await?;
+    let mut stream = log.watch_prefix("observe", p, rev + 1).await?;
     let (tx, rx) = mpsc::channel(16);
     let me = log.clone();
     tokio::spawn(async move {

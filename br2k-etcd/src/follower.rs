@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use br2k_core::log::{Entry, EntryStream};
 use br2k_core::{Error, Result};
 use bytes::Bytes;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::EventType;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,7 +15,6 @@ use crate::EtcdLog;
 use crate::encoding::{decode_chunk, parse_index};
 use crate::error::EtcdError;
 use crate::read::compacted;
-use crate::session::timed;
 
 /// Sends the held chunks' entries from `next` up to `last` in order. `Some(false)`
 /// when an entry in that range is not held (the caller reads it instead), `None`
@@ -105,20 +104,8 @@ impl EtcdLog {
             // carry the committed chunks, so following costs no read per append. A
             // chunk is held until `last` covers it (large appends stage chunks past
             // `last`); anything the events do not explain falls back to a read.
-            let mut wc = self.inner.session.client.watch_client();
             let log_prefix = format!("{}log/", self.inner.keys.namespace_prefix);
-            let mut stream = timed(self.inner.cfg.request_timeout, "watch", async {
-                wc.watch(
-                    log_prefix,
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(rev + 1),
-                    ),
-                )
-                .await
-            })
-            .await?;
+            let mut stream = self.watch_prefix("watch", log_prefix, rev + 1).await?;
             let mut held: BTreeMap<u64, (u64, Vec<Bytes>)> = BTreeMap::new();
             loop {
                 let msg = tokio::select! {

@@ -26,6 +26,7 @@ use br2k_core::log::{Entry, EntryStream, LeaderInfo, LeaderStream, Leadership, R
 use bytes::Bytes;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, KvClient, Txn, TxnOp, TxnResponse,
+    WatchOptions, WatchStream,
 };
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -153,12 +154,7 @@ impl EtcdLog {
     /// is fast-forwarded).
     pub async fn revoke_session(&self) -> Result<()> {
         let s = &self.inner.session;
-        let old = s.lease();
-        let mut lc = s.client.lease_client();
-        timed(s.request_timeout, "lease revoke", async {
-            lc.revoke(old).await
-        })
-        .await?;
+        let old = s.revoke().await?;
         if !s.halted.load(Ordering::Acquire) {
             s.renew(old).await?;
         }
@@ -178,13 +174,7 @@ impl EtcdLog {
     /// Resigns by revoking the lease and stops the keep-alive: a clean shutdown.
     pub async fn close(&self) -> Result<()> {
         self.halt_keep_alive();
-        let s = &self.inner.session;
-        let id = s.lease();
-        let mut lc = s.client.lease_client();
-        timed(s.request_timeout, "lease revoke", async {
-            lc.revoke(id).await
-        })
-        .await?;
+        self.inner.session.revoke().await?;
         Ok(())
     }
 
@@ -218,6 +208,22 @@ impl EtcdLog {
             ]);
         self.txn("init log", txn).await?;
         Ok(())
+    }
+
+    /// Watches every key under `prefix` from revision `from` on (the deadline covers
+    /// creating the watch).
+    async fn watch_prefix(
+        &self,
+        op: &'static str,
+        prefix: String,
+        from: i64,
+    ) -> Result<WatchStream> {
+        let mut wc = self.inner.session.client.watch_client();
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        Ok(timed(self.inner.cfg.request_timeout, op, async {
+            wc.watch(prefix, Some(options)).await
+        })
+        .await?)
     }
 
     async fn get_index(&self, key: &str) -> Result<u64> {

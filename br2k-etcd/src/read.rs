@@ -3,10 +3,10 @@
 
 use br2k_core::log::Entry;
 use br2k_core::{Error, Result};
-use etcd_client::{GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
 
 use crate::EtcdLog;
-use crate::encoding::{corrupt, decode_chunk, parse_index};
+use crate::encoding::{Keys, corrupt, decode_chunk, parse_index};
 
 /// Chunks fetched by one read transaction.
 const READ_CHUNKS: i64 = 32;
@@ -28,49 +28,27 @@ impl EtcdLog {
     /// against `first`: the caller decides).
     pub(crate) async fn read_chunks(&self, from: u64) -> Result<ReadOut> {
         let k = &self.inner.keys;
-        let txn = Txn::new().and_then([
-            TxnOp::get(k.first.clone(), None),
-            TxnOp::get(k.last.clone(), None),
-            TxnOp::get(
-                k.entry_prefix.clone(),
-                Some(
-                    GetOptions::new()
-                        .with_range(k.entry(from + 1))
-                        .with_sort(SortTarget::Key, SortOrder::Descend)
-                        .with_limit(1),
-                ),
+        let mut ops = bounds_ops(k, from + 1, false);
+        ops.push(TxnOp::get(
+            k.entry(from + 1),
+            Some(
+                GetOptions::new()
+                    .with_range(k.entries_end())
+                    .with_sort(SortTarget::Key, SortOrder::Ascend)
+                    .with_limit(READ_CHUNKS),
             ),
-            TxnOp::get(
-                k.entry(from + 1),
-                Some(
-                    GetOptions::new()
-                        .with_range(k.entries_end())
-                        .with_sort(SortTarget::Key, SortOrder::Ascend)
-                        .with_limit(READ_CHUNKS),
-                ),
-            ),
-        ]);
-        let resp = self.txn("read", txn).await?;
+        ));
+        let resp = self.txn("read", Txn::new().and_then(ops)).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let ops = resp.op_responses();
-        let get = |i: usize| match ops.get(i) {
-            Some(TxnOpResponse::Get(g)) => Ok(g),
-            _ => Err(Error::from(corrupt(
-                b"txn",
-                "unexpected transaction response",
-            ))),
-        };
-        let index_of = |i: usize, key: &str| -> Result<u64> {
-            match get(i)?.kvs().first() {
-                Some(kv) => Ok(parse_index(kv.key(), kv.value())?),
-                None => Err(corrupt(key.as_bytes(), "missing (namespace purged?)").into()),
-            }
-        };
-        let first = index_of(0, &k.first)?;
-        let last = index_of(1, &k.last)?;
+        let first = index_at(&ops, 0, &k.first)?;
+        let last = index_at(&ops, 1, &k.last)?;
         let mut entries = Vec::new();
         let mut next = from;
-        let chunks = get(2)?.kvs().iter().chain(get(3)?.kvs().iter());
+        let chunks = get_at(&ops, 2)?
+            .kvs()
+            .iter()
+            .chain(get_at(&ops, 3)?.kvs().iter());
         for kv in chunks {
             if next > last {
                 break;
@@ -102,6 +80,39 @@ impl EtcdLog {
             entries,
             revision,
         })
+    }
+}
+
+/// The head of every read transaction: gets of `first`, `last` and the last chunk
+/// starting before index `end` (its key only when `keys_only`).
+pub(crate) fn bounds_ops(k: &Keys, end: u64, keys_only: bool) -> Vec<TxnOp> {
+    let mut chunk = GetOptions::new()
+        .with_range(k.entry(end))
+        .with_sort(SortTarget::Key, SortOrder::Descend)
+        .with_limit(1);
+    if keys_only {
+        chunk = chunk.with_keys_only();
+    }
+    vec![
+        TxnOp::get(k.first.clone(), None),
+        TxnOp::get(k.last.clone(), None),
+        TxnOp::get(k.entry_prefix.clone(), Some(chunk)),
+    ]
+}
+
+/// The answer to the `i`th operation of a read transaction, a get.
+pub(crate) fn get_at(ops: &[TxnOpResponse], i: usize) -> Result<&GetResponse> {
+    match ops.get(i) {
+        Some(TxnOpResponse::Get(g)) => Ok(g),
+        _ => Err(corrupt(b"txn", "unexpected transaction response").into()),
+    }
+}
+
+/// The index (`first` or `last`) the `i`th get of a read transaction found under `key`.
+pub(crate) fn index_at(ops: &[TxnOpResponse], i: usize, key: &str) -> Result<u64> {
+    match get_at(ops, i)?.kvs().first() {
+        Some(kv) => Ok(parse_index(kv.key(), kv.value())?),
+        None => Err(corrupt(key.as_bytes(), "missing (namespace purged?)").into()),
     }
 }
 

@@ -43,6 +43,17 @@ impl Session {
         Ok(resp.id())
     }
 
+    /// Revokes the current lease (its keys and leaderships end at once); returns its id.
+    pub(crate) async fn revoke(&self) -> std::result::Result<i64, EtcdError> {
+        let id = self.lease();
+        let mut lc = self.client.lease_client();
+        timed(self.request_timeout, "lease revoke", async {
+            lc.revoke(id).await
+        })
+        .await?;
+        Ok(id)
+    }
+
     /// Replaces `old` by a fresh lease (unless another task already did).
     pub(crate) async fn renew(&self, old: i64) -> std::result::Result<i64, EtcdError> {
         let _guard = self.renewing.lock().await;
