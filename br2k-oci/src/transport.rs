@@ -6,7 +6,8 @@
 //! cannot do or does differently from what br2k needs:
 //!
 //! - `DELETE` of manifests and blobs (oci-client has no delete);
-//! - manifest `GET`, read with the [`MAX_MANIFEST_BYTES`] bound enforced while reading
+//! - manifest `GET`, read with the
+//!   [`MAX_MANIFEST_BYTES`](br2k_core::artifact::MAX_MANIFEST_BYTES) bound enforced while reading
 //!   (oci-client's `pull_manifest_raw` reads a whole body of any size);
 //! - manifest `HEAD`: oci-client's `fetch_manifest_digest` stores the credentials it is
 //!   given for the registry, after which oci-client sends an extra `GET /v2/` before

@@ -10,7 +10,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 
 use super::KubeReplicator;
 use super::read_your_writes::{Kind, Written};
@@ -19,6 +18,7 @@ use crate::build::{self, Rollout};
 use crate::error::KubeError;
 use crate::names::{ANNOTATION_CONFIG_HASH, LABEL_SERVICE_ID, Names};
 use crate::parse::{self, meta_owned_by, owned_by};
+use crate::watch::{cached, cached_meta};
 
 impl KubeReplicator {
     /// Refuses to write when an object of a name br2k would write exists and is not
@@ -28,34 +28,14 @@ impl KubeReplicator {
     async fn refuse_foreign_objects(&self, names: &Names, id: &ServiceId) -> Result<(), KubeError> {
         let ns = self.namespace();
         let hub = self.cache().await;
-        let cached = |meta: Option<ObjectMeta>| meta.filter(|m| meta_owned_by(m, id));
+        let ours = |meta: Option<ObjectMeta>| meta.filter(|m| meta_owned_by(m, id));
         let (sts, headless, client, pdb, cm) = match hub {
             Some(h) => (
-                cached(
-                    h.stss
-                        .get(&ObjectRef::new(&names.base).within(ns))
-                        .map(|o| o.metadata.clone()),
-                ),
-                cached(
-                    h.svcs
-                        .get(&ObjectRef::new(&names.headless).within(ns))
-                        .map(|o| o.metadata.clone()),
-                ),
-                cached(
-                    h.svcs
-                        .get(&ObjectRef::new(&names.base).within(ns))
-                        .map(|o| o.metadata.clone()),
-                ),
-                cached(
-                    h.pdbs
-                        .get(&ObjectRef::new(&names.base).within(ns))
-                        .map(|o| o.metadata.clone()),
-                ),
-                cached(
-                    h.cms
-                        .get(&ObjectRef::new(&names.config).within(ns))
-                        .map(|o| o.metadata.clone()),
-                ),
+                ours(cached_meta(&h.stss, &names.base, ns)),
+                ours(cached_meta(&h.svcs, &names.headless, ns)),
+                ours(cached_meta(&h.svcs, &names.base, ns)),
+                ours(cached_meta(&h.pdbs, &names.base, ns)),
+                ours(cached_meta(&h.cms, &names.config, ns)),
             ),
             None => (None, None, None, None, None),
         };
@@ -191,7 +171,7 @@ impl KubeReplicator {
         let known_owner = self
             .cache()
             .await
-            .and_then(|hub| hub.cms.get(&ObjectRef::new(&names.config).within(ns)))
+            .and_then(|hub| cached(&hub.cms, &names.config, ns))
             .filter(|cm| owned_by(cm.as_ref(), &record.id))
             .and_then(|cm| build::owner_reference(&cm));
         let (cm, (sts, headless, client_svc, pdb)) = match known_owner {
@@ -250,37 +230,17 @@ impl KubeReplicator {
     async fn release_foreign_fields(&self, names: &Names) -> Result<(), KubeError> {
         let ns = self.namespace();
         let hub = self.cache().await;
-        let flagged = |meta: Option<&ObjectMeta>| {
-            hub.is_none()
-                || meta.is_some_and(|m| m.managed_fields.as_ref().is_some_and(|f| !f.is_empty()))
+        let flagged = |meta: Option<ObjectMeta>| {
+            meta.is_some_and(|m| m.managed_fields.as_ref().is_some_and(|f| !f.is_empty()))
         };
         let (cm, sts, headless, client, pdb) = match hub {
-            Some(hub) => {
-                let headless = ObjectRef::new(&names.headless).within(ns);
-                let config = ObjectRef::new(&names.config).within(ns);
-                (
-                    flagged(hub.cms.get(&config).as_deref().map(|o| &o.metadata)),
-                    flagged(
-                        hub.stss
-                            .get(&ObjectRef::new(&names.base).within(ns))
-                            .as_deref()
-                            .map(|o| &o.metadata),
-                    ),
-                    flagged(hub.svcs.get(&headless).as_deref().map(|o| &o.metadata)),
-                    flagged(
-                        hub.svcs
-                            .get(&ObjectRef::new(&names.base).within(ns))
-                            .as_deref()
-                            .map(|o| &o.metadata),
-                    ),
-                    flagged(
-                        hub.pdbs
-                            .get(&ObjectRef::new(&names.base).within(ns))
-                            .as_deref()
-                            .map(|o| &o.metadata),
-                    ),
-                )
-            }
+            Some(hub) => (
+                flagged(cached_meta(&hub.cms, &names.config, ns)),
+                flagged(cached_meta(&hub.stss, &names.base, ns)),
+                flagged(cached_meta(&hub.svcs, &names.headless, ns)),
+                flagged(cached_meta(&hub.svcs, &names.base, ns)),
+                flagged(cached_meta(&hub.pdbs, &names.base, ns)),
+            ),
             None => (true, true, true, true, true),
         };
         let cms: Api<ConfigMap> = self.api();

@@ -8,13 +8,13 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
-use kube::runtime::reflector::ObjectRef;
 
 use super::KubeReplicator;
 use super::requests::get_opt;
 use crate::error::KubeError;
 use crate::names::{Names, selector_string};
 use crate::parse::{self, Live, owned_by};
+use crate::watch::cached;
 
 impl KubeReplicator {
     /// The live objects of `id` from the shared watch cache, or `None` when the cache
@@ -23,7 +23,7 @@ impl KubeReplicator {
         let hub = self.cache().await?;
         let ns = self.namespace();
         let names = Names::of(id);
-        let Some(sts) = hub.stss.get(&ObjectRef::new(&names.base).within(ns)) else {
+        let Some(sts) = cached(&hub.stss, &names.base, ns) else {
             return Some(None);
         };
         let pods = hub.pods_of(id).into_iter().map(|p| (*p).clone()).collect();
@@ -34,23 +34,13 @@ impl KubeReplicator {
             .filter(|n| !parse::node_failed(n))
             .filter_map(|n| n.metadata.name.clone())
             .collect();
-        let svc = |name: &str| {
-            hub.svcs
-                .get(&ObjectRef::new(name).within(ns))
-                .map(|o| (*o).clone())
-        };
+        let svc = |name: &str| cached(&hub.svcs, name, ns).map(|o| (*o).clone());
         Some(Some(Live {
             sts: (*sts).clone(),
-            cm: hub
-                .cms
-                .get(&ObjectRef::new(&names.config).within(ns))
-                .map(|o| (*o).clone()),
+            cm: cached(&hub.cms, &names.config, ns).map(|o| (*o).clone()),
             headless: svc(&names.headless),
             client_svc: svc(&names.base),
-            pdb: hub
-                .pdbs
-                .get(&ObjectRef::new(&names.base).within(ns))
-                .map(|o| (*o).clone()),
+            pdb: cached(&hub.pdbs, &names.base, ns).map(|o| (*o).clone()),
             pods,
             healthy_nodes,
         }))

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use br2k_core::ServiceId;
 use kube::Resource;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use parking_lot::Mutex;
 
 use crate::names::Names;
-use crate::watch::WatchHub;
+use crate::watch::{WatchHub, cached};
 
 /// What `apply` or `remove` last wrote for a service.
 #[derive(Debug)]
@@ -47,9 +47,7 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    store
-        .get(&ObjectRef::new(name).within(ns))
-        .and_then(|o| o.meta().resource_version.clone())
+    cached(store, name, ns).and_then(|o| o.meta().resource_version.clone())
 }
 
 /// Whether cached resource version `cached` is at least `written`. Kubernetes
@@ -133,10 +131,7 @@ impl Writes {
                         None => cached().is_some(),
                     }
                 }),
-                Written::Removed => hub
-                    .stss
-                    .get(&ObjectRef::new(&Names::of(id).base).within(ns))
-                    .is_none(),
+                Written::Removed => cached(&hub.stss, &Names::of(id).base, ns).is_none(),
             };
         if seen {
             written.remove(id);

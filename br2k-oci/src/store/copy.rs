@@ -286,16 +286,8 @@ where
                     if st.n == size {
                         // Decide before the last bytes go out: the receiver stops
                         // reading at Content-Length and would never see a late error.
-                        let actual = Digest::from_bytes(st.hasher.clone().finalize().into());
-                        if actual != digest {
-                            return fail(
-                                st,
-                                OciError::Tampered {
-                                    what,
-                                    expected: digest.to_string(),
-                                    actual: actual.to_string(),
-                                },
-                            );
+                        if let Some(e) = digest_mismatch(&st.hasher, digest, what) {
+                            return fail(st, e);
                         }
                         st.done = true;
                     }
@@ -306,7 +298,6 @@ where
                     Some((Err(std::io::Error::other(e)), st))
                 }
                 None => {
-                    let actual = Digest::from_bytes(st.hasher.clone().finalize().into());
                     if st.n != size {
                         let n = st.n;
                         return fail(
@@ -318,15 +309,8 @@ where
                             },
                         );
                     }
-                    if actual != digest {
-                        return fail(
-                            st,
-                            OciError::Tampered {
-                                what,
-                                expected: digest.to_string(),
-                                actual: actual.to_string(),
-                            },
-                        );
+                    if let Some(e) = digest_mismatch(&st.hasher, digest, what) {
+                        return fail(st, e);
                     }
                     None
                 }
@@ -334,6 +318,16 @@ where
         }
     });
     (body, verdict)
+}
+
+/// `Tampered` when the bytes `hasher` has seen are not `digest`.
+fn digest_mismatch(hasher: &Sha256, digest: Digest, what: String) -> Option<OciError> {
+    let actual = Digest::from_bytes(hasher.clone().finalize().into());
+    (actual != digest).then(|| OciError::Tampered {
+        what,
+        expected: digest.to_string(),
+        actual: actual.to_string(),
+    })
 }
 
 /// Whether a source stream error is oci-client's digest verification failure.
