@@ -16,7 +16,34 @@ use crate::bindings::ServiceRegistry as C;
 use crate::error::ChainError;
 
 impl ChainRegistry {
-    async fn record_after_write(&self, id: &ServiceId) -> Result<ServiceRecord> {
+    /// Sends `call` (named `what`) and returns the record of `id` after it.
+    async fn update<K: SolCall>(
+        &self,
+        id: &ServiceId,
+        what: &str,
+        call: K,
+    ) -> Result<ServiceRecord> {
+        self.write(what, call).await?;
+        self.active(id).await
+    }
+
+    /// Sends `call` (named `what`).
+    async fn submit<K: SolCall>(&self, what: &str, call: K) -> Result<()> {
+        Ok(self.write(what, call).await?)
+    }
+
+    /// Sends `call` (a `register` or `publish` of `spec`, whose sha256 is `hash`),
+    /// caches the spec as verified and returns the record of `id` after it.
+    async fn put_spec<K: SolCall>(
+        &self,
+        id: &ServiceId,
+        what: &str,
+        call: K,
+        spec: &ServiceSpec,
+        hash: B256,
+    ) -> Result<ServiceRecord> {
+        self.write(what, call).await?;
+        insert_capped(&self.inner.specs, hash, spec.clone());
         self.active(id).await
     }
 
@@ -32,17 +59,13 @@ impl ChainRegistry {
         log_index: u64,
         term: u64,
     ) -> Result<ServiceRecord> {
-        self.write(
-            "resetCheckpoint",
-            C::resetCheckpointCall {
-                id: service_key(id),
-                snapshot: B256::from(*snapshot.as_bytes()),
-                logIndex: log_index,
-                term,
-            },
-        )
-        .await?;
-        self.record_after_write(id).await
+        let call = C::resetCheckpointCall {
+            id: service_key(id),
+            snapshot: B256::from(*snapshot.as_bytes()),
+            logIndex: log_index,
+            term,
+        };
+        self.update(id, "resetCheckpoint", call).await
     }
 
     /// Sets the leader location of `id`, at a term lower or higher than the recorded
@@ -60,7 +83,7 @@ impl ChainRegistry {
             endpoint: location.endpoint.clone(),
         };
         self.relocate("resetLocation", location, call).await?;
-        self.record_after_write(id).await
+        self.active(id).await
     }
 
     /// Writes `call` (a `setLocation` or `resetLocation` of `location`) after
@@ -86,51 +109,28 @@ impl Registry for ChainRegistry {
     }
 
     async fn register(&self, id: &ServiceId, spec: &ServiceSpec) -> Result<ServiceRecord> {
-        spec.validate()?;
-        let bytes = spec.canonical_bytes();
-        let hash = spec.spec_hash();
-        let image = *spec.image.require_digest()?;
-        self.write(
-            "register",
-            C::registerCall {
-                name: id.to_string(),
-                specHash: B256::from(*hash.as_bytes()),
-                imageDigest: B256::from(*image.as_bytes()),
-                replicas: spec.replicas,
-                spec: bytes.into(),
-            },
-        )
-        .await?;
+        let (hash, image) = stored_hashes(spec)?;
+        let call = C::registerCall {
+            name: id.to_string(),
+            specHash: hash,
+            imageDigest: image,
+            replicas: spec.replicas,
+            spec: spec.canonical_bytes().into(),
+        };
         insert_capped(&self.inner.names, service_key(id), id.clone());
-        insert_capped(
-            &self.inner.specs,
-            B256::from(*hash.as_bytes()),
-            spec.clone(),
-        );
-        self.record_after_write(id).await
+        self.put_spec(id, "register", call, spec, hash).await
     }
 
     async fn publish(&self, id: &ServiceId, spec: &ServiceSpec) -> Result<ServiceRecord> {
-        spec.validate()?;
-        let hash = spec.spec_hash();
-        let image = *spec.image.require_digest()?;
-        self.write(
-            "publish",
-            C::publishCall {
-                id: service_key(id),
-                specHash: B256::from(*hash.as_bytes()),
-                imageDigest: B256::from(*image.as_bytes()),
-                replicas: spec.replicas,
-                spec: spec.canonical_bytes().into(),
-            },
-        )
-        .await?;
-        insert_capped(
-            &self.inner.specs,
-            B256::from(*hash.as_bytes()),
-            spec.clone(),
-        );
-        self.record_after_write(id).await
+        let (hash, image) = stored_hashes(spec)?;
+        let call = C::publishCall {
+            id: service_key(id),
+            specHash: hash,
+            imageDigest: image,
+            replicas: spec.replicas,
+            spec: spec.canonical_bytes().into(),
+        };
+        self.put_spec(id, "publish", call, spec, hash).await
     }
 
     async fn active(&self, id: &ServiceId) -> Result<ServiceRecord> {
@@ -158,13 +158,10 @@ impl Registry for ChainRegistry {
             )
             .await
             .map_err(|e| match e {
-                ChainError::Revert(C::ServiceRegistryErrors::NotRegistered(_)) => {
-                    ChainError::Core(Error::not_found(format!("service {id}")))
-                }
                 ChainError::Revert(C::ServiceRegistryErrors::UnknownVersion(_)) => {
                     ChainError::Core(Error::not_found(format!("version {version} of {id}")))
                 }
-                e => e,
+                e => named(id, e),
             })?;
         let mut out = self.versions(id, vec![(version, v)]).await?;
         Ok(out
@@ -191,12 +188,7 @@ impl Registry for ChainRegistry {
                     },
                 )
                 .await
-                .map_err(|e| match e {
-                    ChainError::Revert(C::ServiceRegistryErrors::NotRegistered(_)) => {
-                        ChainError::Core(Error::not_found(format!("service {id}")))
-                    }
-                    e => e,
-                })?;
+                .map_err(|e| named(id, e))?;
             let n = page.len() as u64;
             raw.extend(
                 page.into_iter()
@@ -261,54 +253,41 @@ impl Registry for ChainRegistry {
             return Err(Error::unavailable("no RPC endpoint answers"));
         }
         check_replicas(&current.spec, replicas)?;
-        self.write(
-            "setReplicas",
-            C::setReplicasCall {
-                id: service_key(id),
-                replicas,
-            },
-        )
-        .await?;
-        self.record_after_write(id).await
+        let call = C::setReplicasCall {
+            id: service_key(id),
+            replicas,
+        };
+        self.update(id, "setReplicas", call).await
     }
 
     async fn set_state(&self, id: &ServiceId, state: ServiceState) -> Result<ServiceRecord> {
-        self.write(
-            "setState",
-            C::setStateCall {
-                id: service_key(id),
-                to: state.code(),
-            },
-        )
-        .await?;
-        self.record_after_write(id).await
+        let call = C::setStateCall {
+            id: service_key(id),
+            to: state.code(),
+        };
+        self.update(id, "setState", call).await
     }
 
     async fn rollback(&self, id: &ServiceId, version: u64) -> Result<ServiceRecord> {
-        self.write(
-            "rollback",
-            C::rollbackCall {
-                id: service_key(id),
-                version,
-            },
-        )
-        .await?;
-        self.record_after_write(id).await
+        let call = C::rollbackCall {
+            id: service_key(id),
+            version,
+        };
+        self.update(id, "rollback", call).await
     }
 
     async fn record_checkpoint(&self, id: &ServiceId, checkpoint: &Checkpoint) -> Result<()> {
-        Ok(self
-            .write(
-                "recordCheckpoint",
-                C::recordCheckpointCall {
-                    id: service_key(id),
-                    snapshot: B256::from(*checkpoint.snapshot.as_bytes()),
-                    logIndex: checkpoint.log_index,
-                    term: checkpoint.term,
-                    stateVersion: checkpoint.state_version,
-                },
-            )
-            .await?)
+        self.submit(
+            "recordCheckpoint",
+            C::recordCheckpointCall {
+                id: service_key(id),
+                snapshot: B256::from(*checkpoint.snapshot.as_bytes()),
+                logIndex: checkpoint.log_index,
+                term: checkpoint.term,
+                stateVersion: checkpoint.state_version,
+            },
+        )
+        .await
     }
 
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()> {
@@ -322,65 +301,60 @@ impl Registry for ChainRegistry {
 
     async fn grant(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()> {
         let account = parse_account(account)?;
-        Ok(self
-            .write(
-                "grant",
-                C::grantCall {
-                    id: service_key(id),
-                    account,
-                    role: role_bits(role),
-                },
-            )
-            .await?)
+        self.submit(
+            "grant",
+            C::grantCall {
+                id: service_key(id),
+                account,
+                role: role_bits(role),
+            },
+        )
+        .await
     }
 
     async fn revoke(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()> {
         let account = parse_account(account)?;
-        Ok(self
-            .write(
-                "revoke",
-                C::revokeCall {
-                    id: service_key(id),
-                    account,
-                    role: role_bits(role),
-                },
-            )
-            .await?)
+        self.submit(
+            "revoke",
+            C::revokeCall {
+                id: service_key(id),
+                account,
+                role: role_bits(role),
+            },
+        )
+        .await
     }
 
     async fn transfer_ownership(&self, id: &ServiceId, new_owner: &Account) -> Result<()> {
         let new_owner = parse_account(new_owner)?;
-        Ok(self
-            .write(
-                "transferOwnership",
-                C::transferOwnershipCall {
-                    id: service_key(id),
-                    newOwner: new_owner,
-                },
-            )
-            .await?)
+        self.submit(
+            "transferOwnership",
+            C::transferOwnershipCall {
+                id: service_key(id),
+                newOwner: new_owner,
+            },
+        )
+        .await
     }
 
     async fn accept_ownership(&self, id: &ServiceId) -> Result<()> {
-        Ok(self
-            .write(
-                "acceptOwnership",
-                C::acceptOwnershipCall {
-                    id: service_key(id),
-                },
-            )
-            .await?)
+        self.submit(
+            "acceptOwnership",
+            C::acceptOwnershipCall {
+                id: service_key(id),
+            },
+        )
+        .await
     }
 
     async fn cancel_ownership_transfer(&self, id: &ServiceId) -> Result<()> {
-        Ok(self
-            .write(
-                "cancelOwnershipTransfer",
-                C::cancelOwnershipTransferCall {
-                    id: service_key(id),
-                },
-            )
-            .await?)
+        self.submit(
+            "cancelOwnershipTransfer",
+            C::cancelOwnershipTransferCall {
+                id: service_key(id),
+            },
+        )
+        .await
     }
 
     async fn pending_owner(&self, id: &ServiceId) -> Result<Option<Account>> {
@@ -392,16 +366,30 @@ impl Registry for ChainRegistry {
                 },
             )
             .await
-            .map_err(|e| match e {
-                ChainError::Revert(C::ServiceRegistryErrors::NotRegistered(_)) => {
-                    ChainError::Core(Error::not_found(format!("service {id}")))
-                }
-                e => e,
-            })?;
+            .map_err(|e| named(id, e))?;
         Ok((pending != Address::ZERO).then(|| account_of(pending)))
     }
 
     async fn changes(&self) -> Result<ChangeStream> {
         self.change_stream().await
+    }
+}
+
+/// Validates `spec` and returns the hashes the registry stores of it: its sha256 and
+/// its image digest.
+fn stored_hashes(spec: &ServiceSpec) -> Result<(B256, B256)> {
+    spec.validate()?;
+    let hash = spec.spec_hash();
+    let image = *spec.image.require_digest()?;
+    Ok((B256::from(*hash.as_bytes()), B256::from(*image.as_bytes())))
+}
+
+/// Names the service in a `NotRegistered` refusal (the contract knows its key only).
+fn named(id: &ServiceId, e: ChainError) -> ChainError {
+    match e {
+        ChainError::Revert(C::ServiceRegistryErrors::NotRegistered(_)) => {
+            Error::not_found(format!("service {id}")).into()
+        }
+        e => e,
     }
 }

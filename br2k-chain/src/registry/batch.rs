@@ -3,10 +3,12 @@
 //! [`IDS_PER_LOG_QUERY`] specs or endpoints not yet verified), and the last verified
 //! record served stale when no endpoint answers.
 
+use std::collections::HashMap;
+
 use alloy::primitives::B256;
 use br2k_core::{
-    Checkpoint, Digest, Error, Location, Result, ServiceId, ServiceRecord, ServiceState,
-    VersionInfo,
+    Checkpoint, Digest, Error, Location, Result, ServiceId, ServiceRecord, ServiceSpec,
+    ServiceState, VersionInfo,
 };
 
 #[cfg(doc)]
@@ -84,77 +86,67 @@ impl ChainRegistry {
                 });
             }
         }
-        let mut specs = self.specs(&spec_wants).await?;
-        let mut locations = self.locations(&loc_wants).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, (block, r)) in ids.iter().zip(raws) {
-            if !r.exists {
-                out.push(Err(ChainError::Core(Error::not_found(format!(
-                    "service {id}"
-                )))));
-                continue;
-            }
-            let spec = match specs.get(&(r.id, r.active)).cloned() {
-                Some(Ok(s)) => s,
-                Some(Err(e)) => {
-                    out.push(Err(e.into()));
-                    continue;
-                }
-                None => {
-                    out.push(Err(ChainError::MissingLog(format!("spec of {id}"))));
-                    continue;
-                }
-            };
-            let location = if r.location.blockNumber == 0 {
-                None
-            } else {
-                match locations.get(&r.id).cloned() {
-                    Some(Ok(endpoint)) => Some(Location {
-                        endpoint,
-                        term: r.location.term,
-                    }),
-                    Some(Err(e)) => {
-                        out.push(Err(e.into()));
-                        continue;
-                    }
-                    None => {
-                        out.push(Err(ChainError::MissingLog(format!("location of {id}"))));
-                        continue;
-                    }
-                }
-            };
-            let state = match ServiceState::from_code(r.state) {
-                Ok(s) => s,
-                Err(e) => {
-                    out.push(Err(ChainError::Core(e.into())));
-                    continue;
-                }
-            };
-            insert_capped(&self.inner.names, r.id, id.clone());
-            let c = &r.checkpoint;
-            out.push(Ok(ServiceRecord {
-                id: id.clone(),
-                version: r.active,
-                latest_version: r.latest,
-                spec,
-                spec_hash: Digest::from_bytes(r.activeVersion.specHash.0),
-                replicas: r.replicas,
-                state,
-                owner: account_of(r.owner),
-                checkpoint: (c.stateVersion != 0).then(|| Checkpoint {
-                    snapshot: Digest::from_bytes(c.snapshot.0),
-                    log_index: c.logIndex,
-                    term: c.term,
-                    state_version: c.stateVersion,
-                }),
-                location,
-                as_of: Some(block),
-                stale: false,
-            }));
+        let specs = self.specs(&spec_wants).await?;
+        let locations = self.locations(&loc_wants).await?;
+        Ok(ids
+            .iter()
+            .zip(raws)
+            .map(|(id, (block, r))| self.record(id, block, r, &specs, &locations))
+            .collect())
+    }
+
+    /// The record of `id` read at `block` (`r`), with its spec and location fetched
+    /// and verified in `specs` and `locations`.
+    fn record(
+        &self,
+        id: &ServiceId,
+        block: u64,
+        r: C::Record,
+        specs: &HashMap<(B256, u64), Result<ServiceSpec>>,
+        locations: &HashMap<B256, Result<String>>,
+    ) -> Result<ServiceRecord, ChainError> {
+        if !r.exists {
+            return Err(Error::not_found(format!("service {id}")).into());
         }
-        specs.clear();
-        locations.clear();
-        Ok(out)
+        // A verified item, the reason it failed verification, or a missing event.
+        fn found<T: Clone>(item: Option<&Result<T>>, what: String) -> Result<T, ChainError> {
+            match item {
+                Some(Ok(v)) => Ok(v.clone()),
+                Some(Err(e)) => Err(e.clone().into()),
+                None => Err(ChainError::MissingLog(what)),
+            }
+        }
+        let spec = found(specs.get(&(r.id, r.active)), format!("spec of {id}"))?;
+        let location = if r.location.blockNumber == 0 {
+            None
+        } else {
+            Some(Location {
+                endpoint: found(locations.get(&r.id), format!("location of {id}"))?,
+                term: r.location.term,
+            })
+        };
+        let state = ServiceState::from_code(r.state).map_err(Error::from)?;
+        insert_capped(&self.inner.names, r.id, id.clone());
+        let c = &r.checkpoint;
+        Ok(ServiceRecord {
+            id: id.clone(),
+            version: r.active,
+            latest_version: r.latest,
+            spec,
+            spec_hash: Digest::from_bytes(r.activeVersion.specHash.0),
+            replicas: r.replicas,
+            state,
+            owner: account_of(r.owner),
+            checkpoint: (c.stateVersion != 0).then(|| Checkpoint {
+                snapshot: Digest::from_bytes(c.snapshot.0),
+                log_index: c.logIndex,
+                term: c.term,
+                state_version: c.stateVersion,
+            }),
+            location,
+            as_of: Some(block),
+            stale: false,
+        })
     }
 
     /// The last verified record of `id` flagged stale, or Unavailable.
