@@ -106,3 +106,73 @@ pub(super) struct LocationWant {
     /// The stored keccak256 of the endpoint.
     pub(super) hash: B256,
 }
+
+#[cfg(test)]
+mod tests {
+    use br2k_core::conformance::sample_spec;
+
+    use super::*;
+
+    fn want(spec: &ServiceSpec) -> SpecWant {
+        SpecWant {
+            key: B256::ZERO,
+            name: "svc".into(),
+            version: 1,
+            block: 1,
+            hash: B256::from(*spec.spec_hash().as_bytes()),
+            image: B256::from(*spec.image.require_digest().unwrap().as_bytes()),
+            replicas: spec.replicas,
+        }
+    }
+
+    #[test]
+    fn event_bytes_are_checked_against_the_stored_hashes() {
+        let spec = sample_spec("registry.example");
+        let w = want(&spec);
+        let bytes = spec.canonical_bytes();
+        assert_eq!(w.verify_bytes(&bytes).unwrap(), spec);
+        assert!(w.consistent(spec.clone()).is_ok());
+        // Other bytes than the stored hash's.
+        let mut other = bytes.clone();
+        other.push(b'\n');
+        assert!(matches!(
+            w.verify_bytes(&other),
+            Err(Error::Tampered { .. })
+        ));
+        // The stored hash's bytes, but not the canonical form of the spec.
+        let loose = SpecWant {
+            hash: B256::from(*Digest::of(&other).as_bytes()),
+            ..w.clone()
+        };
+        assert!(matches!(
+            loose.verify_bytes(&other),
+            Err(Error::Tampered { .. })
+        ));
+        // A stored replica count or image digest that is not the spec's.
+        let more = SpecWant {
+            replicas: spec.replicas + 1,
+            ..w.clone()
+        };
+        assert!(matches!(
+            more.consistent(spec.clone()),
+            Err(Error::Tampered { .. })
+        ));
+        let image = SpecWant {
+            image: B256::ZERO,
+            ..w
+        };
+        assert!(matches!(
+            image.consistent(spec),
+            Err(Error::Tampered { .. })
+        ));
+        // Bytes that are not a spec.
+        let junk = SpecWant {
+            hash: B256::from(*Digest::of(b"{}").as_bytes()),
+            ..want(&sample_spec("registry.example"))
+        };
+        assert!(matches!(
+            junk.verify_bytes(b"{}"),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+}
