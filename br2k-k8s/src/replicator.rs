@@ -8,12 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use br2k_core::{Error, ObservedState, Replicator, Result, ServiceId, ServiceRecord};
 use futures::stream::BoxStream;
-use futures::{FutureExt, StreamExt, TryFutureExt};
+use futures::{StreamExt, TryFutureExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, Toleration};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, Resource};
 use tokio::sync::OnceCell;
@@ -22,7 +21,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::build::Placement;
 use crate::error::KubeError;
 use crate::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR, Names};
-use crate::parse::{self, meta_owned_by};
+use crate::parse;
 use crate::watch::WatchHub;
 
 mod apply;
@@ -31,7 +30,7 @@ mod read_your_writes;
 mod requests;
 
 use read_your_writes::{Writes, Written};
-use requests::{delete_opt, meta_of};
+use requests::{delete_if_ours, delete_opt, meta_of};
 
 /// Env var naming the namespace [`KubeReplicator::from_env`] uses.
 pub const NAMESPACE_ENV: &str = "BR2K_K8S_NAMESPACE";
@@ -217,9 +216,6 @@ impl KubeReplicator {
         let pdbs: Api<PodDisruptionBudget> = self.api();
         let hpas: Api<HorizontalPodAutoscaler> = self.api();
         let cms: Api<ConfigMap> = self.api();
-        // Only objects that are br2k's for `id` are deleted: an object of the same
-        // name that another writer or service holds stays.
-        let ours = |m: Option<ObjectMeta>| m.is_some_and(|m| meta_owned_by(&m, id));
         let (sts, headless, client, pdb, hpa, cm) = futures::try_join!(
             meta_of(&stss, &names.base, "statefulset"),
             meta_of(&svcs, &names.headless, "service"),
@@ -228,34 +224,16 @@ impl KubeReplicator {
             meta_of(&hpas, &names.base, "autoscaler"),
             meta_of(&cms, &names.config, "configmap"),
         )?;
-        let delete_if = |ours: bool, fut| async move { if ours { fut.await } else { Ok(()) } };
         // Everything is owned by the ConfigMap; deleting each object explicitly makes
         // the removal visible at once instead of after the garbage collector ran.
         futures::try_join!(
-            delete_if(
-                ours(sts),
-                delete_opt(&stss, &names.base, &bg, "statefulset").boxed()
-            ),
-            delete_if(
-                ours(headless),
-                delete_opt(&svcs, &names.headless, &bg, "service").boxed()
-            ),
-            delete_if(
-                ours(client),
-                delete_opt(&svcs, &names.base, &bg, "service").boxed()
-            ),
-            delete_if(
-                ours(pdb),
-                delete_opt(&pdbs, &names.base, &bg, "poddisruptionbudget").boxed()
-            ),
-            delete_if(
-                ours(hpa),
-                delete_opt(&hpas, &names.base, &bg, "autoscaler").boxed()
-            ),
+            delete_if_ours(&stss, &names.base, sts, id, &bg, "statefulset"),
+            delete_if_ours(&svcs, &names.headless, headless, id, &bg, "service"),
+            delete_if_ours(&svcs, &names.base, client, id, &bg, "service"),
+            delete_if_ours(&pdbs, &names.base, pdb, id, &bg, "poddisruptionbudget"),
+            delete_if_ours(&hpas, &names.base, hpa, id, &bg, "autoscaler"),
         )?;
-        if ours(cm) {
-            delete_opt(&cms, &names.config, &bg, "configmap").await?;
-        }
+        delete_if_ours(&cms, &names.config, cm, id, &bg, "configmap").await?;
         self.inner.written.note(id, Written::Removed);
         Ok(())
     }

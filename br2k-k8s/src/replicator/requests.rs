@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use br2k_core::ServiceId;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{KubeError, is_conflict, is_not_found};
 use crate::names::MANAGER;
 use crate::ownership;
+use crate::parse::meta_owned_by;
 
 pub(super) fn apply_params() -> PatchParams {
     PatchParams::apply(MANAGER).force()
@@ -54,6 +56,26 @@ where
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(KubeError::client(format!("delete {what} {name}"), e)),
+    }
+}
+
+/// Deletes object `name` when `meta` (its metadata as read, `None`: absent) shows it is
+/// br2k's for service `id`: an object of that name another writer or service holds
+/// stays.
+pub(super) async fn delete_if_ours<K>(
+    api: &Api<K>,
+    name: &str,
+    meta: Option<ObjectMeta>,
+    id: &ServiceId,
+    params: &DeleteParams,
+    what: &str,
+) -> Result<(), KubeError>
+where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug,
+{
+    match meta {
+        Some(m) if meta_owned_by(&m, id) => delete_opt(api, name, params, what).await,
+        _ => Ok(()),
     }
 }
 
