@@ -27,18 +27,12 @@ impl KubeReplicator {
     /// are read from the API server.
     async fn refuse_foreign_objects(&self, names: &Names, id: &ServiceId) -> Result<(), KubeError> {
         let ns = self.namespace();
-        let hub = self.cache().await;
         let ours = |meta: Option<ObjectMeta>| meta.filter(|m| meta_owned_by(m, id));
-        let (sts, headless, client, pdb, cm) = match hub {
-            Some(h) => (
-                ours(cached_meta(&h.stss, &names.base, ns)),
-                ours(cached_meta(&h.svcs, &names.headless, ns)),
-                ours(cached_meta(&h.svcs, &names.base, ns)),
-                ours(cached_meta(&h.pdbs, &names.base, ns)),
-                ours(cached_meta(&h.cms, &names.config, ns)),
-            ),
-            None => (None, None, None, None, None),
-        };
+        let [sts, headless, client, pdb, cm] = self
+            .cached_metas(names)
+            .await
+            .map(|metas| metas.map(ours))
+            .unwrap_or_default();
         let stss: Api<StatefulSet> = self.api();
         let svcs: Api<Service> = self.api();
         let pdbs: Api<PodDisruptionBudget> = self.api();
@@ -228,20 +222,12 @@ impl KubeReplicator {
     /// cache shows without foreign fields are skipped (no request); without a usable
     /// cache each object is read from the API server.
     async fn release_foreign_fields(&self, names: &Names) -> Result<(), KubeError> {
-        let ns = self.namespace();
-        let hub = self.cache().await;
         let flagged = |meta: Option<ObjectMeta>| {
             meta.is_some_and(|m| m.managed_fields.as_ref().is_some_and(|f| !f.is_empty()))
         };
-        let (cm, sts, headless, client, pdb) = match hub {
-            Some(hub) => (
-                flagged(cached_meta(&hub.cms, &names.config, ns)),
-                flagged(cached_meta(&hub.stss, &names.base, ns)),
-                flagged(cached_meta(&hub.svcs, &names.headless, ns)),
-                flagged(cached_meta(&hub.svcs, &names.base, ns)),
-                flagged(cached_meta(&hub.pdbs, &names.base, ns)),
-            ),
-            None => (true, true, true, true, true),
+        let [sts, headless, client, pdb, cm] = match self.cached_metas(names).await {
+            Some(metas) => metas.map(flagged),
+            None => [true; 5],
         };
         let cms: Api<ConfigMap> = self.api();
         let stss: Api<StatefulSet> = self.api();
@@ -255,6 +241,21 @@ impl KubeReplicator {
             release_foreign(pdb, &pdbs, &names.base, "poddisruptionbudget"),
         )?;
         Ok(())
+    }
+
+    /// The metadata the watch cache holds of the objects of `names` that `apply`
+    /// writes: StatefulSet, headless Service, client Service, PodDisruptionBudget,
+    /// ConfigMap (`None` each when absent); `None` when the cache is not usable.
+    async fn cached_metas(&self, names: &Names) -> Option<[Option<ObjectMeta>; 5]> {
+        let ns = self.namespace();
+        let hub = self.cache().await?;
+        Some([
+            cached_meta(&hub.stss, &names.base, ns),
+            cached_meta(&hub.svcs, &names.headless, ns),
+            cached_meta(&hub.svcs, &names.base, ns),
+            cached_meta(&hub.pdbs, &names.base, ns),
+            cached_meta(&hub.cms, &names.config, ns),
+        ])
     }
 
     /// Makes `sts` the controller of the guarded replica pods of `id` that have no

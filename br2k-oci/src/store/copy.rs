@@ -272,15 +272,8 @@ where
                 Some(Ok(chunk)) => {
                     st.n += chunk.len() as u64;
                     if st.n > size {
-                        let n = st.n;
-                        return fail(
-                            st,
-                            OciError::Tampered {
-                                what: format!("{what} size"),
-                                expected: size.to_string(),
-                                actual: format!("at least {n}"),
-                            },
-                        );
+                        let e = size_mismatch(&what, size, format!("at least {}", st.n));
+                        return fail(st, e);
                     }
                     st.hasher.update(&chunk);
                     if st.n == size {
@@ -299,15 +292,8 @@ where
                 }
                 None => {
                     if st.n != size {
-                        let n = st.n;
-                        return fail(
-                            st,
-                            OciError::Tampered {
-                                what: format!("{what} size"),
-                                expected: size.to_string(),
-                                actual: n.to_string(),
-                            },
-                        );
+                        let e = size_mismatch(&what, size, st.n.to_string());
+                        return fail(st, e);
                     }
                     if let Some(e) = digest_mismatch(&st.hasher, digest, what) {
                         return fail(st, e);
@@ -318,6 +304,15 @@ where
         }
     });
     (body, verdict)
+}
+
+/// `Tampered`: `what` has `actual` bytes where `size` were announced.
+fn size_mismatch(what: &str, size: u64, actual: String) -> OciError {
+    OciError::Tampered {
+        what: format!("{what} size"),
+        expected: size.to_string(),
+        actual,
+    }
 }
 
 /// `Tampered` when the bytes `hasher` has seen are not `digest`.
