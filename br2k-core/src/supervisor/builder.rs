@@ -126,8 +126,8 @@ impl SupervisorBuilder {
     }
 
     /// How long a recovery waits, after its actions, for the live workload to match
-    /// the record with every replica ready before it reports [`Outcome::Partial`]
-    /// instead of [`Outcome::Recovered`] (default 15 s).
+    /// the record with every replica ready before it reports [`Outcome::Partial`](crate::diagnosis::Outcome::Partial)
+    /// instead of [`Outcome::Recovered`](crate::diagnosis::Outcome::Recovered) (default 15 s).
     pub fn settle_timeout(mut self, timeout: Duration) -> Self {
         self.config.settle_timeout = timeout;
         self
