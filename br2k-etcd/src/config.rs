@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use br2k_core::{Result, ValidationError};
 
-/// Settings of an [`EtcdLog`].
+/// Settings of an [`EtcdLog`](crate::EtcdLog).
 #[derive(Debug, Clone)]
 pub struct EtcdLogConfig {
     /// etcd client endpoints (`http://127.0.0.1:2379`, ...).

@@ -12,6 +12,11 @@
 //! Every append is one transaction that compares the leader key's create revision with
 //! the leadership's term and `last` with the expected value, so a deposed leader's
 //! append writes nothing and is refused with [`br2k_core::Error::Conflict`].
+//!
+//! Modules: `config` (settings), `encoding` (key names, entry chunks), `session` (the
+//! lease and its keep-alive), `election` (campaign, resign, observe), `append` (fenced
+//! appends, compaction), `read` (consistent reads), `follower` (watching the log),
+//! `error` (the one mapping of etcd failures to [`br2k_core::Error`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,7 +55,8 @@ use encoding::{Keys, corrupt, pad, parse_index};
 use error::EtcdError;
 use session::{Session, timed};
 
-/// Largest gRPC message this client decodes (reads return up to [`READ_CHUNKS`] chunks).
+/// Largest gRPC message this client decodes (reads return up to [`read::READ_CHUNKS`]
+/// chunks).
 const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
 
 struct Inner {

@@ -9,7 +9,7 @@ use crate::EtcdLog;
 use crate::encoding::{Keys, corrupt, decode_chunk, parse_index};
 
 /// Chunks fetched by one read transaction.
-const READ_CHUNKS: i64 = 32;
+pub(crate) const READ_CHUNKS: i64 = 32;
 
 /// What one consistent read returned.
 pub(crate) struct ReadOut {
