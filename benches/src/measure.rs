@@ -52,3 +52,50 @@ pub async fn create_test_namespace(
         .await?;
     Ok(())
 }
+
+/// A short hex id of this run (the low 24 bits of the Unix time in milliseconds), for
+/// the names of the objects a measurement creates.
+pub fn run_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{:x}", ms & 0xffffff)
+}
+
+/// Creates the fake kwok nodes `names`, labelled `br2k.io/test=true`, `type=kwok`,
+/// their hostname and `labels`, tainted with `taints` (a JSON array). They are created
+/// without a status: kwok gives them a large capacity (the cluster's own nodes hold
+/// 110 pods each).
+pub async fn create_kwok_nodes(
+    client: &kube::Client,
+    names: &[String],
+    labels: &serde_json::Map<String, serde_json::Value>,
+    taints: serde_json::Value,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, PostParams};
+    let nodes: Api<Node> = Api::all(client.clone());
+    for name in names {
+        let mut all = serde_json::json!({
+            "br2k.io/test": "true", "kubernetes.io/hostname": name, "type": "kwok"
+        });
+        if let Some(all) = all.as_object_mut() {
+            all.extend(labels.clone());
+        }
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {
+                        "name": name,
+                        "labels": all,
+                        "annotations": {"kwok.x-k8s.io/node": "fake"}
+                    },
+                    "spec": {"taints": taints}
+                }))?,
+            )
+            .await?;
+    }
+    Ok(())
+}

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use br2k_benches::measure::{arg, create_test_namespace, rss_and_cpu};
+use br2k_benches::measure::{arg, create_kwok_nodes, create_test_namespace, rss_and_cpu, run_id};
 use br2k_core::Registry;
 use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
@@ -46,34 +46,13 @@ async fn main() -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            & 0xffffff
-    );
+    let run = run_id();
     let ns = format!("br2k-opscale-{run}");
     create_test_namespace(&client, &ns).await?;
     // Room for the pods: 3 fake nodes created without a status (kwok gives them a
     // large capacity; the cluster's own nodes hold 110 pods each).
-    let nodes: Api<Node> = Api::all(client.clone());
     let node_names: Vec<String> = (0..3).map(|i| format!("br2k-opscale-{run}-{i}")).collect();
-    for name in &node_names {
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"br2k.io/test": "true", "kubernetes.io/hostname": name,
-                                   "type": "kwok"},
-                        "annotations": {"kwok.x-k8s.io/node": "fake"}
-                    }
-                }))?,
-            )
-            .await?;
-    }
+    create_kwok_nodes(&client, &node_names, &serde_json::Map::new(), json!([])).await?;
 
     let registry = Arc::new(InMemoryRegistry::new("bench"));
     let mut spec = sample_spec("registry.test:5000");
@@ -182,6 +161,7 @@ async fn main() -> Result<(), Error> {
     Api::<Namespace>::all(client.clone())
         .delete(&ns, &DeleteParams::background())
         .await?;
+    let nodes: Api<Node> = Api::all(client.clone());
     for name in &node_names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
     }

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use br2k_benches::measure::create_kwok_nodes;
 use br2k_core::Registry;
 use br2k_core::memory::InMemoryRegistry;
 use br2k_core::supervisor::Supervisor;
 use br2k_k8s::{KubeReplicator, KubeReplicatorBuilder};
 use k8s_openapi::api::core::v1::{Node, Toleration};
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -89,22 +90,9 @@ pub(crate) async fn fake_nodes(
     } else {
         json!([])
     };
-    for name in &names {
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"br2k.io/test": "true", POOL_KEY: pool,
-                                   "kubernetes.io/hostname": name, "type": "kwok"},
-                        "annotations": {"kwok.x-k8s.io/node": "fake"}
-                    },
-                    "spec": {"taints": taints}
-                }))?,
-            )
-            .await?;
-    }
+    let mut labels = serde_json::Map::new();
+    labels.insert(POOL_KEY.into(), pool.into());
+    create_kwok_nodes(client, &names, &labels, taints).await?;
     for name in &names {
         while !nodes
             .get(name)

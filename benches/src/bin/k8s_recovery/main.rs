@@ -20,7 +20,7 @@ mod scale;
 
 use std::time::{Duration, Instant};
 
-use br2k_benches::measure::{arg, create_test_namespace};
+use br2k_benches::measure::{arg, create_test_namespace, run_id};
 use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
 use br2k_core::supervisor::SupervisorEvent;
@@ -365,13 +365,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::try_default().await?;
     let trials = arg("--trials", 30usize);
     let services = arg("--services", 0usize);
-    let ns = format!(
-        "br2k-bench-{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            & 0xffffff
-    );
+    let ns = format!("br2k-bench-{}", run_id());
     create_test_namespace(&client, &ns).await?;
     let rep = kwok_replicator(&client, &ns);
     let supervised = Supervised::start(&rep, "bench")?;
