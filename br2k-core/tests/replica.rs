@@ -350,3 +350,367 @@ async fn histories_under_leader_crashes_are_linearizable() {
         "too many operations without an answer: {unknown}"
     );
 }
+
+/// A log whose appends fail (unavailable, nothing written) while `fail` is set, and
+/// whose leader reads fail while `fail_leader` is set.
+#[derive(Debug, Clone)]
+struct FlakyAppends {
+    inner: InMemoryLog,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+    fail_leader: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl ReplicatedLog for FlakyAppends {
+    async fn campaign(&self, candidate: &str) -> br2k_core::Result<br2k_core::log::Leadership> {
+        self.inner.campaign(candidate).await
+    }
+    async fn resign(&self, l: &br2k_core::log::Leadership) -> br2k_core::Result<()> {
+        self.inner.resign(l).await
+    }
+    async fn leader(&self) -> br2k_core::Result<Option<br2k_core::log::LeaderInfo>> {
+        if self.fail_leader.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("leader: injected failure"));
+        }
+        self.inner.leader().await
+    }
+    async fn observe(&self) -> br2k_core::Result<br2k_core::log::LeaderStream> {
+        self.inner.observe().await
+    }
+    async fn append(
+        &self,
+        l: &br2k_core::log::Leadership,
+        entries: Vec<bytes::Bytes>,
+    ) -> br2k_core::Result<std::ops::RangeInclusive<u64>> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("append: injected failure"));
+        }
+        self.inner.append(l, entries).await
+    }
+    async fn read(&self, from: u64, max: usize) -> br2k_core::Result<Vec<br2k_core::log::Entry>> {
+        self.inner.read(from, max).await
+    }
+    async fn watch(&self, from: u64) -> br2k_core::Result<br2k_core::log::EntryStream> {
+        self.inner.watch(from).await
+    }
+    async fn compact(&self, up_to: u64) -> br2k_core::Result<()> {
+        self.inner.compact(up_to).await
+    }
+    async fn first_index(&self) -> br2k_core::Result<u64> {
+        self.inner.first_index().await
+    }
+    async fn last_index(&self) -> br2k_core::Result<u64> {
+        self.inner.last_index().await
+    }
+}
+
+/// An effect that breaks the log's appends while it runs (the leader's etcd member
+/// dies between the intent and the result).
+#[derive(Debug, Clone)]
+struct BreaksTheLog {
+    inner: CountingEffect,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for BreaksTheLog {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        self.inner.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        self.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.run(key, c).await
+    }
+}
+
+/// Found by the fault matrix (#17, etcd member killed under load): the leader logged a
+/// settlement's intent and ran it, then could not log its result. Every retry with the
+/// same key waited for a result nobody would log, until the next leader change. The
+/// leader now keeps resolving the intent (looking it up first) once the log is back:
+/// the retry gets the first result and the effect ran once.
+#[tokio::test]
+async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
+    let c = Cluster::new(0).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = FlakyAppends {
+        inner: c.log.connect(),
+        fail: fail.clone(),
+        fail_leader: Arc::default(),
+    };
+    let effect = BreaksTheLog {
+        inner: c.effect.clone(),
+        fail: fail.clone(),
+    };
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_millis(500);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(log),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(effect)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    let first = r.once("s-1", settle.clone()).await;
+    assert!(first.is_err(), "the result could not be logged: {first:?}");
+    assert_eq!(c.effect.runs("s-1"), 1);
+    // The log is back; the client retries with the same key.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut answer = None;
+    for _ in 0..20 {
+        match r.once("s-1", settle.clone()).await {
+            Ok(out) => {
+                answer = Some(out);
+                break;
+            }
+            Err(e) => assert!(
+                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
+                "{e}"
+            ),
+        }
+    }
+    let answer = answer.expect("the retry is answered once the log is back");
+    assert!(
+        matches!(answer, CounterOutput::Settled { .. }),
+        "{answer:?}"
+    );
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+    assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
+}
+
+/// An effect that takes a while.
+#[derive(Debug, Clone)]
+struct SlowEffect(CountingEffect);
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for SlowEffect {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        self.0.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.run(key, c).await
+    }
+}
+
+/// Found by the fault matrix (#17, anvil stopped under load): the HTTP client of a
+/// settlement timed out and disconnected while the leader ran the effect; the request's
+/// future was dropped with the effect half done, and the intent stayed pending: every
+/// retry with the same key waited in vain. The effect now runs in a task of its own.
+#[tokio::test]
+async fn once_whose_caller_went_away_is_still_resolved() {
+    let c = Cluster::new(0).await;
+    let effect = SlowEffect(c.effect.clone());
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_secs(2);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(c.log.connect()),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(effect)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // The caller gives up while the effect runs (its future is dropped).
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), r.once("s-1", settle.clone())).await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    let again = r.once("s-1", settle.clone()).await;
+    let out = again.expect("the retry gets the settlement's result");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+}
+
+/// Found by the fault matrix (#17, etcd member killed under load, long run seed 1039):
+/// the leader's check that it still leads (an etcd read) failed while a member was
+/// down, so the settlement's resolution gave up as "not the leader" although the
+/// replica went on leading: the key stayed pending and every retry waited in vain.
+/// The resolution now goes on while the replica leads.
+#[tokio::test]
+async fn once_resolution_survives_a_failed_leadership_check() {
+    let c = Cluster::new(0).await;
+    let fail_leader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = FlakyAppends {
+        inner: c.log.connect(),
+        fail: Arc::default(),
+        fail_leader: fail_leader.clone(),
+    };
+    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
+    cfg.request_timeout = Duration::from_millis(700);
+    let r = Replica::start(
+        cfg,
+        Counters::default(),
+        Arc::new(log),
+        Arc::new(c.registry.clone()),
+        Arc::new(c.store.clone()),
+        Some(Arc::new(c.effect.clone())),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // The leadership check fails for a while (an etcd member is down).
+    fail_leader.store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = r.once("s-1", settle.clone()).await;
+    assert!(first.is_err(), "{first:?}");
+    fail_leader.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(r.role(), ReplicaRole::Leader, "it still leads");
+    let mut answer = None;
+    for _ in 0..10 {
+        if let Ok(out) = r.once("s-1", settle.clone()).await {
+            answer = Some(out);
+            break;
+        }
+    }
+    let out = answer.expect("the retry is answered once the check works again");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+}
+
+/// An effect whose first `lookup` fails (the chain briefly unreachable).
+#[derive(Debug, Clone)]
+struct LookupFailsOnce {
+    inner: BreaksTheLog,
+    failures: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for LookupFailsOnce {
+    async fn lookup(&self, key: &str, c: &C) -> br2k_core::Result<Option<Vec<u8>>> {
+        if self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(Error::unavailable("lookup: injected failure"));
+        }
+        self.inner.lookup(key, c).await
+    }
+    async fn run(&self, key: &str, c: &C) -> br2k_core::Result<Vec<u8>> {
+        self.inner.run(key, c).await
+    }
+}
+
+/// Found while fixing the matrix's findings (#17): a new leader resolved an intent its
+/// predecessor left pending with a single attempt; when that attempt failed (the chain
+/// briefly unreachable) the key stayed pending for the whole leadership. It now keeps
+/// trying while it leads.
+#[tokio::test]
+async fn a_new_leader_keeps_resolving_an_inherited_intent() {
+    let c = Cluster::new(0).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut rs = Vec::new();
+    for n in 0..2 {
+        let log = FlakyAppends {
+            inner: c.log.connect(),
+            fail: if n == 0 { fail.clone() } else { Arc::default() },
+            fail_leader: Arc::default(),
+        };
+        let effect = LookupFailsOnce {
+            inner: BreaksTheLog {
+                inner: c.effect.clone(),
+                fail: if n == 0 { fail.clone() } else { Arc::default() },
+            },
+            failures: failures.clone(),
+        };
+        let mut cfg = ReplicaConfig::new(c.id.clone(), format!("http://r{n}:8080")).unwrap();
+        cfg.request_timeout = Duration::from_millis(700);
+        let r = Replica::start(
+            cfg,
+            Counters::default(),
+            Arc::new(log.clone()),
+            Arc::new(c.registry.clone()),
+            Arc::new(c.store.clone()),
+            Some(Arc::new(effect)),
+        )
+        .await
+        .unwrap();
+        rs.push((r, log));
+        if n == 0 {
+            // Replica 0 leads.
+            eventually(Duration::from_secs(5), "leader", || async {
+                if rs[0].0.role() == ReplicaRole::Leader {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", rs[0].0.role()))
+                }
+            })
+            .await;
+        }
+    }
+    rs[0].0.replicate(None, add("a", 3)).await.unwrap();
+    let settle = CounterCommand::Settle {
+        counter: "a".into(),
+    };
+    // Replica 0 runs the effect and cannot log its result; then it dies.
+    assert!(rs[0].0.once("s-1", settle.clone()).await.is_err());
+    assert_eq!(c.effect.runs("s-1"), 1);
+    let (mut dead, dead_log) = rs.remove(0);
+    dead.kill();
+    dead_log.inner.expire_session();
+    // The new leader's first lookup fails.
+    failures.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = &rs[0].0;
+    eventually(Duration::from_secs(10), "new leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+    let mut answer = None;
+    for _ in 0..10 {
+        if let Ok(out) = r.once("s-1", settle.clone()).await {
+            answer = Some(out);
+            break;
+        }
+    }
+    let out = answer.expect("the new leader resolves the inherited intent");
+    assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+    assert_eq!(c.effect.runs("s-1"), 1, "found by lookup, never run again");
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

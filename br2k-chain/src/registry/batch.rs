@@ -14,57 +14,75 @@ use br2k_core::{
 #[cfg(doc)]
 use super::IDS_PER_LOG_QUERY;
 use super::verify::{LocationWant, SpecWant};
-use super::{ChainRegistry, RECORDS_PER_CALL, account_of, insert_capped, service_key};
+use super::{
+    ChainRegistry, READ_ATTEMPTS, RECORDS_PER_CALL, account_of, insert_capped, service_key,
+};
 use crate::bindings::ServiceRegistry as C;
 use crate::error::ChainError;
 
 impl ChainRegistry {
+    /// The raw records of `keys`, all read at one pinned block. An answer for another
+    /// block than the pinned one is never used: the batch is read again at a fresh pin,
+    /// at most [`READ_ATTEMPTS`] times (anvil executed a call at the head block in the
+    /// next block's environment when a block was mined meanwhile: the fault matrix saw a
+    /// ledger replica fail to start on it).
+    async fn raw_records(&self, keys: &[B256]) -> Result<Vec<(u64, C::Record)>, ChainError> {
+        let mut attempts = 0;
+        'read: loop {
+            attempts += 1;
+            let mut raws: Vec<(u64, C::Record)> = Vec::with_capacity(keys.len());
+            let pin = self.pin().await?;
+            for chunk in keys.chunks(RECORDS_PER_CALL) {
+                let r = self
+                    .call_at(
+                        pin,
+                        "getRecords",
+                        C::getRecordsCall {
+                            keys: chunk.to_vec(),
+                        },
+                    )
+                    .await?;
+                if r.blockNumber != pin.number {
+                    if attempts < READ_ATTEMPTS {
+                        continue 'read;
+                    }
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: answered for block {} when asked at block {}",
+                        r.blockNumber, pin.number
+                    )));
+                }
+                // An endpoint that answers fewer records, or another service's record,
+                // is not trusted.
+                if r.records.len() != chunk.len() {
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: {} records for {} ids",
+                        r.records.len(),
+                        chunk.len()
+                    )));
+                }
+                if let Some((want, got)) = chunk
+                    .iter()
+                    .zip(&r.records)
+                    .find(|(want, got)| got.exists && got.id != **want)
+                {
+                    return Err(ChainError::Decode(format!(
+                        "getRecords: the record of {} answered for {want}",
+                        got.id
+                    )));
+                }
+                raws.extend(r.records.into_iter().map(|rec| (r.blockNumber, rec)));
+            }
+            return Ok(raws);
+        }
+    }
+
     /// Reads and verifies the records of `ids`; the outer error is an RPC failure.
     pub(super) async fn read_many(
         &self,
         ids: &[ServiceId],
     ) -> Result<Vec<Result<ServiceRecord, ChainError>>, ChainError> {
         let keys: Vec<B256> = ids.iter().map(service_key).collect();
-        let mut raws: Vec<(u64, C::Record)> = Vec::with_capacity(ids.len());
-        // One block for every call of this read.
-        let pin = self.pin().await?;
-        for chunk in keys.chunks(RECORDS_PER_CALL) {
-            let r = self
-                .call_at(
-                    pin,
-                    "getRecords",
-                    C::getRecordsCall {
-                        keys: chunk.to_vec(),
-                    },
-                )
-                .await?;
-            if r.blockNumber != pin.number {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: answered for block {} when asked at block {}",
-                    r.blockNumber, pin.number
-                )));
-            }
-            // An endpoint that answers fewer records, or another service's record,
-            // is not trusted.
-            if r.records.len() != chunk.len() {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: {} records for {} ids",
-                    r.records.len(),
-                    chunk.len()
-                )));
-            }
-            if let Some((want, got)) = chunk
-                .iter()
-                .zip(&r.records)
-                .find(|(want, got)| got.exists && got.id != **want)
-            {
-                return Err(ChainError::Decode(format!(
-                    "getRecords: the record of {} answered for {want}",
-                    got.id
-                )));
-            }
-            raws.extend(r.records.into_iter().map(|rec| (r.blockNumber, rec)));
-        }
+        let raws = self.raw_records(&keys).await?;
         let mut spec_wants = Vec::new();
         let mut loc_wants = Vec::new();
         for (id, (_, r)) in ids.iter().zip(&raws) {

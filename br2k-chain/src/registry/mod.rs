@@ -37,6 +37,9 @@ mod verify;
 
 /// Ids per `getRecords` call (keeps a view call well under the block gas limit).
 const RECORDS_PER_CALL: usize = 200;
+/// Reads of a record batch, each at a fresh pin, while an endpoint answers for another
+/// block than the pinned one.
+const READ_ATTEMPTS: u32 = 3;
 /// Ids per `eth_getLogs` topic filter.
 const IDS_PER_LOG_QUERY: usize = 500;
 /// Entries kept in each verified-content cache before it is cleared.

@@ -16,6 +16,11 @@ use crate::error::{Error, Result};
 use crate::log::Leadership;
 use crate::record::Location;
 
+/// First wait before an unresolved effect is tried again.
+const RESOLVE_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// Longest wait between attempts to resolve an effect.
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 impl<S: StateMachine> Shared<S> {
     pub(super) async fn batch_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Pending>) {
         let max = self.cfg.max_batch.max(1);
@@ -137,14 +142,10 @@ impl<S: StateMachine> Shared<S> {
             .map(|(k, c)| (k.clone(), c.clone()))
             .collect();
         if let Some(effect) = self.effect.clone() {
+            // Until resolved or this leadership ends: one failed attempt (the chain
+            // or etcd briefly unreachable) must not leave the key pending.
             for (key, cmd) in pending {
-                let me = self.clone();
-                let effect = effect.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = me.resolve(effect, key.clone(), cmd, true).await {
-                        tracing::warn!(key, error = %e, "cannot resolve a pending effect");
-                    }
-                });
+                self.clone().keep_resolving(effect.clone(), key, cmd);
             }
         }
         let mut leader_rx = self.leader.subscribe();
@@ -172,6 +173,42 @@ impl<S: StateMachine> Shared<S> {
 
     async fn still_leader(&self, lead: &Leadership) -> bool {
         matches!(self.log.leader().await, Ok(Some(l)) if l.term == lead.term)
+    }
+
+    /// Keeps resolving the logged intent `key` in the background (looking it up
+    /// first: its effect may have run) while this replica leads and the intent is
+    /// pending; a new leader resolves it otherwise. Attempts back off exponentially
+    /// (200 ms doubling to 5 s): a lasting outage of the chain is waited out, not
+    /// hammered.
+    pub(super) fn keep_resolving(
+        self: Arc<Self>,
+        effect: Arc<dyn Effect<S::Command>>,
+        key: String,
+        cmd: S::Command,
+    ) {
+        tokio::spawn(async move {
+            let mut delay = RESOLVE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RESOLVE_RETRY_MAX);
+                if self.leading().is_err() || !self.applied.lock().pending.contains_key(&key) {
+                    return;
+                }
+                match self
+                    .clone()
+                    .resolve(effect.clone(), key.clone(), cmd.clone(), true)
+                    .await
+                {
+                    Ok(()) => return,
+                    // Also "not the leader": the leadership check reads etcd and fails
+                    // while a member is down, though this replica still leads (the
+                    // loop ends when it really stops leading).
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, retry_in = ?delay, "cannot resolve an effect yet")
+                    }
+                }
+            }
+        });
     }
 
     /// Resolves the effect of an intent: looks its key up first when the intent may

@@ -305,10 +305,25 @@ impl<S: StateMachine> Replica<S> {
         match s.submit_outcome(&id, &intent).await {
             // Our intent is the one logged: run the effect (after checking that the
             // fencing token is still current) and log its result.
+            // Resolved in a task of its own, not in the caller's future: a caller that
+            // goes away (an HTTP client that disconnects drops the request's future)
+            // must not leave the effect half done and the intent pending.
             Ok(Ok(_)) => {
-                s.clone()
-                    .resolve(effect, key.to_owned(), command, false)
-                    .await?
+                let (me, key) = (s.clone(), key.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = me
+                        .clone()
+                        .resolve(effect.clone(), key.clone(), command.clone(), false)
+                        .await
+                    {
+                        // The intent is logged but its result is not (e.g. the append
+                        // of the result failed): without this the key would stay
+                        // pending, and every retry wait in vain, until the next
+                        // leader change.
+                        tracing::warn!(key, error = %e, "cannot resolve an effect; retrying");
+                        me.keep_resolving(effect, key, command);
+                    }
+                });
             }
             // A concurrent intent with the same key won: wait for its result.
             Ok(Err(Rejection::DuplicateIntent)) => {

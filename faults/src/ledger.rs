@@ -1,0 +1,679 @@
+//! The ledger workload's processes: the contracts deployed on the stack's anvil
+//! (`ledger setup`), 3 `ledger serve` replicas (each reaching every etcd member through a
+//! proxy of its own, so one replica can be partitioned from etcd), a snapshot registry
+//! of our own (Distribution on a small tmpfs, behind a proxy that can refuse or answer
+//! 5xx), and the HTTP client that follows redirects to the leader.
+//!
+//! Anvil accounts: the ledger uses the well-known dev accounts 5 (owner), 6-8
+//! (replicas) and 9 (settler); 0-4 are left to the operator workload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
+use br2k_ledger::settle::Settlement;
+use serde_json::Value;
+
+use crate::procs;
+use crate::proxy::{Mode, Proxy};
+
+/// Keys of anvil's dev accounts 5-9 (mnemonic `test test ... junk`).
+const OWNER_KEY: &str = "8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
+const REPLICA_KEYS: [&str; 3] = [
+    "92db14e403b83dfe3df233f83dfa3a0d7096f21ca9b0d6d6b8d88b2b4ec1564e",
+    "4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356",
+    "dbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97",
+];
+const SETTLER_KEY: &str = "2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6";
+
+/// Election timeout of the replicas (etcd lease TTL), seconds.
+pub const LEASE_TTL_SECS: u64 = 2;
+/// A snapshot every this many log entries (several per run, so registry faults hit
+/// snapshot pushes).
+pub const SNAPSHOT_EVERY: u64 = 100;
+/// Size of the snapshot registry's tmpfs.
+const REGISTRY_TMPFS: &str = "256m";
+
+/// Where `libfaketime` is (Debian's `faketime` package).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+fn address_of(key: &str) -> Result<Address, String> {
+    let s: PrivateKeySigner = key.parse().map_err(|e| format!("key: {e}"))?;
+    Ok(s.address())
+}
+
+/// The private stack, from `$BR2K_STACK_DIR/env`.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// `BR2K_STACK_DIR`.
+    pub dir: PathBuf,
+    /// Every variable of the env file.
+    pub vars: HashMap<String, String>,
+}
+
+impl Stack {
+    /// Reads `<dir>/env`.
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        let file = dir.join("env");
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let vars = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect();
+        Ok(Self {
+            dir: dir.to_owned(),
+            vars,
+        })
+    }
+
+    /// A variable of the env file.
+    pub fn var(&self, name: &str) -> Result<&str, String> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| format!("{name} is not in {}/env", self.dir.display()))
+    }
+
+    /// The anvil RPC URL.
+    pub fn rpc(&self) -> Result<String, String> {
+        Ok(self
+            .var("BR2K_RPC_URLS")?
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    /// The etcd members' client addresses.
+    pub fn etcd(&self) -> Result<Vec<SocketAddr>, String> {
+        self.var("BR2K_ETCD_ENDPOINTS")?
+            .split(',')
+            .map(|u| {
+                u.trim_start_matches("http://")
+                    .parse()
+                    .map_err(|e| format!("etcd endpoint {u}: {e}"))
+            })
+            .collect()
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
+}
+
+fn wait_port(addr: &str, within: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if start.elapsed() > within {
+            return Err(format!("{addr} does not accept connections"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The snapshot registry: Distribution with its root on a tmpfs, behind a proxy.
+pub struct SnapshotRegistry {
+    mount: PathBuf,
+    child: Child,
+    /// The proxy the replicas use.
+    pub proxy: Proxy,
+    fill: PathBuf,
+}
+
+impl SnapshotRegistry {
+    /// Mounts a fresh tmpfs at `<dir>/registry`, starts the registry on it and a proxy.
+    pub async fn start(bin: &str, dir: &Path) -> Result<Self, String> {
+        let mount = dir.join("registry");
+        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={REGISTRY_TMPFS}"),
+                "tmpfs",
+            ])
+            .arg(&mount)
+            .status()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !st.success() {
+            return Err(format!("mount tmpfs on {}: {st}", mount.display()));
+        }
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                mount.join("data").display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(dir.join("registry.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn registry {bin}: {e}"))?;
+        let mut me = Self {
+            fill: mount.join("fill"),
+            mount,
+            child,
+            proxy: Proxy::start(addr.parse().map_err(|e| format!("{e}"))?).await?,
+        };
+        if let Err(e) = wait_port(&addr, Duration::from_secs(30)) {
+            me.stop();
+            return Err(e);
+        }
+        Ok(me)
+    }
+
+    /// Fills the tmpfs (a file grown until the disk is full).
+    pub fn fill_disk(&self) -> Result<u64, String> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&self.fill).map_err(|e| e.to_string())?;
+        let chunk = vec![0xa5u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(w) => n += w as u64,
+                Err(_) => break,
+            }
+        }
+        let _ = f.flush();
+        Ok(n)
+    }
+
+    /// Frees the disk again.
+    pub fn free_disk(&self) {
+        let _ = std::fs::remove_file(&self.fill);
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+impl Drop for SnapshotRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One `ledger serve` child process.
+pub struct ReplicaProc {
+    /// 0, 1 or 2.
+    pub slot: usize,
+    /// Its port.
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    /// Its stderr.
+    pub log: PathBuf,
+    child: Option<Child>,
+    /// SIGSTOPped.
+    pub stopped: bool,
+    /// Running under libfaketime with this offset.
+    pub skew: Option<String>,
+}
+
+impl ReplicaProc {
+    /// Its PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it runs (not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL, reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.stopped = false;
+        self.skew = None;
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&mut self) -> Result<(), String> {
+        if let Some(pid) = self.pid()
+            && !self.stopped
+        {
+            procs::signal(pid, "STOP")?;
+            self.stopped = true;
+        }
+        Ok(())
+    }
+
+    /// SIGCONT.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if let Some(pid) = self.pid()
+            && self.stopped
+        {
+            procs::signal(pid, "CONT")?;
+            self.stopped = false;
+        }
+        Ok(())
+    }
+
+    /// Whether it exited by itself (crashed); it then counts as not running (a heal
+    /// starts it again).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+
+    /// The last `n` lines of its log.
+    pub fn tail(&self, n: usize) -> String {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().rev().take(n).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for ReplicaProc {
+    fn drop(&mut self) {
+        let _ = self.resume();
+        self.kill();
+    }
+}
+
+/// One ledger service: its contracts, etcd namespace, replicas.
+pub struct World {
+    /// Service id.
+    pub service: String,
+    namespace: String,
+    registry_address: String,
+    /// The `Settlement` contract.
+    pub settlement: Address,
+    /// First block of this world (settlements are scanned from there).
+    pub first_block: u64,
+    rpc: String,
+    etcd_proxies: Vec<Vec<Proxy>>,
+    oci: String,
+    dir: PathBuf,
+    ledger_bin: PathBuf,
+    /// The replicas.
+    pub replicas: Vec<ReplicaProc>,
+    /// The replica that last gave a final answer.
+    last: Arc<Mutex<usize>>,
+    /// Replicas started so far (log file names).
+    spawned: usize,
+}
+
+impl World {
+    /// Deploys the contracts of a new service and starts 3 replicas.
+    pub async fn start(
+        stack: &Stack,
+        ledger_bin: &Path,
+        oci: &SnapshotRegistry,
+        dir: &Path,
+        name: &str,
+    ) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let rpc = stack.rpc()?;
+        let p = ProviderBuilder::new().connect_http(rpc.parse().map_err(|e| format!("{e}"))?);
+        let first_block = p
+            .get_block_number()
+            .await
+            .map_err(|e| format!("anvil: {e}"))?;
+        let accounts: Vec<String> = REPLICA_KEYS
+            .iter()
+            .map(|k| address_of(k).map(|a| format!("{a:#x}")))
+            .collect::<Result<_, _>>()?;
+        let out = Command::new(ledger_bin)
+            .args(["setup", "--service", name, "--replica-accounts"])
+            .arg(accounts.join(","))
+            .arg("--settler")
+            .arg(format!("{:#x}", address_of(SETTLER_KEY)?))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BR2K_RPC_URLS", &rpc)
+            .env("BR2K_PRIVATE_KEY", OWNER_KEY)
+            .env("RUST_LOG", "warn")
+            .output()
+            .map_err(|e| format!("ledger setup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ledger setup: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .ok_or_else(|| format!("ledger setup printed no {k}"))
+        };
+        let mut etcd_proxies = Vec::new();
+        for _ in 0..3 {
+            let mut v = Vec::new();
+            for m in stack.etcd()? {
+                v.push(Proxy::start(m).await?);
+            }
+            etcd_proxies.push(v);
+        }
+        let mut w = Self {
+            service: name.to_owned(),
+            namespace: format!("faults-{name}"),
+            registry_address: get("BR2K_REGISTRY_ADDRESS")?,
+            settlement: get("LEDGER_SETTLEMENT_ADDRESS")?
+                .parse()
+                .map_err(|e| format!("settlement address: {e}"))?,
+            first_block,
+            rpc,
+            etcd_proxies,
+            oci: oci.proxy.addr.to_string(),
+            dir: dir.to_owned(),
+            ledger_bin: ledger_bin.to_owned(),
+            replicas: Vec::new(),
+            last: Arc::new(Mutex::new(0)),
+            spawned: 0,
+        };
+        for slot in 0..3 {
+            let port = free_port()?;
+            let r = w.spawn(slot, port, None)?;
+            w.replicas.push(r);
+        }
+        Ok(w)
+    }
+
+    /// The etcd proxies' ports of replica `slot`.
+    pub fn etcd_ports(&self, slot: usize) -> Vec<u16> {
+        self.etcd_proxies[slot]
+            .iter()
+            .map(|p| p.addr.port())
+            .collect()
+    }
+
+    fn spawn(&mut self, slot: usize, port: u16, skew: Option<&str>) -> Result<ReplicaProc, String> {
+        self.spawned += 1;
+        let log = self
+            .dir
+            .join(format!("replica-{slot}-{}.log", self.spawned));
+        let etcd: Vec<String> = self.etcd_proxies[slot]
+            .iter()
+            .map(|p| format!("http://{}", p.addr))
+            .collect();
+        let mut cmd = Command::new(&self.ledger_bin);
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("BR2K_FAULTS_LEDGER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("BR2K_RPC_URLS", &self.rpc)
+            .env("BR2K_REGISTRY_ADDRESS", &self.registry_address)
+            .env("BR2K_PRIVATE_KEY", REPLICA_KEYS[slot])
+            .env("BR2K_ETCD_ENDPOINTS", etcd.join(","))
+            .env("LEDGER_OCI_REGISTRY", &self.oci)
+            .env("LEDGER_SETTLER_KEY", SETTLER_KEY)
+            .env(
+                "LEDGER_SETTLEMENT_ADDRESS",
+                format!("{:#x}", self.settlement),
+            )
+            .env("LEDGER_SERVICE", &self.service)
+            .env("LEDGER_NAMESPACE", &self.namespace)
+            .env("LEDGER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("LEDGER_SNAPSHOT_EVERY", SNAPSHOT_EVERY.to_string())
+            .env("LEDGER_LEASE_TTL_SECS", LEASE_TTL_SECS.to_string())
+            .env("LEDGER_REQUEST_TIMEOUT_MS", "5000")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
+        if let Some(offset) = skew {
+            // libfaketime: every clock the process reads (realtime and monotonic) is
+            // shifted by `offset`; the kernel, etcd and anvil keep the true time.
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_NO_CACHE", "1");
+        }
+        let child = cmd.spawn().map_err(|e| format!("spawn ledger: {e}"))?;
+        Ok(ReplicaProc {
+            slot,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            child: Some(child),
+            stopped: false,
+            skew: skew.map(str::to_owned),
+        })
+    }
+
+    /// Starts replica `slot` again (same port), killing it first if it runs;
+    /// `skew` runs it under libfaketime.
+    pub fn restart(&mut self, slot: usize, skew: Option<&str>) -> Result<(), String> {
+        self.replicas[slot].resume()?;
+        self.replicas[slot].kill();
+        let port = self.replicas[slot].port;
+        let r = self.spawn(slot, port, skew)?;
+        // The old value's drop is a no-op: it is already killed.
+        self.replicas[slot] = r;
+        Ok(())
+    }
+
+    /// The replicas' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.url.clone()).collect()
+    }
+
+    /// A client of this world.
+    pub fn client(&self) -> Client {
+        Client {
+            http: http(),
+            urls: self.urls(),
+            last: self.last.clone(),
+        }
+    }
+
+    /// Settlement transactions on chain since the world started, by settlement key.
+    pub async fn settlement_txs(&self) -> Result<BTreeMap<B256, u32>, String> {
+        let p = ProviderBuilder::new().connect_http(self.rpc.parse().map_err(|e| format!("{e}"))?);
+        let head = p.get_block_number().await.map_err(|e| e.to_string())?;
+        let mut seen = BTreeMap::new();
+        for n in self.first_block..=head {
+            let block = p
+                .get_block_by_number(n.into())
+                .full()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("block {n} missing"))?;
+            for tx in block.transactions.txns() {
+                use alloy::consensus::Transaction as _;
+                if tx.to() != Some(self.settlement) {
+                    continue;
+                }
+                let call = Settlement::settleCall::abi_decode(tx.input())
+                    .map_err(|e| format!("a transaction to Settlement that is no settle: {e}"))?;
+                *seen.entry(call.key).or_insert(0) += 1;
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The contract's settlement counter.
+    pub async fn settled_count(&self) -> Result<u64, String> {
+        let p = ProviderBuilder::new().connect_http(self.rpc.parse().map_err(|e| format!("{e}"))?);
+        let c = Settlement::new(self.settlement, &p);
+        c.count()
+            .call()
+            .await
+            .map(|n| n.saturating_to())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The replicas' log tails.
+    pub fn logs(&self, n: usize) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("--- replica {} ({})\n{}", r.slot, r.url, r.tail(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(4))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .expect("reqwest client")
+}
+
+/// What a request ended with.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A final answer: status and JSON body.
+    Final(u16, Value),
+    /// None before the deadline; the last thing seen.
+    NoAnswer(String),
+}
+
+/// A client of the 3 replicas: follows redirects to the leader, retries elections,
+/// dead or paused replicas and requests stranded on a deposed leader (same key).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// The replicas' URLs.
+    pub urls: Vec<String>,
+    last: Arc<Mutex<usize>>,
+}
+
+impl Client {
+    /// `GET /status` of one replica.
+    pub async fn status(&self, url: &str) -> Option<Value> {
+        let r = self.http.get(format!("{url}/status")).send().await.ok()?;
+        r.json().await.ok()
+    }
+
+    /// The index of the replica that says it leads.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, u) in self.urls.iter().enumerate() {
+            if let Some(s) = self.status(u).await
+                && s["role"] == "leader"
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Waits until some replica leads.
+    pub async fn wait_leader(&self, within: Duration) -> Option<usize> {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.leader().await {
+                return Some(l);
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends a request until a final answer or the deadline.
+    pub async fn call(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+        deadline: Duration,
+    ) -> Reply {
+        let start = Instant::now();
+        let mut next = *self.last.lock().expect("lock");
+        let mut target = self.urls[next].clone();
+        let mut last_seen = String::from("nothing sent");
+        while start.elapsed() < deadline {
+            let mut req = match body {
+                Some(b) => self.http.post(format!("{target}{path}")).body(b.to_owned()),
+                None => self.http.get(format!("{target}{path}")),
+            };
+            req = req.header("content-type", "application/json");
+            if let Some(k) = key {
+                req = req.header("idempotency-key", k);
+            }
+            match req.send().await {
+                Ok(r) if r.status().as_u16() == 307 => {
+                    if let Some(loc) = r.headers().get("location").and_then(|l| l.to_str().ok()) {
+                        target = loc.strip_suffix(path).unwrap_or(loc).to_owned();
+                        continue;
+                    }
+                }
+                Ok(r) if r.status().as_u16() == 503 => {
+                    last_seen = format!("{target}: 503");
+                }
+                Ok(r) => {
+                    let s = r.status().as_u16();
+                    let v = r.json().await.unwrap_or(Value::Null);
+                    // 409 conflict: stranded on a deposed leader; retried (same key).
+                    // 5xx other than 503: the replica could not finish (e.g. its
+                    // registry or chain is down); retried (same key).
+                    let retry = (s == 409 && v["error"] == "conflict") || s >= 500;
+                    last_seen = format!("{target}: {s} {v}");
+                    if !retry {
+                        if let Some(i) = self.urls.iter().position(|u| *u == target) {
+                            *self.last.lock().expect("lock") = i;
+                        }
+                        return Reply::Final(s, v);
+                    }
+                }
+                Err(e) => last_seen = format!("{target}: {e}"),
+            }
+            next = (next + 1) % self.urls.len();
+            target = self.urls[next].clone();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Reply::NoAnswer(last_seen)
+    }
+
+    /// `GET /accounts?local=true` of one replica.
+    pub async fn local_accounts(&self, url: &str) -> Option<BTreeMap<String, u64>> {
+        let r = self
+            .http
+            .get(format!("{url}/accounts?local=true"))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+}
+
+/// Whether `mode` is the proxy's pass mode (for the heal's check).
+pub fn passing(p: &Proxy) -> bool {
+    p.mode() == Mode::Pass
+}
