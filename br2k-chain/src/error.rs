@@ -2,6 +2,7 @@
 
 use alloy::primitives::{Address, B256};
 use alloy::rpc::json_rpc::ErrorPayload;
+use alloy::rpc::types::eth::error::EthRpcErrorCode;
 use br2k_core::{Error, ValidationError};
 
 use crate::bindings::ServiceRegistry::ServiceRegistryErrors as E;
@@ -56,6 +57,13 @@ impl ChainError {
             },
         }
     }
+}
+
+/// Whether a JSON-RPC error code is EIP-1474's "transaction rejected" (-32003): what
+/// anvil and reth answer for a transaction their pool refuses, a nonce too low or too
+/// high among them. Retryable: the sender reads the nonce again after a refusal.
+fn transaction_rejected(code: i64) -> bool {
+    code == i64::from(EthRpcErrorCode::TransactionRejected.code())
 }
 
 fn hex_id(id: &B256) -> String {
@@ -167,7 +175,7 @@ impl From<ChainError> for Error {
             ChainError::Rpc { code, message } => Error::backend(
                 "chain",
                 format!("RPC error {code}: {message}"),
-                message.contains("nonce"),
+                transaction_rejected(code),
             ),
             ChainError::Unavailable(reason) => Error::unavailable(reason),
             e @ ChainError::WrongChain { .. } => ValidationError::malformed("chain id", e).into(),
@@ -184,5 +192,35 @@ impl From<ChainError> for Error {
             }
             ChainError::Core(e) => e,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: i64, message: &str) -> Error {
+        ChainError::Rpc {
+            code,
+            message: message.into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_rejected_transaction_is_retryable_by_its_code_not_its_text() {
+        // anvil's and reth's answer to a nonce too low.
+        assert!(rpc(-32003, "nonce too low").is_retryable());
+        assert!(rpc(-32003, "transaction already imported").is_retryable());
+        // The text alone decides nothing.
+        assert!(!rpc(-32602, "invalid nonce").is_retryable());
+        assert!(!rpc(3, "execution reverted").is_retryable());
+        assert!(matches!(
+            rpc(-32003, "nonce too high"),
+            Error::Backend {
+                backend: "chain",
+                ..
+            }
+        ));
     }
 }

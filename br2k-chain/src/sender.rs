@@ -97,12 +97,17 @@ impl Sender {
                 async move { p.send_raw_transaction(&raw).await.map(|_| ()) }
             })
             .await;
+        let sent = match sent {
+            // A failover may resend bytes the first endpoint did accept: then the chain
+            // knows the transaction (whatever words the refusal uses).
+            Err(e @ ChainError::Rpc { .. }) => match self.known(rpc, hash).await {
+                true => Ok(()),
+                false => Err(e),
+            },
+            other => other,
+        };
         match sent {
             Ok(()) => *slot = Some(nonce + 1),
-            // A failover may resend bytes the first endpoint did accept.
-            Err(ChainError::Rpc { message, .. }) if message.contains("already known") => {
-                *slot = Some(nonce + 1)
-            }
             Err(e) => {
                 *slot = None;
                 return Err(e);
@@ -118,6 +123,15 @@ impl Sender {
             return Err(ChainError::Reverted(hash));
         }
         Ok(receipt)
+    }
+
+    /// Whether an endpoint knows the transaction `hash` (pending or mined).
+    async fn known(&self, rpc: &Endpoints, hash: B256) -> bool {
+        rpc.run("transaction", |p| async move {
+            p.get_transaction_by_hash(hash).await
+        })
+        .await
+        .is_ok_and(|t| t.is_some())
     }
 
     /// Waits for the receipt of `hash` and its confirmations; after the confirmation

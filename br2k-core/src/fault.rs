@@ -1,5 +1,5 @@
-//! Fault injection around any implementation of [`Registry`], [`Replicator`] or
-//! [`ImageStore`].
+//! Fault injection around any implementation of [`Registry`], [`Replicator`],
+//! [`ImageStore`] or [`ReplicatedLog`].
 //!
 //! Wrap a backend with [`Faulty::new`], keep its [`FaultHandle`] (from
 //! [`Faulty::handle`]; clones control the same faults), and break it while the code
@@ -26,10 +26,12 @@
 //! then fails with [`Error::Unavailable`] while the backend is down or while failures
 //! remain from [`FaultHandle::fail_next`], and otherwise goes to the wrapped backend.
 //! Synchronous accessors (`account`, `registry`) are passed through. A change stream
-//! obtained while the backend was up keeps delivering. Provided trait methods
+//! (or a log's `watch`/`observe` stream) obtained while the backend was up keeps
+//! delivering. Provided trait methods
 //! (`pause`, `verify`, `copy_to`...) use their default implementation, so they go
 //! through the wrapped required methods and see the same faults.
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,6 +45,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::id::ServiceId;
 use crate::image::Repository;
+use crate::log::{Entry, EntryStream, LeaderInfo, LeaderStream, Leadership, ReplicatedLog};
 use crate::observed::ObservedState;
 use crate::record::{
     Account, Checkpoint, Location, Role, ServiceRecord, ServiceState, VersionInfo,
@@ -368,5 +371,62 @@ impl<T: ImageStore> ImageStore for Faulty<T> {
     ) -> Result<Digest> {
         self.faults.enter("push").await?;
         self.inner.push(repository, image, tag).await
+    }
+}
+
+#[async_trait]
+impl<T: ReplicatedLog> ReplicatedLog for Faulty<T> {
+    async fn campaign(&self, candidate: &str) -> Result<Leadership> {
+        self.faults.enter("campaign").await?;
+        self.inner.campaign(candidate).await
+    }
+
+    async fn resign(&self, leadership: &Leadership) -> Result<()> {
+        self.faults.enter("resign").await?;
+        self.inner.resign(leadership).await
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        self.faults.enter("leader").await?;
+        self.inner.leader().await
+    }
+
+    async fn observe(&self) -> Result<LeaderStream> {
+        self.faults.enter("observe").await?;
+        self.inner.observe().await
+    }
+
+    async fn append(
+        &self,
+        leadership: &Leadership,
+        entries: Vec<Bytes>,
+    ) -> Result<RangeInclusive<u64>> {
+        self.faults.enter("append").await?;
+        self.inner.append(leadership, entries).await
+    }
+
+    async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>> {
+        self.faults.enter("read").await?;
+        self.inner.read(from, max).await
+    }
+
+    async fn watch(&self, from: u64) -> Result<EntryStream> {
+        self.faults.enter("watch").await?;
+        self.inner.watch(from).await
+    }
+
+    async fn compact(&self, up_to: u64) -> Result<()> {
+        self.faults.enter("compact").await?;
+        self.inner.compact(up_to).await
+    }
+
+    async fn first_index(&self) -> Result<u64> {
+        self.faults.enter("first_index").await?;
+        self.inner.first_index().await
+    }
+
+    async fn last_index(&self) -> Result<u64> {
+        self.faults.enter("last_index").await?;
+        self.inner.last_index().await
     }
 }

@@ -4,6 +4,8 @@
 //! - [`Registry`]: the service registry, the source of truth for what must run.
 //! - [`Replicator`]: runs a record as a replicated workload.
 //! - [`ImageStore`]: content-addressed, verified image storage.
+//! - [`ReplicatedLog`]: an ordered, fenced log with leader election, under the
+//!   replica runtime ([`replica`]).
 //! - [`Recoverer`]: diagnoses a service and restores it from the record.
 
 pub mod artifact;
@@ -33,6 +35,7 @@ pub use digest::Digest;
 pub use error::{BoxError, Error, ErrorKind, Result, SharedError, ValidationError};
 pub use id::ServiceId;
 pub use image::{ImageRef, Repository};
+pub use log::ReplicatedLog;
 pub use observed::{ObservedReplica, ObservedState, WorkloadTemplate};
 pub use record::{
     Account, ChangeKind, Checkpoint, Location, RegistryChange, Role, ServiceRecord, ServiceState,

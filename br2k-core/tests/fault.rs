@@ -161,3 +161,55 @@ async fn a_stream_obtained_while_up_keeps_delivering_while_down() {
     let change = changes.next().await.unwrap().unwrap();
     assert_eq!(change.id, id("svc"));
 }
+
+#[tokio::test]
+async fn faulty_log_fails_like_the_other_wrappers() {
+    use br2k_core::log::{InMemoryLog, ReplicatedLog};
+    use bytes::Bytes;
+    let log = Faulty::new(InMemoryLog::new());
+    let faults = log.handle();
+    let lead = log.campaign("a").await.unwrap();
+    faults.fail_next(1);
+    let err = log
+        .append(&lead, vec![Bytes::from_static(b"x")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    // The failed append wrote nothing; the next one goes through.
+    assert_eq!(log.inner().last_index().await.unwrap(), 0);
+    assert_eq!(
+        log.append(&lead, vec![Bytes::from_static(b"y")])
+            .await
+            .unwrap(),
+        1..=1
+    );
+    // A watch opened while up keeps delivering while down.
+    let mut entries = log.watch(1).await.unwrap();
+    faults.set_down(true);
+    for call in [
+        log.last_index().await.map(drop),
+        log.first_index().await.map(drop),
+        log.read(1, 10).await.map(drop),
+        log.leader().await.map(drop),
+        log.compact(1).await,
+        log.resign(&lead).await,
+    ] {
+        assert!(matches!(call, Err(Error::Unavailable { .. })), "{call:?}");
+    }
+    assert!(matches!(log.watch(1).await, Err(Error::Unavailable { .. })));
+    assert!(matches!(
+        log.observe().await,
+        Err(Error::Unavailable { .. })
+    ));
+    assert!(matches!(
+        log.campaign("b").await,
+        Err(Error::Unavailable { .. })
+    ));
+    use futures::StreamExt;
+    assert_eq!(entries.next().await.unwrap().unwrap().data, "y");
+    faults.set_down(false);
+    assert_eq!(log.read(1, 10).await.unwrap().len(), 1);
+    // 1 campaign + 2 appends + 1 watch + 9 while down + 1 read.
+    assert_eq!(faults.calls(), 14);
+}

@@ -21,3 +21,21 @@ async fn in_memory_log_conforms() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn faulty_log_without_faults_conforms() {
+    use br2k_core::fault::{FaultHandle, Faulty};
+    run_all(&|| {
+        async {
+            let site = FaultHandle::new();
+            let a = InMemoryLog::new();
+            let b = a.connect();
+            (
+                Arc::new(Faulty::with_handle(a, site.clone())) as Arc<dyn ReplicatedLog>,
+                Arc::new(Faulty::with_handle(b, site)) as Arc<dyn ReplicatedLog>,
+            ) as LogPair
+        }
+        .boxed()
+    })
+    .await;
+}

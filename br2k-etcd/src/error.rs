@@ -38,31 +38,49 @@ impl EtcdError {
         Self::Client { op, source }
     }
 
-    /// Whether etcd said the lease (this client's session) no longer exists.
+    /// Whether the failure itself says this client's lease no longer exists: the
+    /// keep-alive stream answered a TTL of 0 (etcd-client's `LeaseKeepAliveError`) or
+    /// the KV API refused the lease (`NotFound`, etcd's `ErrGRPCLeaseNotFound`). The
+    /// election API answers `Unknown` for it (its server drops the code):
+    /// [`crate::session::Session::lease_lost`] asks etcd then.
     pub(crate) fn is_lease_lost(&self) -> bool {
         match self {
-            Self::Client { source, .. } => source.to_string().contains("lease not found"),
+            Self::Client { source, .. } => match source {
+                ClientError::LeaseKeepAliveError(_) => true,
+                ClientError::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
+                _ => false,
+            },
             _ => false,
         }
     }
+
+    /// Whether etcd answered (a gRPC status), as opposed to a transport failure or
+    /// timeout.
+    pub(crate) fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            Self::Client {
+                source: ClientError::GRpcStatus(_),
+                ..
+            }
+        )
+    }
 }
 
-/// Whether a gRPC status is worth retrying (the member is down, slow, or has no
-/// raft leader at the moment).
+/// Whether a gRPC status is worth retrying: the member is down, slow, or has no raft
+/// leader at the moment (etcd answers `Unavailable` for "no leader", "leader changed"
+/// and its request timeouts; its election API answers `Unknown` for every failure).
 fn retryable_status(s: &tonic::Status) -> bool {
     use tonic::Code as C;
-    match s.code() {
+    matches!(
+        s.code(),
         C::Unavailable
-        | C::DeadlineExceeded
-        | C::Aborted
-        | C::Cancelled
-        | C::ResourceExhausted
-        | C::Unknown => true,
-        _ => {
-            let m = s.message();
-            m.contains("no leader") || m.contains("leader changed") || m.contains("timed out")
-        }
-    }
+            | C::DeadlineExceeded
+            | C::Aborted
+            | C::Cancelled
+            | C::ResourceExhausted
+            | C::Unknown
+    )
 }
 
 /// The one mapping of backend errors to [`Error`]: unreachable or slow endpoints are
@@ -99,5 +117,50 @@ pub(crate) fn into_core(e: EtcdError) -> Error {
 impl From<EtcdError> for Error {
     fn from(e: EtcdError) -> Self {
         into_core(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> EtcdError {
+        EtcdError::client(
+            "op",
+            ClientError::GRpcStatus(tonic::Status::new(code, message)),
+        )
+    }
+
+    #[test]
+    fn lease_loss_and_retries_are_decided_by_variant_and_code() {
+        let lost = [
+            EtcdError::client("op", ClientError::LeaseKeepAliveError("x".into())),
+            status(
+                tonic::Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
+        ];
+        for e in &lost {
+            assert!(e.is_lease_lost(), "{e}");
+        }
+        // The text alone decides nothing.
+        let other = status(
+            tonic::Code::FailedPrecondition,
+            "lease not found; no leader",
+        );
+        assert!(!other.is_lease_lost());
+        assert!(!Error::from(other).is_retryable());
+        for code in [tonic::Code::Unavailable, tonic::Code::Unknown] {
+            let e = status(code, "etcdserver: leader changed");
+            assert!(e.is_answer());
+            assert!(Error::from(e).is_retryable());
+        }
+        let timeout = EtcdError::Timeout { op: "op", ms: 5 };
+        assert!(!timeout.is_answer());
+        assert!(matches!(Error::from(timeout), Error::Unavailable { .. }));
+        assert!(matches!(
+            Error::from(status(tonic::Code::PermissionDenied, "")),
+            Error::PermissionDenied { .. }
+        ));
     }
 }

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::{Keys, decode_chunk, encode_chunk, parse_index};
+use crate::encoding::{Keys, decode_chunk, encode_chunk, parse_index};
 
 /// Decodes one key/value pair of the log as a read does: the first byte of `data` is
 /// the key's length, the key follows, the rest is the value. The key is parsed as an

@@ -7,14 +7,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use br2k_core::{
-    Digest, ImageRef, ObservedReplica, Port, Probe, ProbeCheck, Probes, Resources, SecretEnv,
-    ValidationError, WorkloadTemplate,
+    Digest, ImageRef, ObservedReplica, ObservedState, Port, Probe, ProbeCheck, Probes, Resources,
+    SecretEnv, ServiceId, ValidationError, WorkloadTemplate,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Node, Pod, PodSpec, Probe as KProbe};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, Pod, PodSpec, Probe as KProbe, Service,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
 
-use crate::names::CONTAINER;
+use crate::build::hardening_gaps;
+use crate::names::{CONTAINER, LABEL_RECORD_VERSION, LABEL_SERVICE_ID, Names};
+use crate::ownership;
 
 fn malformed(what: &str, reason: impl std::fmt::Display) -> ValidationError {
     ValidationError::malformed(what, reason)
@@ -331,6 +338,141 @@ pub fn sts_replicas(sts: &StatefulSet) -> u32 {
 /// The ordinal of a StatefulSet pod named `<base>-<n>`, if it is one.
 pub fn ordinal(base: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(base)?.strip_prefix('-')?.parse().ok()
+}
+
+/// The live objects of one service.
+pub(crate) struct Live {
+    pub(crate) sts: StatefulSet,
+    pub(crate) cm: Option<ConfigMap>,
+    pub(crate) headless: Option<Service>,
+    pub(crate) client_svc: Option<Service>,
+    pub(crate) pdb: Option<PodDisruptionBudget>,
+    pub(crate) pods: Vec<Pod>,
+    pub(crate) healthy_nodes: BTreeSet<String>,
+}
+
+/// Recomputes what matters from the live objects (never from annotations alone).
+pub(crate) fn observed_of(id: &ServiceId, live: &Live) -> Result<ObservedState, ValidationError> {
+    let names = Names::of(id);
+    let template = template_of(&live.sts, live.cm.as_ref())?;
+    // A service without ports has no client Service (Kubernetes requires ports for
+    // one); the headless Service needs none.
+    let wants_client_service = !template.ports.is_empty();
+    let mut missing_parts = Vec::new();
+    for (part, present) in [
+        ("config", live.cm.as_ref().is_some_and(|o| owned_by(o, id))),
+        (
+            "headless-service",
+            live.headless.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+        (
+            "service",
+            !wants_client_service || live.client_svc.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+        (
+            "disruption-budget",
+            live.pdb.as_ref().is_some_and(|o| owned_by(o, id)),
+        ),
+    ] {
+        if !present {
+            missing_parts.push(part.to_owned());
+        }
+    }
+
+    let desired = sts_replicas(&live.sts);
+    let mut foreign_fields = ownership::foreign_fields("statefulset", &live.sts.metadata);
+    let parts = [
+        ("configmap", live.cm.as_ref().map(|o| &o.metadata)),
+        ("service", live.headless.as_ref().map(|o| &o.metadata)),
+        ("service", live.client_svc.as_ref().map(|o| &o.metadata)),
+        (
+            "poddisruptionbudget",
+            live.pdb.as_ref().map(|o| &o.metadata),
+        ),
+    ];
+    for (kind, meta) in parts {
+        if let Some(m) = meta.filter(|m| meta_owned_by(m, id)) {
+            foreign_fields.extend(ownership::foreign_fields(kind, m));
+        }
+    }
+    // A hardening field another writer removed leaves no foreign owner in
+    // managedFields: compare the live template with what br2k sets.
+    if let Some(pod) = live
+        .sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+    {
+        foreign_fields.extend(hardening_gaps(pod).into_iter().map(|f| {
+            format!(
+                "statefulset/{}: spec.template.spec.{f} (missing)",
+                names.base
+            )
+        }));
+    }
+
+    let failed_nodes: BTreeSet<String> = live
+        .pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+        .filter(|n| !live.healthy_nodes.contains(n))
+        .collect();
+
+    let mut by_ordinal: BTreeMap<u32, ObservedReplica> = BTreeMap::new();
+    for pod in &live.pods {
+        let Some(name) = pod.metadata.name.as_deref() else {
+            continue;
+        };
+        match ordinal(&names.base, name) {
+            Some(i) if i < desired => {
+                by_ordinal.insert(i, replica_of(pod, &failed_nodes));
+            }
+            _ => {}
+        }
+    }
+    let replicas: Vec<ObservedReplica> = (0..desired)
+        .map(|i| {
+            by_ordinal.remove(&i).unwrap_or_else(|| ObservedReplica {
+                // Not created (yet): counts as not ready.
+                name: format!("{}-{i}", names.base),
+                image_digest: None,
+                ready: false,
+                failed: false,
+            })
+        })
+        .collect();
+    let ready_replicas = replicas.iter().filter(|r| r.ready && !r.failed).count() as u32;
+    let applied_version = live
+        .sts
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_RECORD_VERSION))
+        .and_then(|v| v.parse().ok());
+    Ok(ObservedState {
+        id: id.clone(),
+        applied_version,
+        desired_replicas: desired,
+        ready_replicas,
+        template,
+        replicas,
+        missing_parts,
+        foreign_fields,
+    })
+}
+
+/// Whether a live object carries the service-id label of `id` (objects of the same
+/// name not made by br2k for this service are ignored).
+pub(crate) fn owned_by<K: Resource>(obj: &K, id: &ServiceId) -> bool {
+    meta_owned_by(obj.meta(), id)
+}
+
+/// [`owned_by`] on an object's metadata.
+pub(crate) fn meta_owned_by(meta: &ObjectMeta, id: &ServiceId) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_ID))
+        .is_some_and(|v| v == id.as_str())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::error::is_forbidden;
 use crate::names::{LABEL_SERVICE_ID, MANAGED_SELECTOR, Names};
 
 /// Change notifications buffered per subscriber; a slower subscriber loses the oldest
@@ -59,6 +61,24 @@ pub struct WatchHub {
     pub(crate) seen_pdbs: Seen,
     /// How far the ConfigMap watch has delivered.
     pub(crate) seen_cms: Seen,
+}
+
+/// Object `name` of namespace `ns` as the watch cache `store` holds it.
+pub(crate) fn cached<K>(store: &Store<K>, name: &str, ns: &str) -> Option<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+/// The metadata of [`cached`] object `name`.
+pub(crate) fn cached_meta<K>(store: &Store<K>, name: &str, ns: &str) -> Option<ObjectMeta>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    cached(store, name, ns).map(|o| o.meta().clone())
 }
 
 fn service_id<K: Resource>(obj: &K) -> Option<ServiceId> {
@@ -354,7 +374,7 @@ async fn guard_pods_task(
             continue;
         }
         let config = Names::of(&id).config;
-        let Some(cm) = cms.get(&ObjectRef::new(&config).within(&namespace)) else {
+        let Some(cm) = cached(&cms, &config, &namespace) else {
             continue;
         };
         let Some(cm_uid) = cm.metadata.uid.clone() else {
@@ -375,7 +395,7 @@ async fn guard_pods_task(
             Ok(_) => {
                 sent.insert(uid);
             }
-            Err(kube::Error::Api(e)) if e.code == 403 => {
+            Err(e) if is_forbidden(&e) => {
                 // No permission: do not retry this pod on each of its events.
                 tracing::warn!(pod = %name, error = %e, "br2k pod guard: may not patch pods");
                 sent.insert(uid);

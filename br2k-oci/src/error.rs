@@ -50,7 +50,7 @@ pub(crate) enum OciError {
     #[error("{registry}: {source}")]
     Challenge {
         registry: String,
-        source: crate::auth::ChallengeError,
+        source: crate::challenge::ChallengeError,
     },
     /// Token authentication cannot proceed (bad token answer, insecure realm).
     #[error("{registry}: token authentication: {reason}")]

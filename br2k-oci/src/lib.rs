@@ -20,7 +20,7 @@
 //! has none), manifest `GET` (read with the
 //! [`MAX_MANIFEST_BYTES`](br2k_core::artifact::MAX_MANIFEST_BYTES) bound enforced while
 //! reading; oci-client reads bodies whole), manifest `HEAD` and `GET /v2/` (see the
-//! `client` module for why), and the requests to a token server.
+//! `transport` module for why), and the requests to a token server.
 //! [`OciImageStore::request_counts`] counts requests per operation br2k issues.
 //!
 //! # Authentication
@@ -69,21 +69,23 @@
 
 pub mod auth;
 mod builder;
-mod client;
+mod challenge;
 mod config;
 mod error;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod http;
 pub mod index;
 mod layout;
 mod mirror;
 mod store;
+mod transport;
 
 pub use builder::{DEFAULT_USER, ImageBuilder};
-pub use client::RequestCounts;
 pub use config::{Auth, BlobProgress, OciConfig, PlatformSpec, Secret};
 pub use index::{ImageIndex, IndexEntry, ManifestDoc, Platform, parse_manifest_doc};
 pub use layout::{MAX_LAYOUT_BYTES, MAX_LAYOUT_ENTRIES, REF_NAME, write_layout};
 pub use mirror::{MirroredImageStore, PullReport, RepairReport, RepairStatus, Skipped};
 pub use store::{FetchedDoc, OciImageStore};
+pub use transport::RequestCounts;

@@ -1,10 +1,9 @@
 //! [`MirroredImageStore`]: a primary registry and mirrors, with failover and repair.
 
-use std::sync::Mutex;
-
 use async_trait::async_trait;
 use br2k_core::{CopyReport, Digest, Error, Image, ImageStore, Repository, Result};
 use futures::future::join_all;
+use parking_lot::Mutex;
 
 use crate::store::OciImageStore;
 
@@ -114,7 +113,7 @@ impl MirroredImageStore {
 
     /// The report of the last successful [`ImageStore::pull`].
     pub fn last_pull(&self) -> Option<PullReport> {
-        self.last_pull.lock().expect("lock").clone()
+        self.last_pull.lock().clone()
     }
 
     /// Pulls `digest` from the first registry that serves it correctly.
@@ -132,7 +131,7 @@ impl MirroredImageStore {
                         served_by: s.registry().to_owned(),
                         skipped,
                     };
-                    *self.last_pull.lock().expect("lock") = Some(report.clone());
+                    *self.last_pull.lock() = Some(report.clone());
                     return Ok((img, report));
                 }
                 Err(e) if failover(&e) => {

@@ -3,7 +3,7 @@
 //! never depend on each other).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +12,7 @@ use br2k_core::{Error, ImageStore, Registry, Result, ValidationError};
 use br2k_k8s::KubeReplicator;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
+use parking_lot::Mutex;
 
 use crate::crd::Br2kServiceSpec;
 
@@ -44,7 +45,7 @@ pub struct ReplicatorPool {
 impl ReplicatorPool {
     /// The replicator of `namespace`, made with `client` on first use.
     pub fn get(&self, client: &Client, namespace: &str) -> Arc<KubeReplicator> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock();
         map.entry(namespace.to_owned())
             .or_insert_with(|| Arc::new(KubeReplicator::new(client.clone(), namespace)))
             .clone()

@@ -154,7 +154,7 @@ fn cpu(pid: &str) -> (f64, f64) {
 }
 
 /// A copy tool run as a process: `skopeo copy` (Debian's), or a `containers/image`
-/// program built with the current Go (`BR2K_BENCH_IMAGECOPY`, see BENCH.md).
+/// program built with the current Go (`BR2K_BENCH_IMAGECOPY`, see br2k-oci/BENCH.md).
 struct External {
     name: &'static str,
     program: String,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use br2k_benches::measure::arg;
 use br2k_core::ImageStore;
 use br2k_core::log::ReplicatedLog;
 use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
@@ -41,15 +42,6 @@ fn endpoints() -> Vec<String> {
         .split(',')
         .map(|s| s.trim().to_owned())
         .collect()
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Throughput and latency of one load level.
@@ -334,8 +326,8 @@ fn median_d(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
-    let runs = arg("--runs", 3) as usize;
-    let secs = Duration::from_secs(arg("--secs", 3));
+    let runs = arg("--runs", 3usize);
+    let secs = Duration::from_secs(arg("--secs", 3u64));
     let mut raws: Vec<Vec<Level>> = Vec::new();
     let mut reps: Vec<Vec<Level>> = Vec::new();
     let mut vers: Vec<Versions> = Vec::new();

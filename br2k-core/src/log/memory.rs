@@ -3,8 +3,10 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -81,7 +83,7 @@ impl InMemoryLog {
     /// Ends this client's session as a lease expiry would: if it leads, the log has
     /// no leader afterwards and its token is stale.
     pub fn expire_session(&self) {
-        let mut inner = self.lock();
+        let mut inner = self.shared.inner.lock();
         if inner
             .leader
             .as_ref()
@@ -97,7 +99,7 @@ impl InMemoryLog {
     /// calls fail with [`Error::Unavailable`] and its streams end; its leadership
     /// stays until [`InMemoryLog::expire_session`], as a lease would until its TTL.
     pub fn set_partitioned(&self, partitioned: bool) {
-        let mut inner = self.lock();
+        let mut inner = self.shared.inner.lock();
         if partitioned {
             inner.partitioned.insert(self.session);
         } else {
@@ -109,11 +111,7 @@ impl InMemoryLog {
 
     /// How many successful appends the log took (from every client).
     pub fn append_count(&self) -> u64 {
-        self.lock().appends
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.inner.lock().appends
     }
 
     fn notify(&self) {
@@ -121,7 +119,7 @@ impl InMemoryLog {
     }
 
     fn reachable(&self) -> Result<MutexGuard<'_, Inner>> {
-        let inner = self.lock();
+        let inner = self.shared.inner.lock();
         if inner.partitioned.contains(&self.session) {
             return Err(Error::unavailable("in-memory log: client is partitioned"));
         }

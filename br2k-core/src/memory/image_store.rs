@@ -1,8 +1,10 @@
 //! [`InMemoryImageStore`]: a content-addressed image registry in process memory.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -75,22 +77,14 @@ impl InMemoryImageStore {
 
     fn request(&self) -> MutexGuard<'_, BTreeMap<Repository, Repo>> {
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Repository, Repo>> {
-        // Mutations are single inserts/removes; a poisoned lock holds consistent data.
-        self.shared
-            .repos
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared.repos.lock()
     }
 
     /// Flips the first byte of everything stored under `digest` (manifest, config or
     /// layer, in every repository), so it no longer matches its digest.
     /// [`Error::NotFound`] when nothing is stored under it.
     pub fn corrupt_blob(&self, digest: &Digest) -> Result<()> {
-        let mut repos = self.lock();
+        let mut repos = self.shared.repos.lock();
         let mut found = false;
         for repo in repos.values_mut() {
             for map in [&mut repo.manifests, &mut repo.blobs] {
@@ -110,7 +104,7 @@ impl InMemoryImageStore {
     /// Forgets the manifest `digest` in `repository` (and tags pointing to it); its
     /// blobs stay. [`Error::NotFound`] when it is not stored.
     pub fn remove_image(&self, repository: &Repository, digest: &Digest) -> Result<()> {
-        let mut repos = self.lock();
+        let mut repos = self.shared.repos.lock();
         let repo = repos
             .get_mut(repository)
             .filter(|r| r.manifests.contains_key(digest))

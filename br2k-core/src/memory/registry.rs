@@ -1,7 +1,9 @@
 //! [`InMemoryRegistry`]: the service registry held in process memory.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -158,15 +160,6 @@ impl InMemoryRegistry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-written (every
-        // write validates first and mutates last), so poisoning is ignored.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Emits one change; must be called with the state lock held so that the order of
     /// the stream is the order of the sequence numbers.
     fn emit(&self, state: &mut State, id: &ServiceId, kind: ChangeKind) {
@@ -232,7 +225,7 @@ impl InMemoryRegistry {
         id: &ServiceId,
         f: impl FnOnce(&mut Entry, &Account) -> Result<(T, Option<ChangeKind>)>,
     ) -> Result<T> {
-        let mut state = self.lock();
+        let mut state = self.shared.state.lock();
         let entry = state
             .services
             .get_mut(id)
@@ -245,7 +238,7 @@ impl InMemoryRegistry {
     }
 
     fn read<T>(&self, id: &ServiceId, f: impl FnOnce(&Entry, u64) -> Result<T>) -> Result<T> {
-        let state = self.lock();
+        let state = self.shared.state.lock();
         let entry = state
             .services
             .get(id)
@@ -267,7 +260,7 @@ impl Registry for InMemoryRegistry {
 
     async fn register(&self, id: &ServiceId, spec: &ServiceSpec) -> Result<ServiceRecord> {
         spec.validate()?;
-        let mut state = self.lock();
+        let mut state = self.shared.state.lock();
         if state.services.contains_key(id) {
             return Err(Error::already_exists(format!("service {id}")));
         }
@@ -337,7 +330,7 @@ impl Registry for InMemoryRegistry {
     }
 
     async fn services(&self) -> Result<Vec<ServiceId>> {
-        Ok(self.lock().services.keys().cloned().collect())
+        Ok(self.shared.state.lock().services.keys().cloned().collect())
     }
 
     async fn set_replicas(&self, id: &ServiceId, replicas: u32) -> Result<ServiceRecord> {

@@ -1,8 +1,10 @@
 //! [`InMemoryReplicator`]: replicated workloads simulated in process memory.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -117,15 +119,6 @@ impl InMemoryReplicator {
         self.shared.applies.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<ServiceId, Workload>> {
-        // Every mutation below is a plain assignment; a poisoned lock holds a
-        // consistent map.
-        self.shared
-            .workloads
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn notify(&self, id: &ServiceId) {
         // No subscriber is not an error.
         let _ = self.shared.changes.send(id.clone());
@@ -134,7 +127,7 @@ impl InMemoryReplicator {
     /// Runs `f` on the live workload of `id` and notifies a change.
     fn mutate(&self, id: &ServiceId, f: impl FnOnce(&mut Workload)) -> Result<()> {
         {
-            let mut workloads = self.lock();
+            let mut workloads = self.shared.workloads.lock();
             let w = workloads
                 .get_mut(id)
                 .ok_or_else(|| Error::not_found(format!("workload {id}")))?;
@@ -146,7 +139,7 @@ impl InMemoryReplicator {
 
     /// Deletes the whole workload, as if someone removed it from the cluster.
     pub fn delete_workload(&self, id: &ServiceId) -> Result<()> {
-        let removed = self.lock().remove(id);
+        let removed = self.shared.workloads.lock().remove(id);
         if removed.is_none() {
             return Err(Error::not_found(format!("workload {id}")));
         }
@@ -184,7 +177,7 @@ impl InMemoryReplicator {
     /// Marks replica `name` failed and not ready; [`Error::NotFound`] if no such replica.
     pub fn fail_replica(&self, id: &ServiceId, name: &str) -> Result<()> {
         {
-            let mut workloads = self.lock();
+            let mut workloads = self.shared.workloads.lock();
             let r = workloads
                 .get_mut(id)
                 .and_then(|w| w.replicas.iter_mut().find(|r| r.name == name))
@@ -220,7 +213,7 @@ impl Replicator for InMemoryReplicator {
         let id = &record.id;
         let template = WorkloadTemplate::from_spec(&record.spec);
         let changed = {
-            let mut workloads = self.lock();
+            let mut workloads = self.shared.workloads.lock();
             match workloads.get_mut(id) {
                 Some(w) => {
                     let before = w.clone();
@@ -258,11 +251,11 @@ impl Replicator for InMemoryReplicator {
     }
 
     async fn observe(&self, id: &ServiceId) -> Result<Option<ObservedState>> {
-        Ok(self.lock().get(id).map(|w| w.observed(id)))
+        Ok(self.shared.workloads.lock().get(id).map(|w| w.observed(id)))
     }
 
     async fn remove(&self, id: &ServiceId) -> Result<()> {
-        let removed = self.lock().remove(id);
+        let removed = self.shared.workloads.lock().remove(id);
         if removed.is_some() {
             self.notify(id);
         }
@@ -271,7 +264,7 @@ impl Replicator for InMemoryReplicator {
 
     async fn replace_replicas(&self, id: &ServiceId, replicas: &[String]) -> Result<()> {
         let changed = {
-            let mut workloads = self.lock();
+            let mut workloads = self.shared.workloads.lock();
             let Some(w) = workloads.get_mut(id) else {
                 return Ok(());
             };
@@ -291,7 +284,7 @@ impl Replicator for InMemoryReplicator {
     }
 
     async fn managed(&self) -> Result<Vec<ServiceId>> {
-        Ok(self.lock().keys().cloned().collect())
+        Ok(self.shared.workloads.lock().keys().cloned().collect())
     }
 
     async fn changes(&self) -> Result<BoxStream<'static, ServiceId>> {

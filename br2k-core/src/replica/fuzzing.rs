@@ -4,26 +4,19 @@
 //! - [`snapshot`]: a snapshot artifact's bytes, restored by the function a starting
 //!   replica uses (`snapshot::decode`, after the artifact's digest matched the
 //!   checkpoint: whoever can record a checkpoint chooses these bytes).
-//! - [`entries`]: log entries, applied by the replica's own `apply_entry` (every
-//!   replica applies whatever the log holds, whoever appended it).
+//! - [`entries`]: log entries, applied by the replica's own pure `Applied::apply`
+//!   (every replica applies whatever the log holds, whoever appended it).
 //!
 //! Both use [`FuzzMachine`], a state machine that keeps what it is given, so that the
 //! replica's bookkeeping (dedupe keys, pending intents, effect results) is what is
 //! exercised, not a particular application.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
-
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
 
-use super::{Applied, ReplicaConfig, ReplicaRole, Shared, StateMachine, Stats, snapshot};
+use super::{Applied, StateMachine, snapshot};
 use crate::error::{Error, Result, ValidationError};
-use crate::id::ServiceId;
-use crate::log::{Entry, InMemoryLog};
-use crate::memory::{InMemoryImageStore, InMemoryRegistry};
+use crate::log::Entry;
 
 /// A state machine keeping the commands it applied (and the effects they carried).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -70,15 +63,7 @@ impl StateMachine for FuzzMachine {
 }
 
 fn fresh() -> Applied<FuzzMachine> {
-    Applied {
-        sm: FuzzMachine::default(),
-        index: 0,
-        term: 0,
-        dedupe: HashMap::new(),
-        dedupe_order: VecDeque::new(),
-        pending: BTreeMap::new(),
-        skipped: 0,
-    }
+    Applied::new(FuzzMachine::default())
 }
 
 /// The replicated part of `a` in comparable form. Commands are compared by shape
@@ -124,58 +109,32 @@ fn roundtrip(a: &Applied<FuzzMachine>) {
 pub const ENTRY_SEPARATOR: u8 = 0xff;
 
 /// Applies each part of `data` (split at [`ENTRY_SEPARATOR`]) as the next log entry,
-/// with the replica's `apply_entry`; then the state reached must survive a snapshot
+/// with the replica's `Applied::apply`; then the state reached must survive a snapshot
 /// round trip.
 pub fn entries(data: &[u8]) {
-    let shared = follower(16);
+    let mut a = fresh();
     for (i, part) in data.split(|b| *b == ENTRY_SEPARATOR).enumerate() {
         let entry = Entry {
             index: i as u64 + 1,
             term: 1,
             data: Bytes::copy_from_slice(part),
         };
-        shared.apply_entry(&entry);
+        a.apply(&entry, DEDUPE_CAPACITY);
     }
-    let a = super::lock(&shared.applied).clone();
     assert_eq!(
         a.dedupe.len(),
         a.dedupe_order.len(),
         "dedupe keys and their order agree"
     );
-    assert!(a.dedupe.len() <= 16, "dedupe capacity respected");
+    assert!(
+        a.dedupe.len() <= DEDUPE_CAPACITY,
+        "dedupe capacity respected"
+    );
     roundtrip(&a);
 }
 
-/// The shared state of a replica that follows (never leads, so no snapshot task),
-/// over in-memory backends.
-fn follower(dedupe_capacity: usize) -> Arc<Shared<FuzzMachine>> {
-    let service = ServiceId::new("fuzz").expect("valid id");
-    let mut cfg = ReplicaConfig::new(service, "http://127.0.0.1:1").expect("valid config");
-    cfg.dedupe_capacity = dedupe_capacity;
-    cfg.snapshot_every = 1;
-    let (batch_tx, _batch_rx) = mpsc::channel(1);
-    Arc::new(Shared {
-        cfg,
-        log: Arc::new(InMemoryLog::new()),
-        registry: Arc::new(InMemoryRegistry::new("fuzz")),
-        store: Arc::new(InMemoryImageStore::new("fuzz.invalid")),
-        effect: None,
-        applied: Mutex::new(fresh()),
-        applied_tx: watch::Sender::new(0),
-        waiters: Mutex::default(),
-        role: watch::Sender::new(ReplicaRole::Follower),
-        leadership: Mutex::new(None),
-        leader: watch::Sender::new(None),
-        lost: tokio::sync::Notify::new(),
-        batch_tx,
-        ids: AtomicU64::new(0),
-        nonce: 0,
-        snapshotting: AtomicBool::new(false),
-        snapshot_pending: AtomicBool::new(false),
-        checkpoints: Mutex::default(),
-        stats: Stats::default(),
-    })
-}
+/// Idempotency keys remembered while fuzzing (small, so that forgetting is exercised).
+const DEDUPE_CAPACITY: usize = 16;
 
 /// The `replica` target: `data[0]` even feeds the rest to [`snapshot`], odd to
 /// [`entries`].
@@ -211,15 +170,18 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }
         log.extend_from_slice(op.as_bytes());
     }
-    let shared = follower(16);
+    let mut a = fresh();
     for (i, op) in ops.iter().enumerate() {
-        shared.apply_entry(&Entry {
-            index: i as u64 + 1,
-            term: 1,
-            data: Bytes::copy_from_slice(op.as_bytes()),
-        });
+        a.apply(
+            &Entry {
+                index: i as u64 + 1,
+                term: 1,
+                data: Bytes::copy_from_slice(op.as_bytes()),
+            },
+            DEDUPE_CAPACITY,
+        );
     }
     let mut snap = vec![0u8];
-    snap.extend(snapshot::encode(&super::lock(&shared.applied)).expect("encodes"));
+    snap.extend(snapshot::encode(&a).expect("encodes"));
     vec![("entries", log), ("snapshot", snap)]
 }

@@ -1,14 +1,15 @@
-//! Small building blocks for testing and benchmarking replicated services: a
-//! [`Counters`] state machine, a [`CountingEffect`], and a linearizability checker of
-//! client-visible counter histories ([`check_counter_history`]) with the client that
-//! records them ([`counter_op`], [`client_history`]).
+//! Small building blocks for testing and benchmarking replicated services (test
+//! support, feature `conformance`): a [`Counters`] state machine, a
+//! [`CountingEffect`], and a linearizability checker of client-visible counter
+//! histories ([`check_counter_history`]) with the client that records them
+//! ([`counter_op`], [`client_history`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{Effect, Replica, StateMachine};
@@ -185,19 +186,13 @@ pub struct CountingEffect {
 impl CountingEffect {
     /// How often `key` ran.
     pub fn runs(&self, key: &str) -> u64 {
-        self.runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .copied()
-            .unwrap_or(0)
+        self.runs.lock().get(key).copied().unwrap_or(0)
     }
 
     /// Keys that ran more than once.
     pub fn duplicates(&self) -> Vec<String> {
         self.runs
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, n)| **n > 1)
             .map(|(k, _)| k.clone())
@@ -206,11 +201,7 @@ impl CountingEffect {
 
     /// Total runs.
     pub fn total(&self) -> u64 {
-        self.runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .sum()
+        self.runs.lock().values().sum()
     }
 }
 
@@ -220,18 +211,12 @@ impl<C: Send + Sync + 'static> Effect<C> for CountingEffect {
         Ok(self
             .runs
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .contains_key(key)
             .then(|| format!("tx:{key}").into_bytes()))
     }
 
     async fn run(&self, key: &str, _command: &C) -> Result<Vec<u8>> {
-        *self
-            .runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_owned())
-            .or_default() += 1;
+        *self.runs.lock().entry(key.to_owned()).or_default() += 1;
         Ok(format!("tx:{key}").into_bytes())
     }
 }

@@ -3,32 +3,32 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::builder::{Config, SupervisorBuilder};
 use super::decide::{ImageHealth, ImageStatus, converged, diagnose, is_workload_finding, plan};
+use super::gather::Context;
 use super::queue::{Backoffs, Queue};
 use crate::diagnosis::{
     ActionOutcome, Diagnosis, Finding, Outcome, RecoveryAction, RecoveryReport,
 };
 use crate::digest::Digest;
-use crate::error::{Error, Result, ValidationError};
+use crate::error::{Error, Result};
 use crate::id::ServiceId;
 use crate::image::Repository;
 use crate::observed::ObservedState;
-use crate::record::{Account, ServiceRecord, ServiceState};
+use crate::record::{ServiceRecord, ServiceState};
 use crate::recoverer::Recoverer;
 use crate::registry::Registry;
 use crate::replicator::Replicator;
 use crate::store::ImageStore;
-
-/// Events buffered per subscriber by default; a slower subscriber loses the oldest.
-const EVENT_BUFFER: usize = 1024;
 
 /// How often a recovery re-observes the workload while it waits for it to match the
 /// record.
@@ -37,12 +37,6 @@ const SETTLE_POLL: Duration = Duration::from_millis(25);
 /// How long a registry whose copy a repair could not fix is left alone before the
 /// next repair attempt (its finding is still reported on every diagnosis).
 const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(600);
-
-/// Locks `m`; every critical section here is a plain map update, so a poisoned lock
-/// still holds consistent data.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One recovery made by a running [`Supervisor`] (services found healthy produce no
 /// event).
@@ -73,178 +67,6 @@ pub struct SupervisorMetrics {
     pub recoveries_by_finding: BTreeMap<String, u64>,
 }
 
-/// Tuning of a [`Supervisor`].
-#[derive(Debug, Clone)]
-pub(super) struct Config {
-    pub resync: Duration,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-    pub concurrency: usize,
-    pub verify_ttl: Duration,
-    pub event_buffer: usize,
-    pub settle_timeout: Duration,
-    /// Accounts whose services may be deployed (`None`: any owner).
-    pub allowed_owners: Option<Vec<Account>>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            resync: Duration::from_secs(30),
-            backoff_min: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(60),
-            concurrency: 8,
-            verify_ttl: Duration::from_secs(300),
-            event_buffer: EVENT_BUFFER,
-            settle_timeout: Duration::from_secs(15),
-            allowed_owners: None,
-        }
-    }
-}
-
-/// Builds a [`Supervisor`]; see [`Supervisor::builder`].
-#[derive(Default)]
-pub struct SupervisorBuilder {
-    registry: Option<Arc<dyn Registry>>,
-    replicator: Option<Arc<dyn Replicator>>,
-    stores: Vec<Arc<dyn ImageStore>>,
-    config: Config,
-}
-
-impl fmt::Debug for SupervisorBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SupervisorBuilder")
-            .field("registry", &self.registry)
-            .field("replicator", &self.replicator)
-            .field("stores", &self.stores)
-            .field("config", &self.config)
-            .finish()
-    }
-}
-
-impl SupervisorBuilder {
-    /// The service registry to read records from (required; never written to).
-    pub fn registry(mut self, registry: Arc<dyn Registry>) -> Self {
-        self.registry = Some(registry);
-        self
-    }
-
-    /// The replicator running the workloads (required).
-    pub fn replicator(mut self, replicator: Arc<dyn Replicator>) -> Self {
-        self.replicator = Some(replicator);
-        self
-    }
-
-    /// Adds an image store; call once per registry, primary first. Applies pull from
-    /// the first store whose copy of the image verifies.
-    pub fn image_store(mut self, store: Arc<dyn ImageStore>) -> Self {
-        self.stores.push(store);
-        self
-    }
-
-    /// Period of the full resync over every known service (default 30 s).
-    pub fn resync(mut self, every: Duration) -> Self {
-        self.config.resync = every;
-        self
-    }
-
-    /// Per-service retry delay after a failed recovery: starts at `min`, doubles per
-    /// consecutive failure up to `max`, with jitter (default 500 ms to 60 s).
-    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.config.backoff_min = min;
-        self.config.backoff_max = max;
-        self
-    }
-
-    /// Most reconciles running at once (default 8).
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.config.concurrency = n;
-        self
-    }
-
-    /// Events kept for subscribers of [`Supervisor::subscribe`] (default 1,024); a
-    /// slower subscriber loses the oldest. The buffer is allocated when the
-    /// supervisor is built, so hosts running many supervisors without subscribers
-    /// (one per resource) should keep it small.
-    pub fn event_buffer(mut self, events: usize) -> Self {
-        self.config.event_buffer = events;
-        self
-    }
-
-    /// How long a successful verification of an image in a store is trusted before
-    /// its bytes are pulled and verified again (default 5 min). Presence (`has`) is
-    /// checked on every diagnosis regardless.
-    pub fn verify_ttl(mut self, ttl: Duration) -> Self {
-        self.config.verify_ttl = ttl;
-        self
-    }
-
-    /// How long a recovery waits, after its actions, for the live workload to match
-    /// the record with every replica ready before it reports [`Outcome::Partial`]
-    /// instead of [`Outcome::Recovered`] (default 15 s).
-    pub fn settle_timeout(mut self, timeout: Duration) -> Self {
-        self.config.settle_timeout = timeout;
-        self
-    }
-
-    /// Deploys only services whose on-chain owner is one of `owners` (compared
-    /// without regard to case); any other record is refused with
-    /// [`Error::PermissionDenied`] and nothing is applied for it. Without this, any
-    /// account that registers a service id decides what runs.
-    pub fn allowed_owners(mut self, owners: impl IntoIterator<Item = Account>) -> Self {
-        self.config.allowed_owners = Some(owners.into_iter().collect());
-        self
-    }
-
-    /// Builds the supervisor; [`Error::InvalidInput`] when the registry or replicator
-    /// is missing, the backoff bounds are inverted or zero, or concurrency or resync
-    /// is zero.
-    pub fn build(self) -> Result<Supervisor> {
-        let bad = |reason: &str| Error::from(ValidationError::malformed("supervisor", reason));
-        let registry = self.registry.ok_or_else(|| bad("a registry is required"))?;
-        let replicator = self
-            .replicator
-            .ok_or_else(|| bad("a replicator is required"))?;
-        let c = &self.config;
-        if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
-            return Err(bad("backoff needs 0 < min <= max"));
-        }
-        if c.concurrency == 0 {
-            return Err(bad("concurrency must be at least 1"));
-        }
-        if c.resync.is_zero() {
-            return Err(bad("resync period must not be zero"));
-        }
-        if c.event_buffer == 0 {
-            return Err(bad("event buffer must hold at least 1 event"));
-        }
-        let event_buffer = c.event_buffer;
-        Ok(Supervisor {
-            registry,
-            replicator,
-            stores: self.stores,
-            backoffs: Backoffs::new(self.config.backoff_min, self.config.backoff_max),
-            config: self.config,
-            records: Mutex::default(),
-            verified: Mutex::default(),
-            unrepairable: Mutex::default(),
-            services: Mutex::default(),
-            queue: Queue::default(),
-            events: broadcast::channel(event_buffer).0,
-            metrics: Mutex::default(),
-            change_events: AtomicU64::new(0),
-        })
-    }
-}
-
-/// What a diagnosis was computed from.
-#[derive(Debug, Clone)]
-struct Context {
-    record: Option<ServiceRecord>,
-    observed: Option<ObservedState>,
-    images: Vec<ImageHealth>,
-}
-
 /// The generic recoverer: compares the active record of each service with its live
 /// workload and with the image stores, and repairs the difference.
 ///
@@ -266,16 +88,16 @@ struct Context {
 pub struct Supervisor {
     pub(super) registry: Arc<dyn Registry>,
     pub(super) replicator: Arc<dyn Replicator>,
-    stores: Vec<Arc<dyn ImageStore>>,
+    pub(super) stores: Vec<Arc<dyn ImageStore>>,
     pub(super) config: Config,
-    records: Mutex<HashMap<ServiceId, ServiceRecord>>,
-    verified: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
-    unrepairable: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
+    pub(super) records: Mutex<HashMap<ServiceId, ServiceRecord>>,
+    pub(super) verified: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
+    pub(super) unrepairable: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
     pub(super) services: Mutex<Vec<ServiceId>>,
     pub(super) queue: Queue,
     pub(super) backoffs: Backoffs,
-    events: broadcast::Sender<SupervisorEvent>,
-    metrics: Mutex<SupervisorMetrics>,
+    pub(super) events: broadcast::Sender<SupervisorEvent>,
+    pub(super) metrics: Mutex<SupervisorMetrics>,
     pub(super) change_events: AtomicU64,
 }
 
@@ -287,31 +109,6 @@ impl fmt::Debug for Supervisor {
             .field("stores", &self.stores)
             .field("config", &self.config)
             .finish_non_exhaustive()
-    }
-}
-
-/// Whether `read` is older than `verified`, a record of the same service verified
-/// before: fewer versions (versions are only ever appended), an older checkpoint, or
-/// a different answer read at an earlier block.
-fn regresses(read: &ServiceRecord, verified: &ServiceRecord) -> bool {
-    let checkpoint = |r: &ServiceRecord| r.checkpoint.as_ref().map_or(0, |c| c.state_version);
-    if read.latest_version < verified.latest_version || checkpoint(read) < checkpoint(verified) {
-        return true;
-    }
-    let earlier = matches!((read.as_of, verified.as_of), (Some(a), Some(b)) if a < b);
-    earlier
-        && ServiceRecord {
-            as_of: verified.as_of,
-            stale: verified.stale,
-            ..read.clone()
-        } != *verified
-}
-
-fn classify(e: &Error) -> ImageStatus {
-    match e {
-        Error::NotFound { .. } => ImageStatus::Missing,
-        Error::Tampered { .. } | Error::InvalidInput(_) => ImageStatus::Tampered(e.to_string()),
-        _ => ImageStatus::Down,
     }
 }
 
@@ -328,7 +125,7 @@ impl Supervisor {
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> SupervisorMetrics {
-        let mut m = lock(&self.metrics).clone();
+        let mut m = self.metrics.lock().clone();
         m.change_events = self.change_events.load(Ordering::Relaxed);
         m
     }
@@ -355,7 +152,9 @@ impl Supervisor {
     /// verification after the copy), with the digest; they are never used as a
     /// source while their copy fails verification.
     pub fn unrepairable(&self) -> Vec<(String, Digest)> {
-        let mut out: Vec<(String, Digest)> = lock(&self.unrepairable)
+        let mut out: Vec<(String, Digest)> = self
+            .unrepairable
+            .lock()
             .iter()
             .filter(|(_, at)| at.elapsed() < UNREPAIRABLE_RETRY)
             .filter_map(|((i, _, d), _)| Some((self.stores.get(*i)?.registry().to_owned(), *d)))
@@ -367,184 +166,7 @@ impl Supervisor {
 
     /// Ids whose last verified record is cached.
     pub(super) fn cached_ids(&self) -> Vec<ServiceId> {
-        lock(&self.records).keys().cloned().collect()
-    }
-
-    /// Reads the active record, falling back to the last verified copy (stale) when
-    /// the registry is unavailable or serves a record that fails verification.
-    /// `Ok(None)` when the service is not registered.
-    async fn read_record(&self, id: &ServiceId) -> Result<Option<ServiceRecord>> {
-        let record = self.read_record_unchecked(id).await?;
-        if let (Some(r), Some(allowed)) = (&record, &self.config.allowed_owners)
-            && !allowed.iter().any(|a| a.0.eq_ignore_ascii_case(&r.owner.0))
-        {
-            return Err(Error::permission_denied(format!(
-                "service {id} is owned by {}, which is not an allowed owner",
-                r.owner
-            )));
-        }
-        Ok(record)
-    }
-
-    /// [`Self::read_record`] without the owner check.
-    async fn read_record_unchecked(&self, id: &ServiceId) -> Result<Option<ServiceRecord>> {
-        let read = match self.registry.active(id).await {
-            Ok(rec) => rec.verify().map(|()| rec),
-            Err(e) => Err(e),
-        };
-        let verified = lock(&self.records).get(id).cloned();
-        match read {
-            Ok(rec) => {
-                if let Some(prev) = verified.filter(|prev| regresses(&rec, prev)) {
-                    tracing::warn!(
-                        %id,
-                        read_version = rec.version,
-                        read_latest = rec.latest_version,
-                        read_as_of = ?rec.as_of,
-                        verified_as_of = ?prev.as_of,
-                        "the chain answered with an older record than one already verified (a lagging or lying endpoint, or a reorg); keeping the verified one"
-                    );
-                    return Ok(Some(ServiceRecord {
-                        stale: true,
-                        ..prev
-                    }));
-                }
-                if !rec.stale {
-                    lock(&self.records).insert(id.clone(), rec.clone());
-                }
-                Ok(Some(rec))
-            }
-            Err(Error::NotFound { .. }) => match verified {
-                // Services are never deregistered: a service verified before that a
-                // read says does not exist is a lagging or lying answer, and must not
-                // remove a running workload.
-                Some(prev) => {
-                    tracing::warn!(%id, verified_as_of = ?prev.as_of, "the chain says the service is not registered although its record was verified before; keeping the verified one");
-                    Ok(Some(ServiceRecord {
-                        stale: true,
-                        ..prev
-                    }))
-                }
-                None => Ok(None),
-            },
-            Err(e) if e.is_retryable() || matches!(e, Error::Tampered { .. }) => {
-                let cached = lock(&self.records).get(id).cloned();
-                match cached {
-                    Some(mut rec) => {
-                        tracing::debug!(%id, error = %e, "registry unavailable; using the last verified record");
-                        rec.stale = true;
-                        Ok(Some(rec))
-                    }
-                    None => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn store_status(
-        &self,
-        index: usize,
-        store: &dyn ImageStore,
-        repository: &Repository,
-        digest: &Digest,
-    ) -> ImageStatus {
-        match store.has(repository, digest).await {
-            Ok(true) => {}
-            Ok(false) => return ImageStatus::Missing,
-            Err(e) => return classify(&e),
-        }
-        let key = (index, repository.clone(), *digest);
-        let fresh = lock(&self.verified)
-            .get(&key)
-            .is_some_and(|at| at.elapsed() < self.config.verify_ttl);
-        if fresh {
-            return ImageStatus::Ok;
-        }
-        match store.verify(repository, digest).await {
-            Ok(()) => {
-                // Whatever made a copy unrepairable is over once it verifies.
-                lock(&self.unrepairable).remove(&key);
-                lock(&self.verified).insert(key, Instant::now());
-                ImageStatus::Ok
-            }
-            Err(e) => {
-                lock(&self.verified).remove(&key);
-                classify(&e)
-            }
-        }
-    }
-
-    /// [`Self::store_status`] without the verification cache: the bytes are pulled
-    /// and checked now.
-    async fn fresh_status(
-        &self,
-        index: usize,
-        store: &dyn ImageStore,
-        repository: &Repository,
-        digest: &Digest,
-    ) -> ImageStatus {
-        lock(&self.verified).remove(&(index, repository.clone(), *digest));
-        self.store_status(index, store, repository, digest).await
-    }
-
-    /// The registry to apply `record` from: `preferred` if its copy verifies now,
-    /// else the first other store (in order) whose copy does.
-    async fn verified_source(&self, record: &ServiceRecord, preferred: &str) -> Result<String> {
-        let Some(digest) = record.spec.image.digest() else {
-            return Ok(preferred.to_owned());
-        };
-        if self.stores.is_empty() {
-            return Ok(preferred.to_owned());
-        }
-        let repository = record.spec.image.repository();
-        let mut order: Vec<(usize, &Arc<dyn ImageStore>)> =
-            self.stores.iter().enumerate().collect();
-        order.sort_by_key(|(_, s)| s.registry() != preferred);
-        for (i, store) in order {
-            let status = self
-                .fresh_status(i, store.as_ref(), repository, digest)
-                .await;
-            if status == ImageStatus::Ok {
-                return Ok(store.registry().to_owned());
-            }
-            tracing::warn!(registry = store.registry(), ?status, %digest, "not applying from this registry: its copy does not verify now");
-        }
-        Err(Error::unavailable(format!(
-            "no registry serves a copy of {digest} that verifies now"
-        )))
-    }
-
-    /// The health of the record's image in every store, in store order.
-    async fn image_health(&self, record: &ServiceRecord) -> Vec<ImageHealth> {
-        let Some(digest) = record.spec.image.digest() else {
-            return Vec::new();
-        };
-        let repository = record.spec.image.repository();
-        let checks = self.stores.iter().enumerate().map(|(i, store)| async move {
-            ImageHealth::new(
-                store.registry(),
-                self.store_status(i, store.as_ref(), repository, digest)
-                    .await,
-            )
-        });
-        futures::future::join_all(checks).await
-    }
-
-    async fn gather(&self, id: &ServiceId) -> Result<Context> {
-        let (record, observed) =
-            futures::future::join(self.read_record(id), self.replicator.observe(id)).await;
-        let record = record?;
-        let observed = observed?;
-        let images = match &record {
-            Some(r) => self.image_health(r).await,
-            None => Vec::new(),
-        };
-        Ok(Context {
-            record,
-            observed,
-            images,
-        })
+        self.records.lock().keys().cloned().collect()
     }
 
     fn diagnosis_of(id: &ServiceId, ctx: &Context) -> Diagnosis {
@@ -634,11 +256,11 @@ impl Supervisor {
                     .await
                 {
                     ImageStatus::Ok => {
-                        lock(&self.unrepairable).remove(&key);
+                        self.unrepairable.lock().remove(&key);
                         Ok(())
                     }
                     status => {
-                        lock(&self.unrepairable).insert(key, Instant::now());
+                        self.unrepairable.lock().insert(key, Instant::now());
                         Err(Error::tampered(
                             format!(
                                 "{to}/{repository} after repair (the registry keeps its \
@@ -662,7 +284,7 @@ impl Supervisor {
             && let Some(digest) = record.spec.image.digest()
         {
             let repository = record.spec.image.repository();
-            let unrepairable = lock(&self.unrepairable);
+            let unrepairable = self.unrepairable.lock();
             actions.retain(|a| match a {
                 RecoveryAction::RepairImage { to, .. } => {
                     !self.stores.iter().enumerate().any(|(i, s)| {
@@ -808,14 +430,14 @@ impl Supervisor {
         let ctx = match ctx {
             Ok(ctx) => ctx,
             Err(e) => {
-                lock(&self.metrics).errors += 1;
-                lock(&self.metrics).reconciles += 1;
+                self.metrics.lock().errors += 1;
+                self.metrics.lock().reconciles += 1;
                 return Err(e);
             }
         };
         let diagnosis = Self::diagnosis_of(id, &ctx);
         let report = self.act(&ctx, diagnosis).await;
-        let mut m = lock(&self.metrics);
+        let mut m = self.metrics.lock();
         m.reconciles += 1;
         if !report.diagnosis.is_healthy() {
             m.recoveries += 1;

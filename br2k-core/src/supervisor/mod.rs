@@ -23,10 +23,13 @@
 //! assert_eq!(supervisor.registries(), ["primary.local", "mirror.local"]);
 //! ```
 
+mod builder;
 mod decide;
 mod engine;
+mod gather;
 mod queue;
 mod run;
 
+pub use builder::SupervisorBuilder;
 pub use decide::{ImageHealth, ImageStatus, converged, diagnose, is_workload_finding, plan};
-pub use engine::{Supervisor, SupervisorBuilder, SupervisorEvent, SupervisorMetrics};
+pub use engine::{Supervisor, SupervisorEvent, SupervisorMetrics};

@@ -1,13 +1,12 @@
 //! The per-service work queue and the per-service retry backoff of the supervisor.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio::sync::Notify;
 
-use super::engine::lock;
 use crate::id::ServiceId;
 
 /// A work queue of service ids: an id is queued at most once, and never handed to two
@@ -30,7 +29,7 @@ impl Queue {
     /// Queues `id` unless it is queued already.
     pub fn push(&self, id: ServiceId) {
         {
-            let mut s = lock(&self.state);
+            let mut s = self.state.lock();
             if s.queued.contains(&id) {
                 return;
             }
@@ -49,7 +48,7 @@ impl Queue {
         loop {
             let notified = self.notify.notified();
             {
-                let mut s = lock(&self.state);
+                let mut s = self.state.lock();
                 if let Some(id) = s.ready.pop_front() {
                     s.queued.remove(&id);
                     s.running.insert(id.clone());
@@ -69,7 +68,7 @@ impl Queue {
     /// Marks `id` done; requeues it when it was pushed meanwhile.
     pub fn done(&self, id: &ServiceId) {
         let again = {
-            let mut s = lock(&self.state);
+            let mut s = self.state.lock();
             s.running.remove(id);
             s.again.remove(id)
         };
@@ -80,7 +79,7 @@ impl Queue {
 
     /// Ids queued or running.
     pub fn len(&self) -> usize {
-        let s = lock(&self.state);
+        let s = self.state.lock();
         s.ready.len() + s.running.len()
     }
 }
@@ -112,7 +111,7 @@ impl Backoffs {
 
     /// Records a failure of `id`; returns the jittered wait before the retry.
     pub fn failed(&self, id: &ServiceId) -> Duration {
-        let mut entries = lock(&self.entries);
+        let mut entries = self.entries.lock();
         let failures = entries.get(id).map_or(0, |e| e.failures) + 1;
         let factor = 1u32 << (failures - 1).min(20);
         let delay = self.min.saturating_mul(factor).min(self.max);
@@ -134,19 +133,20 @@ impl Backoffs {
 
     /// Forgets the failures of `id`.
     pub fn reset(&self, id: &ServiceId) {
-        lock(&self.entries).remove(id);
+        self.entries.lock().remove(id);
     }
 
     /// Whether `id` waits for a scheduled retry now.
     pub fn waiting(&self, id: &ServiceId) -> bool {
-        lock(&self.entries)
+        self.entries
+            .lock()
             .get(id)
             .is_some_and(|e| e.until > Instant::now())
     }
 
     /// The current unjittered delay of `id`, if it has failures.
     pub fn current(&self, id: &ServiceId) -> Option<Duration> {
-        lock(&self.entries).get(id).map(|e| e.delay)
+        self.entries.lock().get(id).map(|e| e.delay)
     }
 }
 

@@ -7,14 +7,42 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::engine::{Supervisor, SupervisorEvent, lock};
+use super::engine::{Supervisor, SupervisorEvent};
 use crate::diagnosis::Outcome;
+use crate::error::Result;
 use crate::id::ServiceId;
-use crate::record::ChangeKind;
+use crate::record::{ChangeKind, RegistryChange};
+
+/// A change stream the supervisor follows.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// [`crate::Registry::changes`].
+    Registry,
+    /// [`crate::Replicator::changes`].
+    Replicator,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Registry => "registry",
+            Source::Replicator => "replicator",
+        }
+    }
+}
+
+/// One item of a change stream.
+enum Change {
+    /// A registry change (or the stream's error).
+    Registry(Result<RegistryChange>),
+    /// A workload that changed.
+    Workload(ServiceId),
+}
 
 /// Sleeps `d`, or less when `stop` fires; returns whether to stop.
 async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
@@ -52,8 +80,8 @@ impl Supervisor {
         for _ in 0..self.config.concurrency {
             tasks.spawn(Arc::clone(&self).worker(stop_rx.clone()));
         }
-        tasks.spawn(Arc::clone(&self).watch_registry(stop_rx.clone()));
-        tasks.spawn(Arc::clone(&self).watch_replicator(stop_rx.clone()));
+        tasks.spawn(Arc::clone(&self).watch(Source::Registry, stop_rx.clone()));
+        tasks.spawn(Arc::clone(&self).watch(Source::Replicator, stop_rx.clone()));
         tasks.spawn(Arc::clone(&self).resync_loop(stop_rx.clone()));
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -74,11 +102,11 @@ impl Supervisor {
         match self.registry.services().await {
             Ok(list) => {
                 ids.extend(list.iter().cloned());
-                *lock(&self.services) = list;
+                *self.services.lock() = list;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "registry services unavailable; using the last list");
-                ids.extend(lock(&self.services).iter().cloned());
+                ids.extend(self.services.lock().iter().cloned());
             }
         }
         // Services read before (their last verified record is cached).
@@ -142,15 +170,17 @@ impl Supervisor {
         }
     }
 
-    async fn watch_registry(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Follows one change stream until `stop`: a stream that fails to open or ends is
+    /// reopened after a jittered exponential backoff, and every reopening is followed by
+    /// a resync (changes may have been missed while disconnected).
+    async fn watch(self: Arc<Self>, source: Source, mut stop: watch::Receiver<bool>) {
         let mut delay = self.config.backoff_min;
         let mut first = true;
         loop {
-            match self.registry.changes().await {
+            match self.open(source).await {
                 Ok(mut stream) => {
                     delay = self.config.backoff_min;
                     if !first {
-                        // Changes may have been missed while disconnected.
                         self.resync_all().await;
                     }
                     first = false;
@@ -160,28 +190,17 @@ impl Supervisor {
                             _ = stop.wait_for(|s| *s) => return,
                         };
                         match item {
-                            Some(Ok(change)) => {
-                                self.change_events.fetch_add(1, Ordering::Relaxed);
-                                if matches!(change.kind, ChangeKind::Registered) {
-                                    let mut services = lock(&self.services);
-                                    if !services.contains(&change.id) {
-                                        services.push(change.id.clone());
-                                    }
-                                }
-                                // A new desired state: retry now, not after the backoff.
-                                self.backoffs.reset(&change.id);
-                                self.queue.push(change.id);
-                            }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "registry change stream error; resyncing");
-                                self.resync_all().await;
-                            }
+                            Some(change) => self.on_change(change).await,
                             None => break,
                         }
                     }
-                    tracing::warn!("registry change stream ended; reconnecting");
+                    tracing::warn!("{} change stream ended; reconnecting", source.name());
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot open the registry change stream"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot open the {} change stream",
+                    source.name()
+                ),
             }
             if sleep_or_stop(jittered(delay), &mut stop).await {
                 return;
@@ -190,38 +209,42 @@ impl Supervisor {
         }
     }
 
-    async fn watch_replicator(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut delay = self.config.backoff_min;
-        let mut first = true;
-        loop {
-            match self.replicator.changes().await {
-                Ok(mut stream) => {
-                    delay = self.config.backoff_min;
-                    if !first {
-                        self.resync_all().await;
+    /// Opens the change stream of `source`.
+    async fn open(&self, source: Source) -> Result<BoxStream<'static, Change>> {
+        Ok(match source {
+            Source::Registry => self.registry.changes().await?.map(Change::Registry).boxed(),
+            Source::Replicator => self
+                .replicator
+                .changes()
+                .await?
+                .map(Change::Workload)
+                .boxed(),
+        })
+    }
+
+    /// Reacts to one item of a change stream.
+    async fn on_change(&self, change: Change) {
+        match change {
+            Change::Registry(Ok(change)) => {
+                self.change_events.fetch_add(1, Ordering::Relaxed);
+                if matches!(change.kind, ChangeKind::Registered) {
+                    let mut services = self.services.lock();
+                    if !services.contains(&change.id) {
+                        services.push(change.id.clone());
                     }
-                    first = false;
-                    loop {
-                        let item = tokio::select! {
-                            item = stream.next() => item,
-                            _ = stop.wait_for(|s| *s) => return,
-                        };
-                        match item {
-                            Some(id) => {
-                                self.change_events.fetch_add(1, Ordering::Relaxed);
-                                self.enqueue(id);
-                            }
-                            None => break,
-                        }
-                    }
-                    tracing::warn!("replicator change stream ended; reconnecting");
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot open the replicator change stream"),
+                // A new desired state: retry now, not after the backoff.
+                self.backoffs.reset(&change.id);
+                self.queue.push(change.id);
             }
-            if sleep_or_stop(jittered(delay), &mut stop).await {
-                return;
+            Change::Registry(Err(e)) => {
+                tracing::warn!(error = %e, "registry change stream error; resyncing");
+                self.resync_all().await;
             }
-            delay = (delay * 2).min(self.config.backoff_max);
+            Change::Workload(id) => {
+                self.change_events.fetch_add(1, Ordering::Relaxed);
+                self.enqueue(id);
+            }
         }
     }
 }

@@ -11,26 +11,30 @@
 //! watchers) over an in-memory registry and the `KubeReplicator`. The floor is one
 //! plain server-side apply of the StatefulSet (a changed annotation), round trip.
 //!
-//! Usage: `cargo run --release -p br2k-k8s --example k8s_recovery -- [--trials N] [--services N]` with `KUBECONFIG` set.
+//! Usage: `cargo run --release -p br2k-benches --bin k8s_recovery -- [--trials N] [--services N]` with `KUBECONFIG` set.
 //! `--services N` (N > 0) instead supervises N services at once and reports the
 //! process RSS and CPU time while idle.
 
-use std::sync::Arc;
+mod cluster;
+mod scale;
+
 use std::time::{Duration, Instant};
 
+use br2k_benches::measure::{arg, create_test_namespace, run_id};
 use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
-use br2k_core::supervisor::{Supervisor, SupervisorEvent};
+use br2k_core::supervisor::SupervisorEvent;
 use br2k_core::{Registry, Replicator, ServiceId, ServiceRecord, WorkloadTemplate};
-use br2k_k8s::{KubeReplicator, KubeReplicatorBuilder, Names};
+use br2k_k8s::{KubeReplicator, Names};
+use cluster::{POOL_KEY, Supervised, fake_nodes, kwok_builder, kwok_replicator};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Toleration};
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 fn intruder() -> PatchParams {
     PatchParams {
@@ -223,149 +227,7 @@ fn row(name: &str, mut v: Vec<Duration>) {
 /// spend the StatefulSet controller's burst and measure its rate limiter (~50 ms per
 /// request) instead of an isolated incident.
 async fn gap() {
-    tokio::time::sleep(Duration::from_millis(arg("--gap-ms", 1000) as u64)).await;
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn proc_stat() -> (u64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (rss_kb, ticks as f64 / 100.0)
-}
-
-/// Creates namespace `ns`, labelled as a test namespace.
-async fn create_namespace(client: &Client, ns: &str) -> Result<(), Box<dyn std::error::Error>> {
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
-            )?,
-        )
-        .await?;
-    Ok(())
-}
-
-/// A replicator for namespace `ns` whose pods tolerate kwok's fake nodes.
-fn kwok_replicator(client: &Client, ns: &str) -> KubeReplicator {
-    kwok_builder(ns).build(client.clone())
-}
-
-/// A replicator builder for namespace `ns` whose pods tolerate kwok's fake nodes.
-/// With `--no-guards`, without br2k's replica guards (for a side-by-side comparison).
-fn kwok_builder(ns: &str) -> KubeReplicatorBuilder {
-    KubeReplicator::builder(ns)
-        .with_toleration(Toleration {
-            key: Some("kwok.x-k8s.io/node".into()),
-            operator: Some("Exists".into()),
-            ..Toleration::default()
-        })
-        .guard_pods(!std::env::args().any(|a| a == "--no-guards"))
-}
-
-/// A supervisor running `Supervisor::run` over an in-memory registry and `rep`.
-struct Supervised {
-    registry: Arc<InMemoryRegistry>,
-    sup: Arc<Supervisor>,
-    stop: watch::Sender<bool>,
-    runner: tokio::task::JoinHandle<()>,
-}
-
-impl Supervised {
-    fn start(rep: &KubeReplicator, name: &str) -> Result<Self, Box<dyn std::error::Error>> {
-        let registry = Arc::new(InMemoryRegistry::new(name));
-        let sup = Arc::new(
-            Supervisor::builder()
-                .registry(registry.clone() as Arc<dyn Registry>)
-                .replicator(Arc::new(rep.clone()))
-                .resync(Duration::from_secs(30))
-                .build()?,
-        );
-        let (stop, mut stop_rx) = watch::channel(false);
-        let runner = tokio::spawn(sup.clone().run(async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        }));
-        Ok(Self {
-            registry,
-            sup,
-            stop,
-            runner,
-        })
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.runner.await;
-    }
-}
-
-const POOL_KEY: &str = "br2k.io/pool";
-
-/// Creates `count` fake kwok nodes labelled `br2k.io/pool=<pool>` (tainted with it when
-/// `tainted`, so only pods tolerating it land there) and waits until they are Ready.
-/// kwok initializes nodes created without a status with a large capacity (the default
-/// cluster nodes hold 110 pods each).
-async fn fake_nodes(
-    client: &Client,
-    pool: &str,
-    count: usize,
-    tainted: bool,
-) -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let names: Vec<String> = (0..count).map(|i| format!("br2k-{pool}-{i}")).collect();
-    let taints = if tainted {
-        json!([{"key": POOL_KEY, "value": pool, "effect": "NoSchedule"}])
-    } else {
-        json!([])
-    };
-    for name in &names {
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"br2k.io/test": "true", POOL_KEY: pool,
-                                   "kubernetes.io/hostname": name, "type": "kwok"},
-                        "annotations": {"kwok.x-k8s.io/node": "fake"}
-                    },
-                    "spec": {"taints": taints}
-                }))?,
-            )
-            .await?;
-    }
-    for name in &names {
-        while !nodes
-            .get(name)
-            .await
-            .map(|n| !br2k_k8s::parse::node_failed(&n))
-            .unwrap_or(false)
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(names)
+    tokio::time::sleep(Duration::from_millis(arg("--gap-ms", 1000u64))).await;
 }
 
 /// The node NotReady class, on a private pool of 3 fake nodes (labelled and tainted
@@ -381,7 +243,7 @@ async fn node_class(
     const CHAOS: &str = "node-not-ready.stage.kwok.x-k8s.io";
     let ns = format!("{base_ns}-node");
     let pool = format!("bench-{base_ns}");
-    create_namespace(client, &ns).await?;
+    create_test_namespace(client, &ns).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let names = fake_nodes(client, &pool, 3, true).await?;
     let node_ready = |name: String| {
@@ -469,7 +331,7 @@ async fn fresh_floor(
     trials: usize,
 ) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
     let ns = format!("{base_ns}-fresh");
-    create_namespace(client, &ns).await?;
+    create_test_namespace(client, &ns).await?;
     let rep = kwok_replicator(client, &ns);
     let registry = InMemoryRegistry::new("bench-fresh");
     let mut changes = rep.changes().await?;
@@ -501,88 +363,16 @@ async fn fresh_floor(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     br2k_k8s::install_crypto_provider();
     let client = Client::try_default().await?;
-    let trials = arg("--trials", 30);
-    let services = arg("--services", 0);
-    let ns = format!(
-        "br2k-bench-{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            & 0xffffff
-    );
-    create_namespace(&client, &ns).await?;
+    let trials = arg("--trials", 30usize);
+    let services = arg("--services", 0usize);
+    let ns = format!("br2k-bench-{}", run_id());
+    create_test_namespace(&client, &ns).await?;
     let rep = kwok_replicator(&client, &ns);
     let supervised = Supervised::start(&rep, "bench")?;
     let (registry, sup) = (supervised.registry.clone(), supervised.sup.clone());
 
     if services > 0 {
-        // Room for every pod: 3 extra fake nodes without the 110-pod limit.
-        let big = fake_nodes(&client, &format!("big-{ns}"), 3, false).await?;
-        let (rss0, _) = proc_stat();
-        let spec = {
-            let mut s = sample_spec("registry.test:5000");
-            s.replicas = 1;
-            s
-        };
-        let start = Instant::now();
-        for i in 0..services {
-            let id = ServiceId::new(format!("s{i}"))?;
-            registry.register(&id, &spec).await?;
-            registry.resume(&id).await?;
-        }
-        // Wait until every workload exists and is ready.
-        loop {
-            let managed = rep.managed().await?.len();
-            if managed >= services {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let deployed = start.elapsed();
-        // Settled: no recovery for 30 s (every pod came up Ready), at most 15 min.
-        let mut last = (sup.metrics().recoveries, Instant::now());
-        while last.1.elapsed() < Duration::from_secs(30)
-            && start.elapsed() < Duration::from_secs(900)
-        {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let r = sup.metrics().recoveries;
-            if r != last.0 {
-                last = (r, Instant::now());
-            }
-        }
-        let settled = start.elapsed();
-        let before = sup.metrics();
-        let (rss1, cpu1) = proc_stat();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        let (rss2, cpu2) = proc_stat();
-        let idle = sup.metrics();
-        println!("settled (no recovery for 30 s) after: {settled:?}");
-        println!(
-            "during the idle minute: reconciles {} recoveries {}",
-            idle.reconciles - before.reconciles,
-            idle.recoveries - before.recoveries
-        );
-        println!("services supervised:          {services}");
-        println!("all workloads applied in:     {deployed:?}");
-        println!(
-            "RSS at start / settled / +60 s idle: {} / {} / {} MiB",
-            rss0 / 1024,
-            rss1 / 1024,
-            rss2 / 1024
-        );
-        println!(
-            "idle CPU over 60 s:           {:.1} % of one core",
-            (cpu2 - cpu1) / 60.0 * 100.0
-        );
-        let m = sup.metrics();
-        println!(
-            "reconciles: {} recoveries: {} errors: {}",
-            m.reconciles, m.recoveries, m.errors
-        );
-        let nodes: Api<Node> = Api::all(client.clone());
-        for name in &big {
-            let _ = nodes.delete(name, &DeleteParams::default()).await;
-        }
+        scale::run(&client, &rep, &registry, &sup, &ns, services).await?;
     } else {
         let spec = sample_spec("registry.test:5000");
         let id = ServiceId::new("bench")?;

@@ -1,4 +1,4 @@
-//! The registry transport of [`crate::OciImageStore`].
+//! The registry transport of [`crate::OciImageStore`]: [`RegistryTransport`].
 //!
 //! Blob `HEAD`s, blob downloads (`GET`, streamed), blob uploads (`POST` + one streamed
 //! `PUT`, oci-client's monolithic push), cross-repository mounts and manifest `PUT`s go
@@ -6,7 +6,8 @@
 //! cannot do or does differently from what br2k needs:
 //!
 //! - `DELETE` of manifests and blobs (oci-client has no delete);
-//! - manifest `GET`, read with the [`MAX_MANIFEST_BYTES`] bound enforced while reading
+//! - manifest `GET`, read with the
+//!   [`MAX_MANIFEST_BYTES`](br2k_core::artifact::MAX_MANIFEST_BYTES) bound enforced while reading
 //!   (oci-client's `pull_manifest_raw` reads a whole body of any size);
 //! - manifest `HEAD`: oci-client's `fetch_manifest_digest` stores the credentials it is
 //!   given for the registry, after which oci-client sends an extra `GET /v2/` before
@@ -24,28 +25,35 @@
 //! `RegistryAuth::Bearer`; with anonymous access to a registry that has not asked for
 //! tokens nothing is stored, so oci-client sends no `Authorization` and no extra
 //! `GET /v2/`.
+//!
+//! Submodules: `oci_calls` (the calls made through oci-client), `direct` (the minimal
+//! reqwest path). The shared part here: credentials, token hand-over and the retry
+//! after a `401`.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use br2k_core::artifact::{MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
-use br2k_core::{Digest, Repository};
-use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use br2k_core::Repository;
+use bytes::Bytes;
+use futures::Stream;
+use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::token_cache::{RegistryToken, RegistryTokenType};
 use oci_client::{Reference, RegistryOperation};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
-use crate::auth::{BearerChallenge, TokenAuth};
+use crate::auth::TokenAuth;
+use crate::challenge::BearerChallenge;
 use crate::config::{Auth, OciConfig, Secret};
-use crate::error::{Class, OciError, classify, is_digest_io};
-use crate::index::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST};
+use crate::error::{Class, OciError, classify};
+use crate::http::header_secret;
+
+mod direct;
+mod oci_calls;
 
 /// Requests sent to one registry, by HTTP method, counted by
 /// [`crate::OciImageStore`] per operation it issues (see
@@ -119,8 +127,6 @@ impl Counters {
     }
 }
 
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-
 /// A manifest as fetched: bytes and the served content type.
 pub(crate) struct FetchedManifest {
     pub bytes: Bytes,
@@ -171,8 +177,10 @@ impl Need<'_> {
     }
 }
 
+/// One registry: oci-client for blobs, uploads, mounts and manifest `PUT`s, reqwest
+/// for the rest, one token client for both.
 #[derive(Clone)]
-pub(crate) struct Http {
+pub(crate) struct RegistryTransport {
     /// Blobs, uploads, mounts, manifest PUTs.
     oci: oci_client::Client,
     /// The minimal path: `GET /v2/`, manifest GET/HEAD, DELETE, token requests.
@@ -206,9 +214,9 @@ impl OciAuth {
     }
 }
 
-impl std::fmt::Debug for Http {
+impl std::fmt::Debug for RegistryTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Http")
+        f.debug_struct("RegistryTransport")
             .field("origin", &self.origin)
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .field("tokens", &self.tokens)
@@ -224,7 +232,7 @@ fn oci_setup_error(registry: &str, source: OciDistributionError) -> OciError {
     }
 }
 
-impl Http {
+impl RegistryTransport {
     pub(crate) fn new(cfg: &OciConfig) -> Result<Self, OciError> {
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
@@ -480,428 +488,10 @@ impl Http {
         }
     }
 
-    async fn send_once(
-        &self,
-        method: &Method,
-        mut rb: reqwest::RequestBuilder,
-        auth: Option<&HeaderValue>,
-    ) -> Result<Response, OciError> {
-        if let Some(a) = auth {
-            rb = rb.header(AUTHORIZATION, a.clone());
-        }
-        self.counts.bump(method);
-        rb.send().await.map_err(|e| self.conn(e))
-    }
-
-    /// Sends a request with the access it needs. A `401` with a Bearer challenge gets
-    /// a token from the challenge's realm and the request is sent once more (when its
-    /// body can be replayed; a streamed body cannot, but it follows a request of the
-    /// same scope, whose token is then cached).
-    async fn send(
-        &self,
-        method: Method,
-        need: Need<'_>,
-        rb: reqwest::RequestBuilder,
-    ) -> Result<Response, OciError> {
-        let scopes = need.scopes();
-        let auth = self.authorization(&scopes).await?;
-        let replay = self.tokens.as_ref().and_then(|_| rb.try_clone());
-        let resp = self.send_once(&method, rb, auth.as_ref()).await?;
-        let Some(tokens) = &self.tokens else {
-            return Ok(resp);
-        };
-        if resp.status() != StatusCode::UNAUTHORIZED {
-            return Ok(resp);
-        }
-        let challenge = self.challenge(&resp)?;
-        let Some(challenge) = challenge else {
-            return Ok(resp);
-        };
-        tokens.learn(&challenge)?;
-        let Some(replay) = replay else {
-            return Ok(resp);
-        };
-        let token = tokens
-            .refresh(&scopes, &challenge.scopes, auth.as_ref())
-            .await?;
-        self.send_once(&method, replay, Some(&token)).await
-    }
-
     pub(crate) fn conn(&self, source: impl std::error::Error + Send + Sync + 'static) -> OciError {
         OciError::Connect {
             registry: self.registry.clone(),
             source: Box::new(source),
         }
     }
-
-    async fn fail(&self, what: String, resp: Response) -> OciError {
-        let status = resp.status().as_u16();
-        let body = read_limited(resp, 4096).await.unwrap_or_default();
-        OciError::Status {
-            registry: self.registry.clone(),
-            what,
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
-    }
-
-    pub(crate) async fn ping(&self) -> Result<(), OciError> {
-        let url = self.url("");
-        let resp = self
-            .send(Method::GET, Need::Base, self.request(Method::GET, &url))
-            .await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.fail("GET /v2/".into(), resp).await)
-        }
-    }
-
-    /// HEAD a manifest by tag or digest: `Some(digest header)` when present.
-    pub(crate) async fn head_manifest(
-        &self,
-        repo: &Repository,
-        reference: &str,
-    ) -> Result<Option<Option<Digest>>, OciError> {
-        let url = self.url(&format!("{repo}/manifests/{reference}"));
-        let rb = self
-            .request(Method::HEAD, &url)
-            .header(ACCEPT, MANIFEST_ACCEPT);
-        let resp = self.send(Method::HEAD, Need::Pull(repo), rb).await?;
-        match resp.status() {
-            s if s.is_success() => Ok(Some(digest_header(&resp))),
-            StatusCode::NOT_FOUND => Ok(None),
-            _ => Err(self
-                .fail(format!("HEAD manifest {repo}:{reference}"), resp)
-                .await),
-        }
-    }
-
-    pub(crate) async fn get_manifest(
-        &self,
-        repo: &Repository,
-        reference: &str,
-    ) -> Result<FetchedManifest, OciError> {
-        let url = self.url(&format!("{repo}/manifests/{reference}"));
-        let rb = self
-            .request(Method::GET, &url)
-            .header(ACCEPT, MANIFEST_ACCEPT);
-        let resp = self.send(Method::GET, Need::Pull(repo), rb).await?;
-        if !resp.status().is_success() {
-            return Err(self
-                .fail(format!("GET manifest {repo}:{reference}"), resp)
-                .await);
-        }
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        if let Some(len) = resp.content_length()
-            && len > MAX_MANIFEST_BYTES as u64
-        {
-            return Err(OciError::TooLarge {
-                what: format!("manifest {repo}:{reference}"),
-                limit: MAX_MANIFEST_BYTES as u64,
-            });
-        }
-        let bytes = read_limited(resp, MAX_MANIFEST_BYTES)
-            .await
-            .map_err(|e| match e {
-                ReadError::TooLarge => OciError::TooLarge {
-                    what: format!("manifest {repo}:{reference}"),
-                    limit: MAX_MANIFEST_BYTES as u64,
-                },
-                ReadError::Http(e) => self.conn(e),
-            })?;
-        Ok(FetchedManifest {
-            bytes,
-            content_type,
-        })
-    }
-
-    pub(crate) async fn head_blob(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-    ) -> Result<bool, OciError> {
-        let r = self.reference(repo, &digest.to_string());
-        let d = digest.to_string();
-        self.run(
-            Need::Pull(repo),
-            || format!("HEAD blob {repo}@{digest}"),
-            &[Method::HEAD],
-            || self.oci.blob_exists(&r, &d),
-        )
-        .await
-    }
-
-    /// Starts a download of blob `digest` of `size` bytes; the caller reads the body
-    /// and checks its size and digest (every caller does, hashing as it reads).
-    ///
-    /// A non-empty blob is asked for as the range `bytes=0-`: oci-client then leaves
-    /// the check to br2k instead of hashing every byte a second time (its verifying
-    /// stream runs only on a `200`; a registry that ignores the range answers `200`
-    /// and both check). An empty blob is asked for plainly (an empty range is not
-    /// satisfiable).
-    pub(crate) async fn get_blob(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<BlobStream, OciError> {
-        let r = self.reference(repo, &digest.to_string());
-        let d = digest.to_string();
-        let what = || format!("GET blob {repo}@{digest}");
-        let s = if size == 0 {
-            self.run(Need::Pull(repo), what, &[Method::GET], || {
-                self.oci.pull_blob_stream(&r, d.as_str())
-            })
-            .await?
-        } else {
-            match self
-                .run(Need::Pull(repo), what, &[Method::GET], || {
-                    self.oci.pull_blob_stream_partial(&r, d.as_str(), 0, None)
-                })
-                .await?
-            {
-                BlobResponse::Full(s) | BlobResponse::Partial(s) => s,
-            }
-        };
-        Ok(s.stream)
-    }
-
-    /// Downloads a blob completely, checking its size and digest.
-    pub(crate) async fn get_blob_verified(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        size: u64,
-        what: &str,
-    ) -> Result<Bytes, OciError> {
-        let mut stream = self.get_blob(repo, digest, size).await?;
-        let mut buf = BytesMut::with_capacity(size.min(64 << 20) as usize);
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                // oci-client's own digest check at the end: br2k's below says more.
-                Err(e) if is_digest_io(&e) => break,
-                Err(e) => return Err(self.conn(e)),
-            };
-            if (buf.len() + chunk.len()) as u64 > size {
-                return Err(OciError::Tampered {
-                    what: format!("{what} size"),
-                    expected: size.to_string(),
-                    actual: format!("more than {size}"),
-                });
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        let bytes = buf.freeze();
-        let actual = Digest::of(&bytes);
-        if actual != *digest {
-            return Err(OciError::Tampered {
-                what: what.to_owned(),
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        if bytes.len() as u64 != size {
-            return Err(OciError::Tampered {
-                what: format!("{what} size"),
-                expected: size.to_string(),
-                actual: bytes.len().to_string(),
-            });
-        }
-        Ok(bytes)
-    }
-
-    /// Mounts blob `digest` from `from` into `repo` (same registry): `false` when the
-    /// registry declined (it then answers `202` and opens an upload session instead,
-    /// which is left unused; the caller uploads).
-    pub(crate) async fn mount(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        from: &Repository,
-    ) -> Result<bool, OciError> {
-        let r = self.reference(repo, &digest.to_string());
-        let src = self.reference(from, &digest.to_string());
-        let d = digest.to_string();
-        let res = self
-            .run(
-                Need::Mount(repo, from),
-                || format!("mount blob {digest} from {from} into {repo}"),
-                &[Method::POST],
-                || self.oci.mount_blob(&r, &src, &d),
-            )
-            .await;
-        match res {
-            Ok(()) => Ok(true),
-            Err(OciError::Client {
-                source: OciDistributionError::SpecViolationError(_),
-                ..
-            }) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Uploads a blob of `size` bytes from `body` (POST + one streamed PUT). Not
-    /// retried (a stream cannot be replayed): see [`Http::retry_after`].
-    pub(crate) async fn upload_stream<S>(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        size: u64,
-        body: S,
-    ) -> Result<(), OciError>
-    where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
-    {
-        self.prepare(Need::Push(repo)).await?;
-        self.counts.bump(&Method::POST);
-        self.counts.bump(&Method::PUT);
-        let r = self.reference(repo, &digest.to_string());
-        let body = body.map(|r| r.map_err(OciDistributionError::IoError));
-        self.oci
-            .push_blob_stream(&r, body, &digest.to_string(), Some(size))
-            .await
-            .map(|_| ())
-            .map_err(|e| self.client_error(format!("upload blob {repo}@{digest}"), e))
-    }
-
-    /// Uploads a blob held in memory (POST + PUT).
-    pub(crate) async fn upload_bytes(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        data: Bytes,
-    ) -> Result<(), OciError> {
-        let r = self.reference(repo, &digest.to_string());
-        let d = digest.to_string();
-        let size = data.len() as u64;
-        self.run(
-            Need::Push(repo),
-            || format!("upload blob {repo}@{digest}"),
-            &[Method::POST, Method::PUT],
-            || {
-                let body = futures::stream::iter([Ok::<_, OciDistributionError>(data.clone())]);
-                self.oci.push_blob_stream(&r, body, &d, Some(size))
-            },
-        )
-        .await
-        .map(|_| ())
-    }
-
-    pub(crate) async fn put_manifest(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        media_type: &str,
-        bytes: Bytes,
-    ) -> Result<(), OciError> {
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(OciError::TooLarge {
-                what: "manifest".into(),
-                limit: MAX_MANIFEST_BYTES as u64,
-            });
-        }
-        let mt: &'static str = match media_type {
-            OCI_MANIFEST => OCI_MANIFEST,
-            OCI_INDEX => OCI_INDEX,
-            DOCKER_MANIFEST => DOCKER_MANIFEST,
-            DOCKER_MANIFEST_LIST => DOCKER_MANIFEST_LIST,
-            other => {
-                return Err(br2k_core::ValidationError::malformed(
-                    "manifest",
-                    format!("unsupported media type {other:?}"),
-                )
-                .into());
-            }
-        };
-        let r = self.reference(repo, reference);
-        self.run(
-            Need::Push(repo),
-            || format!("PUT manifest {repo}:{reference}"),
-            &[Method::PUT],
-            || {
-                self.oci
-                    .push_manifest_raw(&r, bytes.clone(), HeaderValue::from_static(mt))
-            },
-        )
-        .await
-        .map(|_| ())
-    }
-
-    pub(crate) async fn delete_manifest(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-    ) -> Result<(), OciError> {
-        self.delete(repo, "manifests", digest).await
-    }
-
-    pub(crate) async fn delete_blob(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-    ) -> Result<(), OciError> {
-        self.delete(repo, "blobs", digest).await
-    }
-
-    /// DELETE `<repo>/<kind>/<digest>`; already absent counts as deleted.
-    async fn delete(&self, repo: &Repository, kind: &str, digest: &Digest) -> Result<(), OciError> {
-        let url = self.url(&format!("{repo}/{kind}/{digest}"));
-        let resp = self
-            .send(
-                Method::DELETE,
-                Need::Delete(repo),
-                self.request(Method::DELETE, &url),
-            )
-            .await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            let what = kind.trim_end_matches('s');
-            Err(self
-                .fail(format!("DELETE {what} {repo}@{digest}"), resp)
-                .await)
-        }
-    }
-}
-
-pub(crate) fn header_secret(value: &str) -> Result<HeaderValue, OciError> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| {
-        br2k_core::ValidationError::malformed(
-            "credentials",
-            "contain characters not allowed in a header",
-        )
-    })?;
-    v.set_sensitive(true);
-    Ok(v)
-}
-
-fn digest_header(resp: &Response) -> Option<Digest> {
-    resp.headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| Digest::parse(s).ok())
-}
-
-pub(crate) enum ReadError {
-    TooLarge,
-    Http(reqwest::Error),
-}
-
-pub(crate) async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, ReadError> {
-    let mut buf = BytesMut::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(ReadError::Http)?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ReadError::TooLarge);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
 }

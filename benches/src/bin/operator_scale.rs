@@ -8,11 +8,12 @@
 //! 3 extra fake kwok nodes without the 110-pod limit hold the pods.
 //!
 //! Usage (stack up, `source .stack/env`):
-//! `cargo run --release -p br2k-operator --example operator_scale -- [--services N]`
+//! `cargo run --release -p br2k-benches --bin operator_scale -- [--services N]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use br2k_benches::measure::{arg, create_kwok_nodes, create_test_namespace, rss_and_cpu, run_id};
 use br2k_core::Registry;
 use br2k_core::conformance::sample_spec;
 use br2k_core::memory::InMemoryRegistry;
@@ -30,35 +31,10 @@ use serde_json::json;
 
 type Error = Box<dyn std::error::Error>;
 
-fn proc_stat() -> (u64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (rss_kb, ticks as f64 / 100.0)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     br2k_k8s::install_crypto_provider();
-    let args: Vec<String> = std::env::args().collect();
-    let services: usize = args
-        .iter()
-        .position(|a| a == "--services")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let services: usize = arg("--services", 1000);
     let client = Client::try_default().await?;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
     for file in ["crd.yaml", "rbac.yaml"] {
@@ -70,41 +46,13 @@ async fn main() -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            & 0xffffff
-    );
+    let run = run_id();
     let ns = format!("br2k-opscale-{run}");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
-            )?,
-        )
-        .await?;
+    create_test_namespace(&client, &ns).await?;
     // Room for the pods: 3 fake nodes created without a status (kwok gives them a
     // large capacity; the cluster's own nodes hold 110 pods each).
-    let nodes: Api<Node> = Api::all(client.clone());
     let node_names: Vec<String> = (0..3).map(|i| format!("br2k-opscale-{run}-{i}")).collect();
-    for name in &node_names {
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"br2k.io/test": "true", "kubernetes.io/hostname": name,
-                                   "type": "kwok"},
-                        "annotations": {"kwok.x-k8s.io/node": "fake"}
-                    }
-                }))?,
-            )
-            .await?;
-    }
+    create_kwok_nodes(&client, &node_names, &serde_json::Map::new(), json!([])).await?;
 
     let registry = Arc::new(InMemoryRegistry::new("bench"));
     let mut spec = sample_spec("registry.test:5000");
@@ -120,7 +68,7 @@ async fn main() -> Result<(), Error> {
         stores: vec![],
         replicators: replicators.clone(),
     });
-    let (rss0, _) = proc_stat();
+    let (rss0, _) = rss_and_cpu();
     let metrics = Metrics::default();
     let ctx = Context::new(
         client.clone(),
@@ -174,9 +122,9 @@ async fn main() -> Result<(), Error> {
     let rep = replicators.get(&client, &ns);
     assert_eq!(rep.managed().await?.len(), services, "managed workloads");
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let (rss1, cpu1) = proc_stat();
+    let (rss1, cpu1) = rss_and_cpu();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let (rss2, cpu2) = proc_stat();
+    let (rss2, cpu2) = rss_and_cpu();
     let phases: usize = crs
         .list(&ListParams::default())
         .await?
@@ -213,6 +161,7 @@ async fn main() -> Result<(), Error> {
     Api::<Namespace>::all(client.clone())
         .delete(&ns, &DeleteParams::background())
         .await?;
+    let nodes: Api<Node> = Api::all(client.clone());
     for name in &node_names {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
     }

@@ -1,0 +1,263 @@
+//! Leadership: campaigning, serving as leader (barrier, location publication,
+//! resolving inherited intents, noticing a lost leadership), batching appends, and
+//! observing who leads.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::apply::Op;
+use super::{Effect, Pending, ReplicaError, ReplicaRole, Shared, StateMachine};
+use crate::error::{Error, Result};
+use crate::log::Leadership;
+use crate::record::Location;
+
+/// First wait before an unresolved effect is tried again.
+const RESOLVE_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// Longest wait between attempts to resolve an effect.
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl<S: StateMachine> Shared<S> {
+    pub(super) async fn batch_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Pending>) {
+        let max = self.cfg.max_batch.max(1);
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let lead = self.leadership.lock().clone();
+            let result = match lead {
+                Some(l) => {
+                    let data = batch.iter().map(|p| p.data.clone()).collect();
+                    self.log.append(&l, data).await.map(drop)
+                }
+                None => Err(Error::conflict("not the leader")),
+            };
+            match &result {
+                Ok(()) => {
+                    self.stats.appends.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .appended_entries
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(Error::Conflict { .. }) => self.lost.notify_one(),
+                Err(e) => tracing::warn!(error = %e, "append failed"),
+            }
+            for p in batch {
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(Error::Conflict { reason }) => Err(Error::conflict(reason)),
+                    Err(e) => Err(Error::unavailable(format!("append failed: {e}"))),
+                };
+                let _ = p.ack.send(r);
+            }
+        }
+    }
+
+    /// Keeps the observed leader up to date (push based).
+    pub(super) async fn observe_loop(self: Arc<Self>) {
+        loop {
+            match self.log.observe().await {
+                Ok(mut stream) => {
+                    while let Some(item) = stream.next().await {
+                        match item {
+                            Ok(info) => {
+                                self.leader.send_replace(info);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "observe failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub(super) async fn leadership_loop(self: Arc<Self>) {
+        loop {
+            let lead = match self.log.campaign(&self.cfg.endpoint).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "campaign failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            *self.leadership.lock() = Some(lead.clone());
+            if let Err(e) = self.clone().lead(&lead).await {
+                tracing::warn!(error = %e, "leadership ended");
+            }
+            *self.leadership.lock() = None;
+            self.role.send_replace(ReplicaRole::Follower);
+            let _ = self.log.resign(&lead).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Serves as leader until the leadership is lost.
+    async fn lead(self: Arc<Self>, lead: &Leadership) -> Result<()> {
+        // Barrier: everything committed by earlier leaders is applied before serving.
+        let id = self.next_id();
+        let rx = self.wait_for(&id);
+        let data = serde_json::to_vec(&Op::<S::Command>::Noop { id: id.clone() })
+            .map_err(|e| Error::backend("replica", e, false))?;
+        let range = self.log.append(lead, vec![Bytes::from(data)]).await?;
+        match tokio::time::timeout(self.cfg.request_timeout, rx).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                self.waiters.lock().remove(&id);
+                return Err(Error::unavailable(format!(
+                    "barrier {} not applied in time",
+                    range.end()
+                )));
+            }
+        }
+        self.role.send_replace(ReplicaRole::Leader);
+        // Published once per leadership change, never per request.
+        match Location::new(self.cfg.endpoint.clone(), lead.term) {
+            Ok(loc) => match self.registry.set_location(&self.cfg.service, &loc).await {
+                Ok(()) => {
+                    self.stats
+                        .locations_published
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot publish the leader location"),
+            },
+            Err(e) => tracing::warn!(error = %e, "invalid endpoint"),
+        }
+        // Intents left by an earlier leader: resolve by key, never rerun blindly.
+        let pending: Vec<(String, S::Command)> = self
+            .applied
+            .lock()
+            .pending
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        if let Some(effect) = self.effect.clone() {
+            // Until resolved or this leadership ends: one failed attempt (the chain
+            // or etcd briefly unreachable) must not leave the key pending.
+            for (key, cmd) in pending {
+                self.clone().keep_resolving(effect.clone(), key, cmd);
+            }
+        }
+        let mut leader_rx = self.leader.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.lost.notified() => {
+                    if !self.still_leader(lead).await {
+                        return Err(Error::conflict("fencing token is stale"));
+                    }
+                }
+                changed = leader_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::unavailable("observer stopped"));
+                    }
+                    let now = leader_rx.borrow_and_update().clone();
+                    if now.as_ref().is_none_or(|l| l.term != lead.term)
+                        && !self.still_leader(lead).await
+                    {
+                        return Err(Error::conflict("another leader was elected"));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn still_leader(&self, lead: &Leadership) -> bool {
+        matches!(self.log.leader().await, Ok(Some(l)) if l.term == lead.term)
+    }
+
+    /// Keeps resolving the logged intent `key` in the background (looking it up
+    /// first: its effect may have run) while this replica leads and the intent is
+    /// pending; a new leader resolves it otherwise. Attempts back off exponentially
+    /// (200 ms doubling to 5 s): a lasting outage of the chain is waited out, not
+    /// hammered.
+    pub(super) fn keep_resolving(
+        self: Arc<Self>,
+        effect: Arc<dyn Effect<S::Command>>,
+        key: String,
+        cmd: S::Command,
+    ) {
+        tokio::spawn(async move {
+            let mut delay = RESOLVE_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RESOLVE_RETRY_MAX);
+                if self.leading().is_err() || !self.applied.lock().pending.contains_key(&key) {
+                    return;
+                }
+                match self
+                    .clone()
+                    .resolve(effect.clone(), key.clone(), cmd.clone(), true)
+                    .await
+                {
+                    Ok(()) => return,
+                    // Also "not the leader": the leadership check reads etcd and fails
+                    // while a member is down, though this replica still leads (the
+                    // loop ends when it really stops leading).
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, retry_in = ?delay, "cannot resolve an effect yet")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Resolves the effect of an intent: looks its key up first when the intent may
+    /// have run under an earlier leader, runs it otherwise, and logs the result.
+    pub(super) async fn resolve(
+        self: Arc<Self>,
+        effect: Arc<dyn Effect<S::Command>>,
+        key: String,
+        cmd: S::Command,
+        inherited: bool,
+    ) -> Result<(), ReplicaError> {
+        let found = if inherited {
+            effect.lookup(&key, &cmd).await?
+        } else {
+            None
+        };
+        let result = match found {
+            Some(r) => Ok(r),
+            None => {
+                let lead = self.leadership.lock().clone();
+                let current = match &lead {
+                    Some(l) => self.still_leader(l).await,
+                    None => false,
+                };
+                if !current {
+                    return Err(self.not_leader());
+                }
+                self.stats.effects_run.fetch_add(1, Ordering::Relaxed);
+                effect.run(&key, &cmd).await
+            }
+        };
+        let id = self.next_id();
+        let op = match result {
+            Ok(r) => Op::Done {
+                id: id.clone(),
+                key,
+                effect: hex::encode(r),
+            },
+            Err(e) => Op::Aborted {
+                id: id.clone(),
+                key,
+                reason: e.to_string(),
+            },
+        };
+        match self.submit(&id, &op).await {
+            Ok(_) => Ok(()),
+            // The Aborted entry reports the failure through the waiters.
+            Err(ReplicaError::Failed(Error::Conflict { .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
