@@ -178,7 +178,7 @@ fn action_names(e: &SupervisorEvent) -> Vec<RecoveryAction> {
 
 // ---------------------------------------------------------------- diagnoses
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_missing_workload_and_parts() {
     let env = env().await;
     assert_eq!(env.findings().await, ["missing_workload"]);
@@ -193,7 +193,7 @@ async fn diagnoses_missing_workload_and_parts() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_unexpected_workload_of_stopped_and_unknown_services() {
     let env = env().await.deployed().await;
     env.registry.stop(&env.id).await.unwrap();
@@ -207,7 +207,7 @@ async fn diagnoses_unexpected_workload_of_stopped_and_unknown_services() {
     assert_eq!(d.findings, [Finding::UnexpectedWorkload]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_replicas_drifted() {
     let env = env().await.deployed().await;
     env.replicator.set_live_replicas(&env.id, 5).unwrap();
@@ -221,7 +221,7 @@ async fn diagnoses_replicas_drifted() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_image_drifted_by_digest_not_host() {
     let env = env().await.deployed().await;
     // The same digest from the mirror is not drift.
@@ -233,7 +233,7 @@ async fn diagnoses_image_drifted_by_digest_not_host() {
     assert_eq!(env.findings().await, ["image_drifted"]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_template_tampered() {
     let env = env().await.deployed().await;
     env.replicator
@@ -250,7 +250,7 @@ async fn diagnoses_template_tampered() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_replicas_unhealthy() {
     let env = env().await.deployed().await;
     env.replicator.fail_replica(&env.id, "app-1").unwrap();
@@ -265,7 +265,7 @@ async fn diagnoses_replicas_unhealthy() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_image_unavailable() {
     let env = env().await.deployed().await;
     env.mirror.remove_image(&env.repo, &env.digest).unwrap();
@@ -278,7 +278,7 @@ async fn diagnoses_image_unavailable() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_image_tampered_stored_or_served() {
     let env = env().await.deployed().await;
     let layer = sample_image(1, 2, 512).layers[0].digest;
@@ -301,7 +301,7 @@ async fn diagnoses_image_tampered_stored_or_served() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_registry_down() {
     let env = env().await.deployed().await;
     env.primary_faults.set_down(true);
@@ -319,7 +319,7 @@ async fn diagnoses_registry_down() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn diagnoses_chain_endpoint_down_from_the_last_verified_record() {
     let env = env().await;
     // Never read: no record to fall back on.
@@ -337,7 +337,7 @@ async fn diagnoses_chain_endpoint_down_from_the_last_verified_record() {
     assert_eq!(d.findings[0].name(), "chain_endpoint_down");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn steady_state_does_not_pull_image_bytes_again() {
     let env = env().await;
     let sup = Supervisor::builder()
@@ -356,7 +356,7 @@ async fn steady_state_does_not_pull_image_bytes_again() {
     assert_eq!(env.primary.request_count(), after_first + 5);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recover_of_a_healthy_diagnosis_does_nothing() {
     let env = env().await.deployed().await;
     let applies = env.replicator.apply_count();
@@ -367,7 +367,7 @@ async fn recover_of_a_healthy_diagnosis_does_nothing() {
     assert_eq!(env.replicator.apply_count(), applies);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn builder_rejects_incomplete_or_inverted_settings() {
     let no_registry = Supervisor::builder()
         .replicator(Arc::new(InMemoryReplicator::new()))
@@ -383,7 +383,7 @@ async fn builder_rejects_incomplete_or_inverted_settings() {
 
 // ---------------------------------------------------------------- repairs
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_missing_workload_and_parts() {
     let (env, mut events) = env().await.running().await;
     env.replicator.delete_workload(&env.id).unwrap();
@@ -402,7 +402,7 @@ async fn repairs_missing_workload_and_parts() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_unexpected_workload_after_stop() {
     let (env, mut events) = env().await.running().await;
     let as_of = env.registry.active(&env.id).await.unwrap().as_of;
@@ -421,7 +421,7 @@ async fn repairs_unexpected_workload_after_stop() {
     assert_eq!(rec.as_of, as_of.map(|s| s + 1));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_replicas_drifted() {
     let (env, mut events) = env().await.running().await;
     env.replicator.set_live_replicas(&env.id, 7).unwrap();
@@ -431,7 +431,7 @@ async fn repairs_replicas_drifted() {
     assert_eq!(live.desired_replicas, 3);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_image_drifted() {
     let (env, mut events) = env().await.running().await;
     let evil = image_ref(PRIMARY, &env.repo, Digest::of(b"evil"));
@@ -442,7 +442,7 @@ async fn repairs_image_drifted() {
     assert_eq!(live.template.image.digest(), Some(&env.digest));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_template_tampered() {
     let (env, mut events) = env().await.running().await;
     env.replicator
@@ -452,7 +452,7 @@ async fn repairs_template_tampered() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_replicas_unhealthy() {
     let (env, mut events) = env().await.running().await;
     env.replicator.fail_replica(&env.id, "app-2").unwrap();
@@ -466,7 +466,7 @@ async fn repairs_replicas_unhealthy() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_image_unavailable_from_the_mirror() {
     let (env, mut events) = env().await.running().await;
     env.primary.remove_image(&env.repo, &env.digest).unwrap();
@@ -482,7 +482,7 @@ async fn repairs_image_unavailable_from_the_mirror() {
     assert!(env.primary.has(&env.repo, &env.digest).await.unwrap());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repairs_image_tampered() {
     let (env, mut events) = env().await.running().await;
     let layer = sample_image(1, 2, 512).layers[1].digest;
@@ -499,7 +499,7 @@ async fn repairs_image_tampered() {
     env.mirror.verify(&env.repo, &env.digest).await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn registry_down_applies_from_the_mirror() {
     let (env, mut events) = env().await.running().await;
     env.primary_faults.set_down(true);
@@ -521,7 +521,7 @@ async fn registry_down_applies_from_the_mirror() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn chain_endpoint_down_recovers_from_the_last_verified_record() {
     let (env, mut events) = env().await.running().await;
     env.chain.set_down(true);
@@ -543,7 +543,7 @@ async fn chain_endpoint_down_recovers_from_the_last_verified_record() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn autoscaler_change_within_bounds_is_left_alone() {
     let env = env_with(|s| {
         s.autoscaling = Some(Autoscaling {
@@ -574,7 +574,7 @@ async fn autoscaler_change_within_bounds_is_left_alone() {
     env.wait_healthy().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn rollback_in_the_registry_is_applied_without_a_fight() {
     let (env, _events) = env().await.running().await;
     let v2_image = sample_image(2, 1, 256);
@@ -613,7 +613,7 @@ async fn rollback_in_the_registry_is_applied_without_a_fight() {
     assert_eq!(live_digest().await, (Some(env.digest), Some(1)));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn backoff_grows_on_persistent_failure_and_resets_after() {
     let (env, _events) = env().await.running().await;
     env.replicator_faults.set_down(true);
@@ -637,7 +637,7 @@ async fn backoff_grows_on_persistent_failure_and_resets_after() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn metrics_count_recoveries_by_finding() {
     let (env, mut events) = env().await.running().await;
     env.replicator.fail_replica(&env.id, "app-0").unwrap();
@@ -651,7 +651,7 @@ async fn metrics_count_recoveries_by_finding() {
     assert!(m.change_events >= 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_service_workload_is_removed() {
     let (env, mut events) = env().await.running().await;
     let stranger = ServiceId::new("stranger").unwrap();
@@ -669,7 +669,7 @@ async fn unknown_service_workload_is_removed() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn event_buffer_must_hold_an_event() {
     let registry: Arc<dyn Registry> = Arc::new(InMemoryRegistry::new("owner"));
     let replicator: Arc<dyn Replicator> = Arc::new(InMemoryReplicator::new());
@@ -718,7 +718,7 @@ impl Replicator for ApplyDoesNothing {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_recovery_is_recovered_only_when_the_live_state_matches_afterwards() {
     let env = env().await.deployed().await;
     env.replicator.remove(&env.id).await.unwrap();
@@ -747,7 +747,7 @@ async fn a_recovery_is_recovered_only_when_the_live_state_matches_afterwards() {
     assert!(report.converged && report.remaining.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_apply_verifies_its_source_anew_despite_a_fresh_cache() {
     let env = env().await.deployed().await;
     // A supervisor that trusts a verification for an hour, and has just verified.
@@ -779,7 +779,7 @@ async fn an_apply_verifies_its_source_anew_despite_a_fresh_cache() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_copy_a_repair_cannot_fix_is_reported_unrepairable_until_it_verifies() {
     let env = env().await.deployed().await;
     // The primary serves wrong bytes whatever is copied to it.

@@ -91,8 +91,8 @@ pub struct Supervisor {
     pub(super) stores: Vec<Arc<dyn ImageStore>>,
     pub(super) config: Config,
     pub(super) records: Mutex<HashMap<ServiceId, ServiceRecord>>,
-    pub(super) verified: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
-    pub(super) unrepairable: Mutex<HashMap<(usize, Repository, Digest), Instant>>,
+    pub(super) verified: Mutex<HashMap<(usize, Repository, Digest), tokio::time::Instant>>,
+    pub(super) unrepairable: Mutex<HashMap<(usize, Repository, Digest), tokio::time::Instant>>,
     pub(super) services: Mutex<Vec<ServiceId>>,
     pub(super) queue: Queue,
     pub(super) backoffs: Backoffs,
@@ -260,7 +260,9 @@ impl Supervisor {
                         Ok(())
                     }
                     status => {
-                        self.unrepairable.lock().insert(key, Instant::now());
+                        self.unrepairable
+                            .lock()
+                            .insert(key, tokio::time::Instant::now());
                         Err(Error::tampered(
                             format!(
                                 "{to}/{repository} after repair (the registry keeps its \

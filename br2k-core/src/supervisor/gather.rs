@@ -2,7 +2,7 @@
 //! last verified copy as a stale fallback) and the image health in each store.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::decide::{ImageHealth, ImageStatus};
 use super::engine::Supervisor;

@@ -1,7 +1,9 @@
 //! The per-service work queue and the per-service retry backoff of the supervisor.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use rand::Rng;
