@@ -88,6 +88,9 @@ pub struct OperatorCheck {
     /// What happened besides (control-plane components restarted since the last
     /// check).
     pub notes: Vec<String>,
+    /// What was still wrong at the last look before convergence (what took
+    /// longest; empty when it matched at the first look).
+    pub last_wrong: Vec<String>,
 }
 
 impl OperatorCheck {
@@ -771,6 +774,7 @@ impl OperatorWorkload {
                 out.converged_after = t0.elapsed();
                 break;
             }
+            out.last_wrong = p.clone();
             if Instant::now() >= deadline {
                 out.converged_after = t0.elapsed();
                 out.problems = p;

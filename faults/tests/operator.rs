@@ -10,7 +10,9 @@
 //! target directory: `cargo build -p br2k-operator`). `BR2K_FAULTS_ONLY=a,b` runs
 //! only those faults; `BR2K_FAULTS_SEED` sets the first seed (default 1);
 //! `BR2K_FAULTS_KEEP=1` keeps the work directory (the operator's log);
-//! `BR2K_FAULTS_WORK_DIR` puts it there (a run cleans up what a killed run left).
+//! `BR2K_FAULTS_WORK_DIR` puts it there (a run cleans up what a killed run left);
+//! `BR2K_FAULTS_WINDOW_SECS` sets how long each fault lasts (default 4);
+//! `BR2K_FAULTS_NO_PAIRS=1` skips the pairs.
 //!
 //! `cargo test -p br2k-faults --test operator -- --ignored --nocapture`
 
@@ -60,6 +62,10 @@ async fn every_operator_fault_converges_without_a_hot_loop() {
         .filter(|f| only.as_ref().is_none_or(|o| o.iter().any(|x| x == f)))
         .collect();
     assert!(!faults.is_empty(), "no fault selected ({only:?})");
+    let window = std::env::var("BR2K_FAULTS_WINDOW_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(FAULT_WINDOW, Duration::from_secs);
     let work = tempfile::tempdir().expect("temp dir");
     // A fixed work directory lets a run clean up what a killed one left there.
     let dir = std::env::var_os("BR2K_FAULTS_WORK_DIR")
@@ -94,7 +100,7 @@ async fn every_operator_fault_converges_without_a_hot_loop() {
             let _ = w.heal().await;
             continue;
         }
-        tokio::time::sleep(FAULT_WINDOW).await;
+        tokio::time::sleep(window).await;
         let healed = w.heal().await;
         let what: Vec<String> = w
             .injections()
