@@ -1030,3 +1030,62 @@ pub fn clean_stale(work_dir: &Path) -> (Vec<String>, Vec<String>) {
     }
     (did, ids)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits up to 5 s for `c` to exit; whether it did.
+    fn exits(c: &mut Child) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn clean_stale_kills_a_stopped_leftover_and_spares_a_reused_pid() {
+        let work = tempfile::tempdir().expect("temp dir");
+        let run_dir = work.path().join("operator-abc123");
+        fs::create_dir_all(run_dir.join("registry-primary")).expect("dirs");
+        // A registry a killed run left, SIGSTOPped.
+        let mut left = Command::new("bash")
+            .args(["-c", "exec -a registry sleep 60"])
+            .spawn()
+            .expect("spawn");
+        fs::write(
+            run_dir.join("registry-primary/registry.pid"),
+            format!("{}\n", left.id()),
+        )
+        .expect("pid file");
+        // Wait for the exec, then stop it.
+        let t0 = Instant::now();
+        while !runs(left.id(), "registry") && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        signal(left.id(), "STOP").expect("stop");
+        // The operator's pid file names a pid now used by another program.
+        let mut other = Command::new("sleep").arg("60").spawn().expect("spawn");
+        fs::write(run_dir.join("operator.pid"), format!("{}\n", other.id())).expect("pid file");
+
+        let (did, ids) = clean_stale(work.path());
+
+        assert_eq!(ids, vec!["abc123".to_owned()]);
+        assert!(exits(&mut left), "the stopped leftover was killed: {did:?}");
+        assert!(
+            other.try_wait().expect("try_wait").is_none(),
+            "another program on a recorded pid is left alone: {did:?}"
+        );
+        assert!(
+            !run_dir.join("operator.pid").exists(),
+            "pid files are consumed"
+        );
+        assert!(run_dir.exists(), "the directory (logs) stays");
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+}
