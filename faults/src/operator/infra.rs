@@ -1074,10 +1074,18 @@ mod tests {
 
         let (did, ids) = clean_stale(work.path());
 
+        let left_killed = exits(&mut left);
+        let other_alive = other.try_wait().expect("try_wait").is_none();
+        // Nothing of the test outlives it, whatever failed.
+        for c in [&mut left, &mut other] {
+            let _ = signal(c.id(), "CONT");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         assert_eq!(ids, vec!["abc123".to_owned()]);
-        assert!(exits(&mut left), "the stopped leftover was killed: {did:?}");
+        assert!(left_killed, "the stopped leftover was killed: {did:?}");
         assert!(
-            other.try_wait().expect("try_wait").is_none(),
+            other_alive,
             "another program on a recorded pid is left alone: {did:?}"
         );
         assert!(
@@ -1085,7 +1093,5 @@ mod tests {
             "pid files are consumed"
         );
         assert!(run_dir.exists(), "the directory (logs) stays");
-        let _ = other.kill();
-        let _ = other.wait();
     }
 }
