@@ -181,11 +181,19 @@ async fn an_exited_scheduler_is_restarted_and_pods_are_scheduled_again() {
     let restarts = supervisor.take_restarts();
     drop(supervisor);
     let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+    let recorded = std::fs::read_to_string(&pid_file).expect("scheduler pid file");
     scheduled.expect("the pod is scheduled and Ready after the scheduler was killed");
     assert!(
         restarts
             .iter()
             .any(|r| r.starts_with("kube-scheduler exited")),
         "{restarts:?}"
+    );
+    // The new pid is recorded as kwokctl writes and parses it (digits only: with a
+    // trailing newline `kwokctl delete cluster` ignored it and `scripts/stack down`
+    // left the restarted process running).
+    assert!(
+        !recorded.is_empty() && recorded.bytes().all(|b| b.is_ascii_digit()) && recorded != pid,
+        "pid file holds {recorded:?}"
     );
 }

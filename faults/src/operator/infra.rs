@@ -822,7 +822,9 @@ impl ProcImage {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        fs::write(&self.pid_file, format!("{pid}\n"))
+        // Digits only, as kwokctl writes it: kwokctl does not parse "PID\n", and
+        // `kwokctl delete cluster` (scripts/stack down) then left the process running.
+        fs::write(&self.pid_file, pid.to_string())
             .map_err(|e| format!("{}: {e}", self.pid_file.display()))?;
         Ok(pid)
     }
