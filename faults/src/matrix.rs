@@ -163,7 +163,14 @@ impl Matrix {
 
     async fn new_world(&mut self) -> Result<(), String> {
         self.worlds += 1;
-        let name = format!("f{}-w{}", std::process::id(), self.worlds);
+        // The runner's PID and a random tag: a PID a later runner reuses must not find
+        // this world's etcd namespace or service.
+        let name = format!(
+            "f{}-{:04x}-w{}",
+            std::process::id(),
+            rand::random::<u16>(),
+            self.worlds
+        );
         let dir = self.opts.work_dir.join(&name);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let registry = SnapshotRegistry::start(self.stack.var("BR2K_REGISTRY_BIN")?, &dir).await?;
