@@ -815,3 +815,44 @@ async fn a_copy_a_repair_cannot_fix_is_reported_unrepairable_until_it_verifies()
     assert_eq!(report.outcome, Outcome::Healthy, "{report:?}");
     assert!(env.sup.unrepairable().is_empty());
 }
+
+/// A change by another writer while a recovery waits for its apply to settle ends
+/// the wait: the recovery returns with the new drift instead of blocking the next
+/// one until the settle timeout (15 s). Found by the fault matrix (registry-stop
+/// with the image patched by another field manager: the foreign image stayed in the
+/// StatefulSet for the whole settle timeout).
+#[tokio::test(start_paused = true)]
+async fn a_change_by_another_writer_during_settle_ends_the_wait() {
+    let e = env().await.deployed().await;
+    e.replicator.delete_workload(&e.id).unwrap();
+    // Every replicator call takes a while, so the other writer acts between the
+    // apply and the first look after it.
+    e.replicator_faults.set_latency(Duration::from_millis(100));
+    let applies = e.replicator.apply_count();
+    let sup = Arc::clone(&e.sup);
+    let id = e.id.clone();
+    let t0 = tokio::time::Instant::now();
+    let recovery = tokio::spawn(async move { sup.reconcile(&id).await });
+    while e.replicator.apply_count() == applies {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let foreign = ImageRef::parse("example.invalid/intruder:1").unwrap();
+    e.replicator.set_live_image(&e.id, foreign).unwrap();
+    let report = recovery.await.unwrap().unwrap();
+    let took = t0.elapsed();
+    assert!(
+        report
+            .remaining
+            .iter()
+            .any(|f| matches!(f, Finding::ImageDrifted { .. })),
+        "{report:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the recovery waited {took:?} for a workload another writer changed"
+    );
+    // The next recovery repairs it.
+    e.replicator_faults.set_latency(Duration::ZERO);
+    let next = e.sup.reconcile(&e.id).await.unwrap();
+    assert_eq!(next.outcome, Outcome::Recovered, "{next:?}");
+}

@@ -348,6 +348,13 @@ impl Supervisor {
                     if settled || last_try {
                         return (d.findings, converged);
                     }
+                    // Another writer changed the workload after it was applied (its
+                    // template, replica count or fields differ from the record again):
+                    // waiting cannot settle that, and this recovery would block the
+                    // next one until the timeout. End it; the next one repairs it.
+                    if touched_workload && d.findings.iter().any(is_foreign_change) {
+                        return (d.findings, converged);
+                    }
                 }
                 (Ok(observed), None) => {
                     if observed.is_none() {
@@ -484,4 +491,17 @@ impl Recoverer for Supervisor {
         let ctx = self.gather(&diagnosis.id).await?;
         Ok(self.act(&ctx, diagnosis.clone()).await)
     }
+}
+
+/// Whether `f` is a change of the workload's definition that only a writer other
+/// than the supervisor makes right after the supervisor applied the record.
+fn is_foreign_change(f: &Finding) -> bool {
+    matches!(
+        f,
+        Finding::MissingWorkload { .. }
+            | Finding::ReplicasDrifted { .. }
+            | Finding::ImageDrifted { .. }
+            | Finding::TemplateTampered { .. }
+            | Finding::ForeignFields { .. }
+    )
 }
