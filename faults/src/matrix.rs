@@ -594,7 +594,20 @@ impl Matrix {
                         "anvil runs without --state (BR2K_ANVIL_STATE=1 scripts/stack up)".into(),
                     );
                 }
-                // SIGINT: anvil writes its state file and exits.
+                // anvil writes its state every second and not reliably at exit (the
+                // long run lost a block mined just before the signal: a settlement
+                // confirmed in it vanished, a reorg deeper than any confirmation
+                // count). So mining stops first, a state write passes, then SIGINT.
+                // Transactions sent meanwhile wait in the mempool and are dropped with
+                // it, as a node's mempool is on restart.
+                let rpc = self.stack.rpc()?;
+                reqwest::Client::new()
+                    .post(&rpc)
+                    .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "evm_setAutomine", "params": [false]}))
+                    .send()
+                    .await
+                    .map_err(|e| format!("evm_setAutomine: {e}"))?;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
                 self.procs.anvil.kill("INT")?;
                 Ok("anvil".into())
             }
@@ -689,6 +702,15 @@ impl Matrix {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Mining on again (anvil-restart turns it off before the restart).
+        if let Err(e) = reqwest::Client::new()
+            .post(&rpc)
+            .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "evm_setAutomine", "params": [true]}))
+            .send()
+            .await
+        {
+            errs.push(format!("evm_setAutomine: {e}"));
         }
         if errs.is_empty() {
             Ok(())
