@@ -23,8 +23,12 @@ use br2k_faults::operator::OperatorWorkload;
 
 /// How long each fault lasts before the heal.
 const FAULT_WINDOW: Duration = Duration::from_secs(4);
-/// Longest wait for convergence after the heal.
-const WITHIN: Duration = Duration::from_secs(90);
+/// Longest wait for convergence after the heal. An API-server restart stalls the
+/// control plane's own controllers for up to ~65 s on this machine (the StatefulSet
+/// controller waits for its cache), and a resource that kept failing meanwhile sits in
+/// the operator's backoff (up to 60 s): 90 s was too short under CI load (seed 11,
+/// apiserver-restart + apiserver-partition-oneway, still Recovering after 90 s).
+const WITHIN: Duration = Duration::from_secs(180);
 /// The pairs run after the single faults (`BR2K_FAULTS_NO_PAIRS` skips them).
 const PAIRS: [(&str, &str); 5] = [
     ("operator-stop", "registry-5xx"),
