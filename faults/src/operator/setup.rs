@@ -1,0 +1,351 @@
+//! Set-up of the operator workload: the registries, the services, the chain records
+//! and the operator process.
+
+use super::*;
+
+impl OperatorWorkload {
+    /// Sets up two services and starts the operator; returns once both are healthy.
+    /// Everything lives under `work_dir/operator-<unique>` (registry storage, logs).
+    pub async fn start(operator_bin: PathBuf, work_dir: &Path) -> Result<Self, String> {
+        let registry_bin = env("BR2K_REGISTRY_BIN")?;
+        let kubectl = env("BR2K_KUBECTL_BIN")?;
+        let kubeconfig = env("KUBECONFIG")?;
+        let rpc = env("BR2K_RPC_URLS")?
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if !operator_bin.is_file() {
+            return Err(format!(
+                "operator binary {} not found",
+                operator_bin.display()
+            ));
+        }
+        let control_plane = ControlPlaneSupervisor::start()?;
+        let (cleaned, stale_runs) = infra::clean_stale(work_dir);
+        for line in cleaned {
+            eprintln!("[faults/operator] left by an earlier run: {line}");
+        }
+        let run = unique();
+        let dir = work_dir.join(format!("operator-{run}"));
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = dir.canonicalize().map_err(|e| e.to_string())?;
+
+        // Registries: the primary behind a proxy, the mirror on a tmpfs.
+        let primary = RegistryProc::spawn(&registry_bin, &dir.join("registry-primary")).await?;
+        let primary_proxy = TcpProxy::start(&primary.addr).await?;
+        let mirror_fs = Tmpfs::mount(&dir.join("registry-mirror/data"), MIRROR_TMPFS)?;
+        let mirror = RegistryProc::spawn(&registry_bin, &dir.join("registry-mirror")).await?;
+
+        // The operator's own way to the API server.
+        let (kube_target, operator_kubeconfig) = {
+            let text = fs::read_to_string(&kubeconfig).map_err(|e| format!("{kubeconfig}: {e}"))?;
+            let server = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("server:"))
+                .map(|s| s.trim().trim_matches('\'').trim_matches('"').to_owned())
+                .ok_or_else(|| format!("{kubeconfig}: no server"))?;
+            let url = reqwest::Url::parse(&server).map_err(|e| format!("server {server}: {e}"))?;
+            let target = format!(
+                "{}:{}",
+                url.host_str().ok_or("server without host")?,
+                url.port_or_known_default().ok_or("server without port")?
+            );
+            (target, (text, server))
+        };
+        let api_proxy = TcpProxy::start(&kube_target).await?;
+        let op_kubeconfig = dir.join("operator.kubeconfig");
+        fs::write(
+            &op_kubeconfig,
+            operator_kubeconfig.0.replace(
+                &operator_kubeconfig.1,
+                &format!("https://127.0.0.1:{}", api_proxy.port),
+            ),
+        )
+        .map_err(|e| format!("{}: {e}", op_kubeconfig.display()))?;
+
+        // The chain.
+        let url = reqwest::Url::parse(&rpc).map_err(|e| format!("BR2K_RPC_URLS {rpc}: {e}"))?;
+        let chain =
+            ChainRegistry::deploy(ChainConfig::new(vec![url.clone()]).with_private_key(ANVIL_KEY3))
+                .await
+                .map_err(|e| format!("deploy the registry contract: {e}"))?;
+
+        // Two services.
+        let seed = u64::from_str_radix(&run, 16).unwrap_or(7);
+        let mut services = Vec::new();
+        for (i, (tag, replicas)) in [("a", 3u32), ("b", 2u32)].into_iter().enumerate() {
+            let repo = Repository::new(format!("br2k-faults/app-{run}-{tag}"))
+                .map_err(|e| e.to_string())?;
+            let image = build_image(mix(seed, i as u64 + 10))?;
+            for addr in [&primary.addr, &mirror.addr] {
+                let store = OciImageStore::insecure(addr).map_err(|e| e.to_string())?;
+                let d = store
+                    .push(&repo, &image, Some("1.0"))
+                    .await
+                    .map_err(|e| format!("push to {addr}: {e}"))?;
+                if d != image.digest {
+                    return Err(format!("{addr} stored {d}, built {}", image.digest));
+                }
+            }
+            let mut blobs = vec![image.config.digest];
+            blobs.extend(image.layers.iter().map(|l| l.digest));
+            let image_ref = ImageRef::new(
+                primary_proxy.addr(),
+                repo.clone(),
+                Some("1.0"),
+                Some(image.digest),
+            )
+            .map_err(|e| e.to_string())?;
+            let id = ServiceId::new(format!("fo-{run}-{tag}")).map_err(|e| e.to_string())?;
+            let mut spec = ServiceSpec::new(image_ref, replicas).map_err(|e| e.to_string())?;
+            spec.ports = vec![Port {
+                name: "http".into(),
+                port: 8080,
+            }];
+            spec.env = BTreeMap::from([("MODE".to_owned(), "faults".to_owned())]);
+            spec.validate().map_err(|e| e.to_string())?;
+            register(&chain, &id, &spec).await?;
+            services.push(Svc {
+                tag: tag.to_owned(),
+                names: Names::of(&id),
+                id,
+                cr: format!("svc-{tag}"),
+                repo,
+                digest: image.digest,
+                blobs,
+            });
+        }
+
+        // Kubernetes.
+        br2k_k8s::install_crypto_provider();
+        let client = Client::try_default()
+            .await
+            .map_err(|e| format!("kube client (KUBECONFIG): {e}"))?;
+        for (name, text) in [
+            ("crd.yaml", include_str!("../../../deploy/crd.yaml")),
+            ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
+        ] {
+            br2k_operator::manifests::apply(&client, text, "br2k-faults")
+                .await
+                .map_err(|e| format!("apply deploy/{name}: {e}"))?;
+        }
+        let probe: Api<Br2kService> = Api::all(client.clone());
+        poll(Duration::from_secs(30), "CRD served", async || {
+            probe
+                .list(&ListParams::default().limit(1))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        remove_stale_namespaces(&client, &stale_runs).await;
+        let ns = format!("br2k-faults-op-{run}");
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        for (name, labels) in [
+            ("br2k-system", json!({})),
+            (ns.as_str(), json!({"br2k.io/test": "true"})),
+        ] {
+            let obj: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+                    .map_err(|e| e.to_string())?;
+            match namespaces.create(&PostParams::default(), &obj).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(format!("create namespace {name}: {e}")),
+            }
+        }
+
+        let operator = OperatorProc::new(
+            operator_bin,
+            dir.join("operator.log"),
+            op_kubeconfig,
+            &run,
+            vec![
+                "--chain-id".into(),
+                chain.chain_id().to_string(),
+                "--rpc-url".into(),
+                url.to_string(),
+                "--registry-contract".into(),
+                chain.address().to_string(),
+                "--oci-registry".into(),
+                primary_proxy.addr(),
+                "--oci-registry".into(),
+                mirror.addr.clone(),
+                "--allowed-owner".into(),
+                chain.account().to_string(),
+                // Only its own resources: not those of another workload, nor the
+                // ones a killed run left.
+                "--watch-namespace".into(),
+                ns.clone(),
+            ],
+        );
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut w = Self {
+            dir,
+            kubectl,
+            kubeconfig,
+            client,
+            http,
+            chain,
+            ns,
+            services,
+            primary,
+            primary_proxy,
+            mirror,
+            mirror_fs,
+            api_proxy,
+            operator,
+            control_plane,
+            clk_tck: clock_ticks(),
+            active: Vec::new(),
+            healed_at: None,
+            fault_cpu_start: None,
+            fault_cpu_pct: None,
+            injections: Vec::new(),
+        };
+        if let Err(e) = w.deploy().await {
+            let tail = w.log_tail(40);
+            w.shutdown().await;
+            return Err(format!("{e}\n--- operator log (tail) ---\n{tail}"));
+        }
+        Ok(w)
+    }
+
+    /// Starts the operator, creates both resources and waits until both converged.
+    pub(super) async fn deploy(&mut self) -> Result<(), String> {
+        self.start_operator().await?;
+        for s in &self.services {
+            let spec = Br2kServiceSpec {
+                namespace: Some(self.ns.clone()),
+                ..Br2kServiceSpec::for_service(s.id.as_str())
+            };
+            self.crs()
+                .create(&PostParams::default(), &Br2kService::new(&s.cr, spec))
+                .await
+                .map_err(|e| format!("create Br2kService {}: {e}", s.cr))?;
+        }
+        let t0 = Instant::now();
+        poll(
+            SETUP_TIMEOUT,
+            "first deployment of both services",
+            async || {
+                let p = self.problems().await;
+                if p.is_empty() {
+                    Ok(())
+                } else {
+                    Err(p.join("; "))
+                }
+            },
+        )
+        .await?;
+        eprintln!(
+            "[faults/operator] services {} and {} deployed and Healthy in {} ms (namespace {}, primary {} via {}, mirror {}, API server via {}, work dir {})",
+            self.services[0].id,
+            self.services[1].id,
+            t0.elapsed().as_millis(),
+            self.ns,
+            self.primary.addr,
+            self.primary_proxy.addr(),
+            self.mirror.addr,
+            self.api_proxy.addr(),
+            self.dir.display(),
+        );
+        Ok(())
+    }
+
+    /// Starts the operator process and waits until it leads.
+    pub(super) async fn start_operator(&mut self) -> Result<(), String> {
+        self.operator.start()?;
+        poll(Duration::from_secs(30), "operator leads", async || {
+            let text = self.metrics().await?;
+            match metric(&text, "br2k_leader") {
+                Some(1.0) => Ok(()),
+                other => Err(format!("br2k_leader {other:?}")),
+            }
+        })
+        .await
+    }
+}
+
+/// Deletes the namespaces (and leases) of earlier runs `runs` that are still there
+/// (their process was killed before its shutdown): their resources' finalizers are
+/// dropped first, since no operator serves them any more.
+pub(super) async fn remove_stale_namespaces(client: &Client, runs: &[String]) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for run in runs {
+        let ns = format!("br2k-faults-op-{run}");
+        if !matches!(namespaces.get_opt(&ns).await, Ok(Some(_))) {
+            continue;
+        }
+        let crs: Api<Br2kService> = Api::namespaced(client.clone(), &ns);
+        if let Ok(list) = crs.list(&ListParams::default()).await {
+            for o in list.items {
+                let _ = crs
+                    .patch(
+                        &o.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        }
+        let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+        let _ = Api::<Lease>::namespaced(client.clone(), "br2k-system")
+            .delete(&format!("br2k-faults-{run}"), &DeleteParams::default())
+            .await;
+        eprintln!("[faults/operator] left by an earlier run: deleted namespace {ns}");
+    }
+}
+
+/// Registers `id` with `spec` and starts it, each write tried up to 3 times.
+pub(super) async fn register(
+    chain: &ChainRegistry,
+    id: &ServiceId,
+    spec: &ServiceSpec,
+) -> Result<(), String> {
+    let mut registered = false;
+    let mut last = String::new();
+    for _ in 0..3 {
+        if !registered {
+            match chain.register(id, spec).await {
+                Ok(_) => registered = true,
+                Err(e) => {
+                    last = format!("register {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            }
+        }
+        match chain.set_state(id, ServiceState::Running).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                last = format!("start {id}: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A service image: one 48 KiB incompressible payload file and an entrypoint.
+pub(super) fn build_image(seed: u64) -> Result<Image, String> {
+    ImageBuilder::new()
+        .file("/opt/faults/payload.bin", noise(seed, 48 * 1024), 0o644)
+        .and_then(|b| {
+            b.file(
+                "/usr/local/bin/faults-app",
+                b"#!/bin/sh\nexec sleep infinity\n".to_vec(),
+                0o755,
+            )
+        })
+        .map(|b| b.entrypoint(["/usr/local/bin/faults-app"]))
+        .and_then(|b| b.build())
+        .map_err(|e| format!("build the image: {e}"))
+}
