@@ -375,6 +375,7 @@ mod tests {
             owner: Account("0x0".into()),
             checkpoint: None,
             location: None,
+            placement: None,
             as_of: None,
             stale: false,
         }

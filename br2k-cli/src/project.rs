@@ -44,6 +44,10 @@ pub struct Project {
     /// Probes.
     #[serde(default)]
     pub probes: Probes,
+    /// Clusters that may run the service, most preferred first (whole-cluster
+    /// failover; empty: not placed across clusters).
+    #[serde(default)]
+    pub clusters: Vec<String>,
 }
 
 /// The image: a directory to package, or an existing image reference.
@@ -184,6 +188,7 @@ impl Project {
             resources: self.resources.clone(),
             probes: self.probes.clone(),
             autoscaling: None,
+            clusters: self.clusters.clone(),
         };
         spec.validate()?;
         Ok(spec)

@@ -48,7 +48,7 @@ use crate::image::Repository;
 use crate::log::{Entry, EntryStream, LeaderInfo, LeaderStream, Leadership, ReplicatedLog};
 use crate::observed::ObservedState;
 use crate::record::{
-    Account, Checkpoint, Location, Role, ServiceRecord, ServiceState, VersionInfo,
+    Account, Checkpoint, Location, Placement, Role, ServiceRecord, ServiceState, VersionInfo,
 };
 use crate::registry::{ChangeStream, Registry};
 use crate::replicator::Replicator;
@@ -238,6 +238,11 @@ impl<T: Registry> Registry for Faulty<T> {
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()> {
         self.faults.enter("set_location").await?;
         self.inner.set_location(id, location).await
+    }
+
+    async fn set_placement(&self, id: &ServiceId, placement: &Placement) -> Result<()> {
+        self.faults.enter("set_placement").await?;
+        self.inner.set_placement(id, placement).await
     }
 
     async fn grant(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()> {

@@ -14,6 +14,7 @@ pub mod conformance;
 pub mod diagnosis;
 pub mod digest;
 pub mod error;
+pub mod failover;
 pub mod fault;
 pub mod id;
 pub mod image;
@@ -38,8 +39,8 @@ pub use image::{ImageRef, Repository};
 pub use log::ReplicatedLog;
 pub use observed::{ObservedReplica, ObservedState, WorkloadTemplate};
 pub use record::{
-    Account, ChangeKind, Checkpoint, Location, RegistryChange, Role, ServiceRecord, ServiceState,
-    VersionInfo,
+    Account, ChangeKind, Checkpoint, Location, Placement, RegistryChange, Role, ServiceRecord,
+    ServiceState, VersionInfo, check_cluster_name,
 };
 pub use recoverer::Recoverer;
 pub use registry::{ChangeStream, Registry};

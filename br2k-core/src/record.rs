@@ -138,6 +138,51 @@ impl Location {
     }
 }
 
+/// Which cluster runs the service, and the epoch (fencing token) of that choice.
+///
+/// Recorded by the operator of the cluster that won the service's placement lease;
+/// the epoch only grows, so a cluster that comes back after a failover sees a newer
+/// epoch than its own and stands down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Name of the active cluster (a DNS label of at most 32 bytes).
+    pub cluster: String,
+    /// Fencing token of the placement lease: strictly greater for every new holder.
+    pub epoch: u64,
+}
+
+impl Placement {
+    /// Validates the cluster name (see [`check_cluster_name`]).
+    pub fn new(cluster: impl Into<String>, epoch: u64) -> Result<Self, ValidationError> {
+        let cluster = cluster.into();
+        check_cluster_name(&cluster)?;
+        Ok(Self { cluster, epoch })
+    }
+}
+
+/// Longest cluster name: it is stored on chain in one 32-byte word.
+pub const MAX_CLUSTER_NAME_BYTES: usize = 32;
+
+/// Checks a cluster name: 1-32 bytes of lowercase letters, digits and `-`, starting
+/// and ending with a letter or digit.
+pub fn check_cluster_name(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CLUSTER_NAME_BYTES
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::malformed(
+            "cluster name",
+            format!("{name:?}: need 1-32 lowercase letters, digits or '-', not at either end"),
+        ))
+    }
+}
+
 /// One published version of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
@@ -176,6 +221,9 @@ pub struct ServiceRecord {
     pub checkpoint: Option<Checkpoint>,
     /// Current leader location, if published.
     pub location: Option<Location>,
+    /// The active cluster and its epoch, if recorded (multi-cluster services).
+    #[serde(default)]
+    pub placement: Option<Placement>,
     /// Position of the source this was read at (block number, revision), if any.
     pub as_of: Option<u64>,
     /// True when the source was unreachable and this is the last verified copy.
@@ -247,6 +295,11 @@ pub enum ChangeKind {
     Relocated {
         /// New location.
         location: Location,
+    },
+    /// The active cluster changed (a failover or the first placement).
+    Placed {
+        /// New placement.
+        placement: Placement,
     },
     /// Roles or ownership changed.
     RolesChanged,

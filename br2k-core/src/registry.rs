@@ -8,7 +8,8 @@ use futures::stream::BoxStream;
 use crate::error::Result;
 use crate::id::ServiceId;
 use crate::record::{
-    Account, Checkpoint, Location, RegistryChange, Role, ServiceRecord, ServiceState, VersionInfo,
+    Account, Checkpoint, Location, Placement, RegistryChange, Role, ServiceRecord, ServiceState,
+    VersionInfo,
 };
 use crate::spec::ServiceSpec;
 
@@ -71,6 +72,11 @@ pub trait Registry: Send + Sync + Debug {
     /// Records the leader location (replica accounts only). A lower term than the
     /// recorded one is [`crate::Error::Conflict`]; the same location is a no-op.
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()>;
+
+    /// Records the active cluster and its epoch (owner or [`Role::Operator`]). An
+    /// epoch not above the recorded one is [`crate::Error::Conflict`]; the recorded
+    /// placement again is a no-op.
+    async fn set_placement(&self, id: &ServiceId, placement: &Placement) -> Result<()>;
 
     /// Grants `role` to `account` (owner only). Idempotent.
     async fn grant(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()>;

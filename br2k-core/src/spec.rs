@@ -135,7 +135,16 @@ pub struct ServiceSpec {
     /// Autoscaler ownership of the replica count, if any.
     #[serde(default)]
     pub autoscaling: Option<Autoscaling>,
+    /// Clusters that may run the service, most preferred first (see
+    /// [`crate::failover`]). Empty: the service is not placed across clusters (every
+    /// operator serving it runs it). Left out of the canonical form when empty, so
+    /// specs without it keep their hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
 }
+
+/// Most clusters a spec may name.
+pub const MAX_CLUSTERS: usize = 8;
 
 const SECRET_WORDS: [&str; 7] = [
     "PASSWORD",
@@ -271,6 +280,7 @@ impl ServiceSpec {
             resources: Resources::default(),
             probes: Probes::default(),
             autoscaling: None,
+            clusters: Vec::new(),
         };
         spec.validate()?;
         Ok(spec)
@@ -468,6 +478,22 @@ impl ServiceSpec {
                 return Err(ValidationError::spec(
                     "replicas",
                     "must lie within the autoscaling bounds",
+                ));
+            }
+        }
+        if self.clusters.len() > MAX_CLUSTERS {
+            return Err(ValidationError::spec(
+                "clusters",
+                format!("at most {MAX_CLUSTERS} clusters"),
+            ));
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            crate::record::check_cluster_name(c)
+                .map_err(|e| ValidationError::spec(format!("clusters[{i}]"), e.to_string()))?;
+            if self.clusters[..i].contains(c) {
+                return Err(ValidationError::spec(
+                    format!("clusters[{i}]"),
+                    format!("{c:?} is named twice"),
                 ));
             }
         }

@@ -290,6 +290,17 @@ impl Registry for ChainRegistry {
         .await
     }
 
+    // TEMPORARY (#19 in progress): the contract's setPlacement replaces this.
+    async fn set_placement(
+        &self,
+        _id: &ServiceId,
+        _placement: &br2k_core::Placement,
+    ) -> Result<()> {
+        Err(br2k_core::Error::unavailable(
+            "placement not yet supported by the contract",
+        ))
+    }
+
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()> {
         let call = C::setLocationCall {
             id: service_key(id),

@@ -162,6 +162,8 @@ impl ChainRegistry {
                 state_version: c.stateVersion,
             }),
             location,
+            // TEMPORARY (#19 in progress): decoded from the contract once it records it.
+            placement: None,
             as_of: Some(block),
             stale: false,
         })

@@ -88,6 +88,7 @@ pub fn sample_record(id: &ServiceId, spec: ServiceSpec) -> ServiceRecord {
         owner: Account("conformance".into()),
         checkpoint: None,
         location: None,
+        placement: None,
         as_of: None,
         stale: false,
     }

@@ -15,8 +15,8 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use crate::error::{Error, Result, ValidationError};
 use crate::id::ServiceId;
 use crate::record::{
-    Account, ChangeKind, Checkpoint, Location, RegistryChange, Role, ServiceRecord, ServiceState,
-    VersionInfo,
+    Account, ChangeKind, Checkpoint, Location, Placement, RegistryChange, Role, ServiceRecord,
+    ServiceState, VersionInfo,
 };
 use crate::registry::{ChangeStream, Registry};
 use crate::spec::{MAX_REPLICAS, ServiceSpec};
@@ -59,6 +59,7 @@ struct Entry {
     roles: BTreeSet<(Account, RoleKey)>,
     checkpoint: Option<Checkpoint>,
     location: Option<Location>,
+    placement: Option<Placement>,
 }
 
 /// `Role` is not `Ord`; this key orders it inside the role set.
@@ -103,6 +104,7 @@ impl Entry {
             owner: self.owner.clone(),
             checkpoint: self.checkpoint.clone(),
             location: self.location.clone(),
+            placement: self.placement.clone(),
             as_of: Some(seq),
             stale: false,
         }
@@ -280,6 +282,7 @@ impl Registry for InMemoryRegistry {
             roles: BTreeSet::new(),
             checkpoint: None,
             location: None,
+            placement: None,
         };
         state.services.insert(id.clone(), entry);
         self.emit(&mut state, id, ChangeKind::Registered);
@@ -436,6 +439,32 @@ impl Registry for InMemoryRegistry {
                 }),
             ))
         })
+    }
+
+    async fn set_placement(&self, id: &ServiceId, placement: &Placement) -> Result<()> {
+        // The fields are public: re-validate what may not have come from `new`.
+        Placement::new(placement.cluster.clone(), placement.epoch)?;
+        self.operate(id, |e| {
+            if let Some(prev) = &e.placement {
+                if prev == placement {
+                    return Ok(((), None));
+                }
+                if placement.epoch <= prev.epoch {
+                    return Err(Error::conflict(format!(
+                        "placement epoch {} of {id} is not above the recorded {}",
+                        placement.epoch, prev.epoch
+                    )));
+                }
+            }
+            e.placement = Some(placement.clone());
+            Ok((
+                (),
+                Some(ChangeKind::Placed {
+                    placement: placement.clone(),
+                }),
+            ))
+        })
+        .map(|_| ())
     }
 
     async fn grant(&self, id: &ServiceId, account: &Account, role: Role) -> Result<()> {

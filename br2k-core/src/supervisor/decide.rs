@@ -358,6 +358,7 @@ mod tests {
             owner: crate::record::Account("alice".into()),
             checkpoint: None,
             location: None,
+            placement: None,
             as_of: Some(7),
             stale: false,
         }

@@ -20,6 +20,7 @@ use crate::spec::ServiceSpec;
 
 mod access;
 mod lifecycle;
+mod placement;
 
 pub use access::{
     changes_stream, checkpoints, location, roles_and_permissions, unknown_ids_not_found,
@@ -29,6 +30,7 @@ pub use lifecycle::{
     register_invalid_spec_is_rejected, rollback_semantics, set_replicas_behaviour,
     state_transitions,
 };
+pub use placement::placement;
 
 /// Registry host used in the specs of this suite.
 const REG: &str = "registry.conformance.local";
@@ -96,4 +98,5 @@ pub async fn run_all(
     roles_and_permissions(owner, stranger, &fresh_id("roles")).await;
     unknown_ids_not_found(owner, &fresh_id("unknown")).await;
     changes_stream(owner, replica, &fresh_id("changes")).await;
+    placement(owner, stranger, &fresh_id("placement")).await;
 }
