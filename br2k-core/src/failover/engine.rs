@@ -102,6 +102,13 @@ impl PlacementFence {
     pub async fn holds(&self) -> bool {
         matches!(self.log.leader().await, Ok(Some(l)) if l.candidate == self.cluster)
     }
+
+    /// Whether the lease is known to be free or held by another cluster (false when
+    /// unreadable: a leader does not step down for a failed read; its own session
+    /// fences it if it is really cut off).
+    pub async fn lost(&self) -> bool {
+        matches!(self.log.leader().await, Ok(h) if h.as_ref().is_none_or(|l| l.candidate != self.cluster))
+    }
 }
 
 /// One placed service, seen from one cluster: campaigns for its lease when no

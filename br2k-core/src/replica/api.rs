@@ -115,6 +115,10 @@ pub struct ReplicaConfig {
     pub request_timeout: Duration,
     /// Whether this replica campaigns for leadership.
     pub campaign: bool,
+    /// For a service placed across clusters: lead and run side effects only while
+    /// this replica's cluster holds the placement lease (a replica of a cluster that
+    /// lost it resigns and stays a follower). `None`: no placement.
+    pub placement: Option<crate::failover::PlacementFence>,
 }
 
 impl ReplicaConfig {
@@ -134,6 +138,7 @@ impl ReplicaConfig {
             dedupe_capacity: 100_000,
             request_timeout: Duration::from_secs(10),
             campaign: true,
+            placement: None,
         })
     }
 }

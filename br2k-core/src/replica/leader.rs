@@ -20,6 +20,8 @@ use crate::record::Location;
 const RESOLVE_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between attempts to resolve an effect.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often a replica with a placement fence checks that its cluster holds it.
+const PLACEMENT_POLL: Duration = Duration::from_millis(200);
 
 impl<S: StateMachine> Shared<S> {
     pub(super) async fn batch_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Pending>) {
@@ -83,6 +85,14 @@ impl<S: StateMachine> Shared<S> {
 
     pub(super) async fn leadership_loop(self: Arc<Self>) {
         loop {
+            // A replica of a cluster that does not hold the service's placement never
+            // campaigns.
+            if let Some(fence) = &self.cfg.placement
+                && !fence.holds().await
+            {
+                tokio::time::sleep(PLACEMENT_POLL).await;
+                continue;
+            }
             let lead = match self.log.campaign(&self.cfg.endpoint).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -149,8 +159,19 @@ impl<S: StateMachine> Shared<S> {
             }
         }
         let mut leader_rx = self.leader.subscribe();
+        let mut placement_check = tokio::time::interval(PLACEMENT_POLL);
         loop {
             tokio::select! {
+                _ = placement_check.tick(), if self.cfg.placement.is_some() => {
+                    if let Some(fence) = &self.cfg.placement
+                        && fence.lost().await
+                    {
+                        return Err(Error::conflict(format!(
+                            "cluster {} no longer holds the placement of the service",
+                            fence.cluster
+                        )));
+                    }
+                }
                 _ = self.lost.notified() => {
                     if !self.still_leader(lead).await {
                         return Err(Error::conflict("fencing token is stale"));
@@ -229,10 +250,13 @@ impl<S: StateMachine> Shared<S> {
             Some(r) => Ok(r),
             None => {
                 let lead = self.leadership.lock().clone();
-                let current = match &lead {
+                let mut current = match &lead {
                     Some(l) => self.still_leader(l).await,
                     None => false,
                 };
+                if let Some(fence) = &self.cfg.placement {
+                    current = current && fence.holds().await;
+                }
                 if !current {
                     return Err(self.not_leader());
                 }
