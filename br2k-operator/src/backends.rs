@@ -73,6 +73,9 @@ pub struct ChainOciBackends {
     pub verify_ttl: Option<Duration>,
     /// Accounts whose services may be deployed (`None`: any owner).
     pub allowed_owners: Option<Vec<br2k_core::Account>>,
+    /// With whole-cluster failover: the decisions the supervisors follow (a service
+    /// placed across clusters runs only where its placement is held).
+    pub placement: Option<br2k_core::failover::Decisions>,
 }
 
 impl ChainOciBackends {
@@ -112,6 +115,7 @@ impl ChainOciBackends {
             replicators: ReplicatorPool::default(),
             verify_ttl: None,
             allowed_owners: None,
+            placement: None,
         })
     }
 }
@@ -153,8 +157,14 @@ impl Backends for ChainOciBackends {
         spec: &Br2kServiceSpec,
     ) -> Result<Supervisor> {
         // The supervisor only reads the registry: a read-only connection, no key.
-        let registry: Arc<dyn Registry> =
+        let mut registry: Arc<dyn Registry> =
             Arc::new(br2k_chain::ChainRegistry::connect(self.chain.clone()).await?);
+        if let Some(decisions) = &self.placement {
+            registry = Arc::new(br2k_core::failover::PlacedRegistry::new(
+                registry,
+                decisions.clone(),
+            ));
+        }
         let auth = oci_auth(client, cr_namespace, spec).await?;
         let mut b = Supervisor::builder()
             // The controller calls `reconcile` and never subscribes to events.

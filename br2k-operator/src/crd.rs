@@ -112,6 +112,54 @@ pub struct Br2kServiceStatus {
     /// `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// For a service placed across clusters: which cluster runs it, at which epoch,
+    /// and the last failover to this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementView>,
+}
+
+/// The placement of a multi-cluster service as this cluster's operator sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementView {
+    /// This operator's cluster.
+    pub cluster: String,
+    /// Its decision: `active`, `standby`, `campaign`, `braked`, `unhealthy` or
+    /// `not_listed`.
+    pub decision: String,
+    /// The cluster holding the placement lease, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_cluster: Option<String>,
+    /// The lease's epoch (fencing token), as recorded on chain by the holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Why nothing happens when something should (the brake, an unreachable lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The last failover to this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverTimeline>,
+}
+
+/// When the steps of a failover to this cluster happened (RFC 3339, milliseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverTimeline {
+    /// No cluster held the lease any more (the active cluster was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detected: Option<String>,
+    /// This cluster won the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_acquired: Option<String>,
+    /// The new placement was recorded on chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<String>,
+    /// The workload was applied here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<String>,
+    /// Every replica was Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
 }
 
 /// The CustomResourceDefinition as YAML (what `br2k-operator --print-crd` prints).

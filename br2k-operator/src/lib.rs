@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod controller;
 pub mod crd;
+pub mod failover;
 pub mod image;
 pub mod lease;
 pub mod manifests;

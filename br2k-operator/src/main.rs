@@ -123,6 +123,27 @@ struct Options {
         value_delimiter = ','
     )]
     allowed_target_namespaces: Vec<String>,
+    /// Whole-cluster failover: the name of this operator's cluster. Services whose
+    /// record lists clusters run only in the one holding their placement lease; the
+    /// others keep them paused. Needs `--failover-etcd` and an operator key.
+    #[arg(long, env = "BR2K_CLUSTER")]
+    cluster: Option<String>,
+    /// etcd endpoints holding the placement leases and cluster heartbeats (the
+    /// replicated log's cluster); repeat the option or separate with commas.
+    #[arg(
+        long = "failover-etcd",
+        env = "BR2K_FAILOVER_ETCD",
+        value_delimiter = ','
+    )]
+    failover_etcd: Vec<String>,
+    /// TTL in seconds of the placement lease: how long a lost cluster blocks a
+    /// takeover.
+    #[arg(long, default_value_t = 5)]
+    failover_lease_seconds: u64,
+    /// Above this share of a service's clusters without a heartbeat, no failover
+    /// happens (the brake).
+    #[arg(long, default_value_t = 0.5)]
+    failover_max_lost_share: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +198,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let (backends, scope) = settings(&opts)?;
+    let failover_settings = match &opts.cluster {
+        Some(cluster) => Some(failover_settings(cluster, &opts)?),
+        None => None,
+    };
     tracing::info!(backends = ?backends, scope = ?scope, "trust anchors and scope");
     br2k_k8s::install_crypto_provider();
     let client = kube::Client::try_default().await?;
@@ -191,6 +216,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         identity: identity.clone(),
         duration: Duration::from_secs(opts.lease_seconds),
     };
+    let failover = match failover_settings {
+        None => None,
+        Some(settings) => {
+            let cluster = settings.config.cluster.clone();
+            // The key recording placements: from the environment or a file only.
+            let key = operator_key()?;
+            let signer =
+                br2k_chain::ChainRegistry::connect(backends.chain.clone().with_private_key(key))
+                    .await?;
+            tracing::info!(%cluster, account = %br2k_core::Registry::account(&signer), "whole-cluster failover");
+            Some(
+                br2k_operator::failover::Failover::start(
+                    settings,
+                    client.clone(),
+                    Arc::new(signer),
+                )
+                .await?,
+            )
+        }
+    };
+    let mut backends = backends;
+    backends.placement = failover.as_ref().map(|f| f.decisions());
     let metrics = Metrics::default();
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving metrics");
@@ -203,6 +250,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_secs(opts.resync_seconds),
         scope,
     );
+    if let Some(f) = failover {
+        ctx.set_failover(f);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -290,6 +340,53 @@ fn settings(opts: &Options) -> Result<(ChainOciBackends, Scope), Box<dyn std::er
         )?,
     };
     Ok((backends, scope))
+}
+
+/// The failover settings of `--cluster` and the `--failover-*` options.
+fn failover_settings(
+    cluster: &str,
+    opts: &Options,
+) -> Result<br2k_operator::failover::FailoverSettings, Box<dyn std::error::Error>> {
+    let mut config =
+        br2k_core::failover::FailoverConfig::new(cluster).map_err(|e| format!("--cluster: {e}"))?;
+    if !(0.0..=1.0).contains(&opts.failover_max_lost_share) {
+        return Err("--failover-max-lost-share: must lie in 0..=1".into());
+    }
+    config.max_lost_share = opts.failover_max_lost_share;
+    let etcd: Vec<String> = opts
+        .failover_etcd
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if etcd.is_empty() {
+        return Err("--cluster needs --failover-etcd (the etcd holding the leases)".into());
+    }
+    if opts.failover_lease_seconds == 0 {
+        return Err("--failover-lease-seconds: must be at least 1".into());
+    }
+    Ok(br2k_operator::failover::FailoverSettings {
+        config,
+        etcd,
+        lease_ttl: Duration::from_secs(opts.failover_lease_seconds),
+    })
+}
+
+/// The key that records placements on chain (an account with the operator role on
+/// the services): `BR2K_PRIVATE_KEY`, else the file named by `BR2K_PRIVATE_KEY_FILE`.
+/// Never an option: command lines are visible to every user of the host.
+fn operator_key() -> Result<String, Box<dyn std::error::Error>> {
+    if let Ok(k) = std::env::var("BR2K_PRIVATE_KEY")
+        && !k.trim().is_empty()
+    {
+        return Ok(k.trim().to_owned());
+    }
+    let path = std::env::var("BR2K_PRIVATE_KEY_FILE").map_err(
+        |_| "--cluster needs the operator's key in BR2K_PRIVATE_KEY or BR2K_PRIVATE_KEY_FILE",
+    )?;
+    let key =
+        std::fs::read_to_string(&path).map_err(|e| format!("BR2K_PRIVATE_KEY_FILE {path}: {e}"))?;
+    Ok(key.trim().to_owned())
 }
 
 /// The `--allowed-owner` accounts, each a 0x-prefixed 20-byte hex address.

@@ -122,7 +122,7 @@ pub struct ServicePlacement {
     heartbeats: BTreeMap<String, Arc<dyn ReplicatedLog>>,
     registry: Arc<dyn Registry>,
     healthy: watch::Receiver<bool>,
-    status: watch::Sender<PlacementStatus>,
+    status: Arc<watch::Sender<PlacementStatus>>,
 }
 
 impl std::fmt::Debug for ServicePlacement {
@@ -146,13 +146,13 @@ impl ServicePlacement {
         registry: Arc<dyn Registry>,
         healthy: watch::Receiver<bool>,
     ) -> Self {
-        let status = watch::Sender::new(PlacementStatus {
+        let status = Arc::new(watch::Sender::new(PlacementStatus {
             decision: Decision::Unhealthy,
             active_cluster: None,
             epoch: None,
             timeline: Timeline::default(),
             message: Some("starting".into()),
-        });
+        }));
         Self {
             cfg,
             service,
@@ -168,6 +168,11 @@ impl ServicePlacement {
     /// The published status (changes on every new decision).
     pub fn status(&self) -> watch::Receiver<PlacementStatus> {
         self.status.subscribe()
+    }
+
+    /// The sender of the status, for [`note_progress`].
+    pub fn status_sender(&self) -> Arc<watch::Sender<PlacementStatus>> {
+        self.status.clone()
     }
 
     /// The clusters listed by the service's record.
@@ -256,6 +261,14 @@ impl ServicePlacement {
                     }
                     Err(_) => {}
                 }
+            }
+            if !listed.iter().any(|c| *c == self.cfg.cluster) {
+                if let Some(l) = held.take() {
+                    let _ = self.lease.resign(&l).await;
+                }
+                self.publish(Decision::NotListed, None, |_| {});
+                tokio::time::sleep(self.cfg.poll * 4).await;
+                continue;
             }
             let holder = match self.lease.leader().await {
                 Ok(h) => {

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 
 use crate::backends::Backends;
 use crate::crd::{Br2kService, Br2kServiceSpec, LastRecovery};
+use crate::failover::Failover;
 use crate::metrics::Metrics;
 use events::{describe_actions, finding_names, publish};
 use status::{StatusUpdate, assess, now, now_wrong, write_status};
@@ -92,6 +93,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
     /// Consecutive reconciles that left each resource short of healthy.
     unsettled: Mutex<HashMap<String, u32>>,
+    /// Whole-cluster failover of services placed across clusters, if configured.
+    failover: std::sync::OnceLock<Arc<Failover>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -144,7 +147,14 @@ impl Context {
             index: Arc::default(),
             failures: Mutex::default(),
             unsettled: Mutex::default(),
+            failover: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Serves services placed across clusters with `failover` (set once, before
+    /// the controller runs; the backends must follow its decisions).
+    pub fn set_failover(&self, failover: Arc<Failover>) {
+        let _ = self.failover.set(failover);
     }
 
     /// The metrics.
@@ -259,6 +269,16 @@ async fn decide(obj: &Br2kService, ctx: &Context, key: &str) -> Decision {
             );
         }
     };
+    if let Some(f) = ctx.failover.get()
+        && let Err(e) = f.ensure(&id).await
+    {
+        // Until the lease is reachable the service stays as the decisions say
+        // (paused here when never placed): retried with the resource's backoff.
+        return (
+            Some(StatusUpdate::reconcile_failed(&e)),
+            Next::Done(Err(e.into())),
+        );
+    }
     ctx.metrics.reconcile();
     let report = match sup.reconcile(&id).await {
         Ok(r) => r,
@@ -327,7 +347,13 @@ async fn decide(obj: &Br2kService, ctx: &Context, key: &str) -> Decision {
             duration_ms: report.duration.as_millis() as u64,
         });
     }
-    let a = assess(&report, &unrepairable, version, last);
+    let mut a = assess(&report, &unrepairable, version, last);
+    if let Some(f) = ctx.failover.get() {
+        if f.decisions().lock().get(&id).is_some_and(|d| d.runs_here()) {
+            f.progress(&id, a.healthy);
+        }
+        a.update.placement = f.view(&id);
+    }
     (
         Some(a.update),
         Next::Settle {

@@ -9,7 +9,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::events::{finding_names, refused_by_backend};
-use crate::crd::{Br2kService, Br2kServiceStatus, Condition, LastRecovery};
+use crate::crd::{Br2kService, Br2kServiceStatus, Condition, LastRecovery, PlacementView};
 
 /// Field manager of status writes.
 const MANAGER: &str = "br2k-operator";
@@ -65,6 +65,8 @@ pub(super) struct StatusUpdate {
     pub observed_version: Option<u64>,
     /// The recovery just made (`None`: keep the old one).
     pub last_recovery: Option<LastRecovery>,
+    /// The placement of a multi-cluster service (`None`: keep the old one).
+    pub placement: Option<PlacementView>,
 }
 
 impl StatusUpdate {
@@ -75,6 +77,7 @@ impl StatusUpdate {
             conditions,
             observed_version: None,
             last_recovery: None,
+            placement: None,
         }
     }
 
@@ -147,6 +150,7 @@ impl StatusUpdate {
             conditions: merge_conditions(&old.conditions, self.conditions),
             last_recovery: self.last_recovery.or(old.last_recovery),
             observed_generation: obj.metadata.generation,
+            placement: self.placement.or(old.placement),
         }
     }
 }
@@ -282,6 +286,7 @@ pub(super) fn assess(
             conditions,
             observed_version: Some(version),
             last_recovery: last,
+            placement: None,
         },
         healthy,
         refused: refused.is_some(),

@@ -124,7 +124,13 @@ async fn run_in(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(spec_or_lifecycle, Default::default());
+    let wakes = match ctx.failover.get() {
+        Some(f) => f.wakes().boxed(),
+        None => futures::stream::pending().boxed(),
+    };
     Controller::for_stream(resources, reader)
+        // A changed placement decision (a failover) reconciles every resource.
+        .reconcile_all_on(wakes)
         .watches_stream(
             managed_objects::<StatefulSet>(&client, workload_ns),
             mapper(index.clone(), only.clone()),

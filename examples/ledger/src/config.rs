@@ -155,6 +155,10 @@ pub struct ServeConfig {
     /// How long a request waits for commit and apply (`--request-timeout-ms`,
     /// `LEDGER_REQUEST_TIMEOUT_MS`; default 10000).
     pub request_timeout: Duration,
+    /// The cluster this replica runs in (`--cluster`, `LEDGER_CLUSTER`): when set,
+    /// the replica leads and settles only while its cluster holds the service's
+    /// placement lease (whole-cluster failover).
+    pub cluster: Option<String>,
 }
 
 impl ServeConfig {
@@ -236,6 +240,13 @@ impl ServeConfig {
                 "LEDGER_REQUEST_TIMEOUT_MS",
                 10_000,
             )?),
+            cluster: match a.get("cluster", "LEDGER_CLUSTER") {
+                Some(c) => {
+                    br2k_core::check_cluster_name(&c)?;
+                    Some(c)
+                }
+                None => None,
+            },
         })
     }
 }

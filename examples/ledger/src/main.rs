@@ -20,7 +20,7 @@ const USAGE: &str = "usage:
   ledger serve [--listen ADDR] [--endpoint URL] [--service ID] [--etcd URLS]
                [--namespace NS] [--oci-registry HOST] [--settlement ADDR]
                [--snapshot-every N] [--max-body BYTES] [--request-timeout-ms MS]
-               [--lease-ttl-secs S]
+               [--lease-ttl-secs S] [--cluster NAME]
   ledger setup [--service ID] [--replica-accounts 0xA,0xB,...] [--replicas N] [--settler 0xS]
 Keys only from the environment: BR2K_PRIVATE_KEY[_FILE] (registry writes),
 LEDGER_SETTLER_KEY[_FILE] (settlements). See examples/ledger/README.md.";
@@ -96,6 +96,15 @@ async fn serve(args: &Args) -> Result<()> {
     rc.snapshot_every = cfg.snapshot_every;
     rc.request_timeout = cfg.request_timeout;
     rc.max_command_bytes = cfg.max_body;
+    if let Some(cluster) = &cfg.cluster {
+        let ns = br2k_core::failover::placement_namespace(&cfg.service);
+        let fence_log =
+            retry_start("etcd", START_RETRY, || EtcdLog::connect(&cfg.etcd, &ns)).await?;
+        rc.placement = Some(br2k_core::failover::PlacementFence {
+            log: Arc::new(fence_log),
+            cluster: cluster.clone(),
+        });
+    }
     tracing::info!(
         endpoint = %cfg.endpoint,
         service = %cfg.service.as_str(),
