@@ -4,15 +4,17 @@ pragma solidity 0.8.37;
 /// @title br2k service registry
 /// @notice The on-chain record of what must run: per service an owner, operators,
 /// replica accounts, a lifecycle state, an append-only list of versions and an active
-/// version pointer, the newest state checkpoint and the leader location.
+/// version pointer, the newest state checkpoint, the leader location and the placement
+/// (the cluster that runs a multi-cluster service, and its epoch).
 /// @dev Storage holds only fixed-size values (hashes, numbers, addresses): the full
 /// canonical spec bytes and the location endpoint travel in events, and their hashes
 /// are stored so that readers can verify what they fetch from the log. Nothing secret
 /// is ever stored. A service is keyed by `keccak256(bytes(name))`, computed here from
 /// the name, so ids cannot be forged; whoever registers a name becomes its owner.
 /// Ownership moves in two steps (the owner proposes, the proposed account accepts);
-/// checkpoint log indexes and terms, and location terms, grow by bounded steps (the
-/// owner may reset them); every event names the account that caused it.
+/// checkpoint log indexes and terms, location terms and placement epochs grow by
+/// bounded steps (the owner may reset the first three); every event names the account
+/// that caused it.
 contract ServiceRegistry {
     // ---------------------------------------------------------------- types
 
@@ -39,15 +41,16 @@ contract ServiceRegistry {
     /// between two checkpoints). Reaching 2^64-1 takes 2^32 transactions.
     uint64 public constant MAX_LOG_INDEX_STEP = 2 ** 32;
 
-    /// Largest increase of a term (checkpoint or location) per call. Terms are
-    /// fencing tokens such as etcd revisions, which grow with every write of the
-    /// cluster; reaching 2^64-1 takes 2^24 transactions, and the owner may reset.
+    /// Largest increase of a term (checkpoint or location) or a placement epoch per
+    /// call. Terms and epochs are fencing tokens such as etcd revisions, which grow
+    /// with every write of the cluster; reaching 2^64-1 takes 2^24 transactions.
     uint64 public constant MAX_TERM_STEP = 2 ** 40;
 
     /// Counters bounded per call, as named by `JumpTooLarge`.
     uint8 public constant COUNTER_LOG_INDEX = 1;
     uint8 public constant COUNTER_CHECKPOINT_TERM = 2;
     uint8 public constant COUNTER_LOCATION_TERM = 3;
+    uint8 public constant COUNTER_PLACEMENT_EPOCH = 4;
 
     /// One published version. The spec bytes are in the `Registered` (version 1) or
     /// `Published` event emitted in block `blockNumber`.
@@ -76,6 +79,16 @@ contract ServiceRegistry {
         uint64 blockNumber;
     }
 
+    /// The placement of a multi-cluster service: the name of the cluster that runs it
+    /// (a DNS label of 1-32 bytes, left-aligned and zero padded; 0 means none
+    /// recorded), the epoch of its placement lease (a fencing token: above 0, and
+    /// strictly greater for every new placement) and the block it was recorded in.
+    struct Placement {
+        bytes32 cluster;
+        uint64 epoch;
+        uint64 blockNumber;
+    }
+
     struct Service {
         address owner;
         uint8 state;
@@ -89,6 +102,9 @@ contract ServiceRegistry {
         /// Proposed by the owner, the owner once it accepts (zero: none). Last, so
         /// the earlier members keep their slots.
         address pendingOwner;
+        /// The active cluster and its epoch. After `pendingOwner`, so the earlier
+        /// members keep their slots.
+        Placement placement;
     }
 
     /// What a read returns for one service (`exists` is false for unknown ids).
@@ -104,6 +120,7 @@ contract ServiceRegistry {
         Version activeVersion;
         Checkpoint checkpoint;
         Location location;
+        Placement placement;
     }
 
     // ---------------------------------------------------------------- errors
@@ -126,6 +143,11 @@ contract ServiceRegistry {
     error InvalidRole(uint8 role);
     error ZeroAddress();
     error NotPendingOwner(bytes32 id, address caller);
+    /// A cluster name that is not a DNS label of 1-32 bytes, left-aligned and zero
+    /// padded.
+    error InvalidCluster();
+    /// A placement epoch not above the recorded one (0 when none is recorded).
+    error StaleEpoch(bytes32 id, uint64 epoch, uint64 recorded);
     /// `counter` (COUNTER_*) would move from `recorded` to `value`, more than `maxStep`.
     error JumpTooLarge(bytes32 id, uint8 counter, uint64 value, uint64 recorded, uint64 maxStep);
 
@@ -161,6 +183,8 @@ contract ServiceRegistry {
     );
     /// Emitted by `setLocation` and by the owner's `resetLocation`.
     event Relocated(bytes32 indexed id, address indexed by, uint64 term, string endpoint);
+    /// Emitted by `setPlacement`.
+    event Placed(bytes32 indexed id, address indexed by, uint64 epoch, bytes32 cluster);
     event RoleGranted(bytes32 indexed id, address indexed account, address indexed by, uint8 role);
     event RoleRevoked(bytes32 indexed id, address indexed account, address indexed by, uint8 role);
     event OwnershipTransferStarted(bytes32 indexed id, address indexed owner, address indexed pendingOwner);
@@ -383,6 +407,39 @@ contract ServiceRegistry {
         emit Relocated(id, msg.sender, term, endpoint);
     }
 
+    /// Refuses a cluster name that is not a DNS label of 1-32 bytes (lowercase letters,
+    /// digits and `-`, not at either end; `check_cluster_name` in br2k-core),
+    /// left-aligned and zero padded: readers decode what is stored without a doubt.
+    function _checkCluster(bytes32 cluster) internal pure {
+        uint256 len = 0;
+        while (len < 32 && cluster[len] != 0) len++;
+        if (len == 0 || cluster[0] == "-" || cluster[len - 1] == "-") revert InvalidCluster();
+        for (uint256 i = 0; i < 32; i++) {
+            bytes1 c = cluster[i];
+            if (i >= len) {
+                if (c != 0) revert InvalidCluster();
+            } else if (!((c >= "a" && c <= "z") || (c >= "0" && c <= "9") || c == "-")) {
+                revert InvalidCluster();
+            }
+        }
+    }
+
+    /// Records the placement: `cluster` (a DNS label, left-aligned and zero padded)
+    /// runs the service at `epoch`, the fencing token of its placement lease. Owner
+    /// or operator; the recorded placement again is a no-op; an epoch not above the
+    /// recorded one (0 when none is recorded) is refused, and so is one more than
+    /// MAX_TERM_STEP above it (the epoch is an etcd revision).
+    function setPlacement(bytes32 id, uint64 epoch, bytes32 cluster) external {
+        Service storage s = _operated(id);
+        _checkCluster(cluster);
+        Placement storage p = s.placement;
+        if (p.cluster == cluster && p.epoch == epoch) return;
+        if (epoch <= p.epoch) revert StaleEpoch(id, epoch, p.epoch);
+        _bounded(id, COUNTER_PLACEMENT_EPOCH, epoch, p.epoch, MAX_TERM_STEP);
+        s.placement = Placement({cluster: cluster, epoch: epoch, blockNumber: uint64(block.number)});
+        emit Placed(id, msg.sender, epoch, cluster);
+    }
+
     /// Grants `role` (ROLE_OPERATOR or ROLE_REPLICA) to `account`. Owner only;
     /// idempotent.
     function grant(bytes32 id, address account, uint8 role) external {
@@ -459,6 +516,7 @@ contract ServiceRegistry {
         r.activeVersion = s.versions[s.active - 1];
         r.checkpoint = s.checkpoint;
         r.location = s.location;
+        r.placement = s.placement;
     }
 
     /// The record of `id` and the block it was read at; reverts for unknown ids.

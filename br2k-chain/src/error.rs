@@ -119,6 +119,17 @@ impl From<ChainError> for Error {
                     hex_id(&x.id),
                     x.recordedTerm
                 )),
+                E::StaleEpoch(x) => Error::conflict(format!(
+                    "placement epoch {} of {} is not above the recorded {}",
+                    x.epoch,
+                    hex_id(&x.id),
+                    x.recorded
+                )),
+                E::InvalidCluster(_) => ValidationError::malformed(
+                    "cluster name",
+                    "refused by the registry: need 1-32 lowercase letters, digits or '-', not at either end",
+                )
+                .into(),
                 E::InvalidName(_) => {
                     ValidationError::malformed("service name", "refused by the registry").into()
                 }
@@ -157,6 +168,7 @@ impl From<ChainError> for Error {
                         1 => "checkpoint log index",
                         2 => "checkpoint term",
                         3 => "location term",
+                        4 => "placement epoch",
                         _ => "counter",
                     };
                     ValidationError::malformed(

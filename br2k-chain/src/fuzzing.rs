@@ -3,18 +3,19 @@
 //!
 //! - [`answers`]: the return data of the registry's view calls (`getRecords`,
 //!   `getVersion(s)`, `serviceCount`, `serviceIds`, `deployBlock`), decoded with the
-//!   generated bindings the registry uses (`SolCall::abi_decode_returns`).
+//!   generated bindings the registry uses (`SolCall::abi_decode_returns`), then what
+//!   the registry reads from a record: the state code, the owner and the placement.
 //! - [`events`]: log topics and data decoded as the registry's events
 //!   (`SolEventInterface::decode_raw_log`, and each event's own `decode_raw_log`), then
 //!   what the registry reads from them: the spec JSON, the service name, the state
-//!   code and the location endpoint.
+//!   code, the location endpoint and the placement's cluster name.
 
 use alloy::primitives::B256;
 use alloy::sol_types::{SolCall, SolEvent, SolEventInterface};
-use br2k_core::{Location, ServiceId, ServiceSpec, ServiceState};
+use br2k_core::{Location, Placement, ServiceId, ServiceSpec, ServiceState};
 
 use crate::bindings::ServiceRegistry as C;
-use crate::registry::{account_of, service_key};
+use crate::registry::{account_of, cluster_name, decode_placement, service_key};
 
 /// The `chain_abi` target: `data[0]` even feeds the rest to [`answers`], odd to
 /// [`events`].
@@ -39,6 +40,7 @@ pub fn answers(data: &[u8]) {
                 for rec in &r.records {
                     let _ = ServiceState::from_code(rec.state);
                     let _ = account_of(rec.owner);
+                    placement(&rec.placement);
                 }
             }
         }
@@ -82,6 +84,16 @@ pub fn events(data: &[u8]) {
             Ev::Relocated(e) => {
                 let _ = Location::new(e.endpoint, e.term);
             }
+            Ev::Placed(e) => {
+                if let Ok(name) = cluster_name(&e.cluster) {
+                    let p = Placement::new(name, e.epoch).expect("a decoded cluster name is valid");
+                    assert_eq!(
+                        crate::cluster_word(&p.cluster).expect("valid"),
+                        e.cluster,
+                        "a cluster name decodes from its own word only"
+                    );
+                }
+            }
             _ => {}
         }
     }
@@ -93,6 +105,20 @@ pub fn events(data: &[u8]) {
         spec(&e.spec);
     }
     let _ = C::Relocated::decode_raw_log(topics.iter().copied(), body);
+    let _ = C::Placed::decode_raw_log(topics.iter().copied(), body);
+}
+
+/// A record's placement as the registry decodes it: a placement it accepts has a
+/// valid cluster name that encodes back to the stored word, and an epoch above 0.
+fn placement(p: &C::Placement) {
+    if let Ok(Some(got)) = decode_placement("getRecords", p) {
+        assert!(got.epoch > 0, "epoch 0 accepted");
+        assert_eq!(
+            crate::cluster_word(&got.cluster).expect("a decoded cluster name is valid"),
+            p.cluster,
+            "a cluster name decodes from its own word only"
+        );
+    }
 }
 
 /// A name read from a `Registered` event counts only for its own key.
@@ -113,7 +139,8 @@ fn spec(bytes: &[u8]) {
 }
 
 /// Real inputs of [`abi`] (a `getRecords` answer for two ids, one
-/// registered, and the events of a registration, a publication and a relocation),
+/// registered and placed, and the events of a registration, a publication, a
+/// relocation and a placement),
 /// encoded with the generated bindings: the fuzz corpus's seeds.
 // `..Default::default()` everywhere: the contract's structs and events gain fields.
 #[allow(clippy::needless_update)]
@@ -141,6 +168,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         latest: 1,
         registeredBlock: 7,
         activeVersion: version.clone(),
+        placement: C::Placement {
+            cluster: crate::cluster_word("eu-1").expect("valid cluster"),
+            epoch: 5,
+            blockNumber: 8,
+        },
         ..Default::default()
     };
     let records = C::getRecordsCall::abi_encode_returns(&C::getRecordsReturn {
@@ -181,6 +213,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ..Default::default()
     }
     .encode_log_data());
+    let placed = log(C::Placed {
+        id: key,
+        by: owner,
+        epoch: 5,
+        cluster: crate::cluster_word("eu-1").expect("valid cluster"),
+    }
+    .encode_log_data());
     let with = |tag: u8, mut v: Vec<u8>| {
         v.insert(0, tag);
         v
@@ -193,5 +232,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("Registered", with(1, registered)),
         ("Published", with(1, published)),
         ("Relocated", with(1, relocated)),
+        ("Placed", with(1, placed)),
     ]
 }

@@ -23,5 +23,6 @@ mod sender;
 
 pub use config::{ChainConfig, ReadDepth};
 pub use registry::{
-    AuditEntry, ChainRegistry, MAX_LOG_INDEX_STEP, MAX_TERM_STEP, account_of, service_key,
+    AuditEntry, ChainRegistry, MAX_LOG_INDEX_STEP, MAX_TERM_STEP, account_of, cluster_word,
+    service_key,
 };

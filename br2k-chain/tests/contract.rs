@@ -1,17 +1,22 @@
 //! The `ServiceRegistry` contract's own defences, on a private anvil spawned per test
 //! from `BR2K_ANVIL_BIN`: two-step ownership transfer, bounded checkpoint and term
-//! increments with the owner's reset, and events naming the account behind each
-//! change.
+//! increments with the owner's reset, placement epochs that only grow by bounded
+//! steps and cluster names checked on chain, and events naming the account behind
+//! each change.
 
 use alloy::node_bindings::{Anvil, AnvilInstance};
 use alloy::primitives::B256;
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::transports::http::reqwest::Url;
 use br2k_chain::bindings::ServiceRegistry;
-use br2k_chain::{ChainConfig, ChainRegistry, MAX_LOG_INDEX_STEP, MAX_TERM_STEP, account_of};
+use br2k_chain::bindings::ServiceRegistry::ServiceRegistryErrors as Refusal;
+use br2k_chain::{
+    ChainConfig, ChainRegistry, MAX_LOG_INDEX_STEP, MAX_TERM_STEP, account_of, cluster_word,
+    service_key,
+};
 use br2k_core::conformance::{expect_kind, sample_spec};
 use br2k_core::{
-    Account, ChangeKind, Checkpoint, Digest, Error, Location, Registry, Role, ServiceId,
+    Account, ChangeKind, Checkpoint, Digest, Error, Location, Placement, Registry, Role, ServiceId,
     ServiceState, ValidationError,
 };
 
@@ -440,5 +445,262 @@ async fn every_event_names_the_account_that_made_it() {
         owner.audit(&fresh("unknown")).await,
         br2k_core::ErrorKind::NotFound,
         "audit of an unknown service",
+    );
+}
+
+/// The raw contract, sending as anvil account `i`.
+fn raw_as(
+    node: &AnvilInstance,
+    registry: alloy::primitives::Address,
+    i: usize,
+) -> ServiceRegistry::ServiceRegistryInstance<impl Provider + Clone> {
+    let signer = alloy::signers::local::PrivateKeySigner::from(node.keys()[i].clone());
+    ServiceRegistry::new(
+        registry,
+        ProviderBuilder::new()
+            .wallet(signer)
+            .connect_http(url(node)),
+    )
+}
+
+/// The refusal of `setPlacement(id, epoch, cluster)` by anvil account `i`, as a call
+/// (a refused transaction would leave the provider's nonce cache ahead of the chain).
+async fn refusal(
+    node: &AnvilInstance,
+    registry: alloy::primitives::Address,
+    i: usize,
+    id: B256,
+    epoch: u64,
+    cluster: B256,
+) -> Refusal {
+    let from = node.addresses()[i];
+    match raw_as(node, registry, i)
+        .setPlacement(id, epoch, cluster)
+        .from(from)
+        .call()
+        .await
+    {
+        Ok(_) => panic!("setPlacement({epoch}, {cluster}) by account {i} was accepted"),
+        Err(e) => e
+            .as_decoded_interface_error::<Refusal>()
+            .unwrap_or_else(|| panic!("not a registry refusal: {e}")),
+    }
+}
+
+/// A cluster word from raw bytes (left-aligned, zero padded), valid or not.
+fn word(bytes: &[u8]) -> B256 {
+    let mut w = [0u8; 32];
+    w[..bytes.len()].copy_from_slice(bytes);
+    B256::from(w)
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn placement_epochs_only_grow_by_bounded_steps_and_cluster_names_are_checked() {
+    let node = anvil();
+    let handles = accounts(&node, 3).await;
+    let (owner, operator, stranger) = (&handles[0], &handles[1], &handles[2]);
+    let id = fresh("placed");
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    owner
+        .grant(&id, &operator.account(), Role::Operator)
+        .await
+        .expect("grant operator");
+    let key = service_key(&id);
+    let reg = owner.address();
+    let (eu, us) = (word(b"eu-1"), word(b"us-2"));
+    let raw = raw_as(&node, reg, 1);
+    assert_eq!(
+        raw.COUNTER_PLACEMENT_EPOCH().call().await.expect("view"),
+        4,
+        "the counter JumpTooLarge names"
+    );
+
+    // Raw refusals, each with what it names.
+    match refusal(&node, reg, 2, key, 5, eu).await {
+        Refusal::NotOperator(e) => {
+            assert_eq!((e.id, e.caller), (key, node.addresses()[2]));
+        }
+        other => panic!("stranger: {other:?}"),
+    }
+    let mut shifted = [0u8; 32];
+    shifted[1..5].copy_from_slice(b"eu-1");
+    let mut gap = word(b"eu");
+    gap.0[3] = b'x';
+    for (cluster, what) in [
+        (B256::ZERO, "no cluster"),
+        (word(b"EU-1"), "uppercase"),
+        (word(b"-eu"), "leading '-'"),
+        (word(b"eu-"), "trailing '-'"),
+        (word(b"eu_1"), "'_'"),
+        (B256::from(shifted), "not left-aligned"),
+        (gap, "a byte after the padding"),
+    ] {
+        assert!(
+            matches!(
+                refusal(&node, reg, 1, key, 5, cluster).await,
+                Refusal::InvalidCluster(_)
+            ),
+            "{what}"
+        );
+    }
+    // The first epoch is above 0 and at most MAX_TERM_STEP.
+    match refusal(&node, reg, 1, key, 0, eu).await {
+        Refusal::StaleEpoch(e) => assert_eq!((e.id, e.epoch, e.recorded), (key, 0, 0)),
+        other => panic!("epoch 0: {other:?}"),
+    }
+    match refusal(&node, reg, 1, key, MAX_TERM_STEP + 1, eu).await {
+        Refusal::JumpTooLarge(e) => assert_eq!(
+            (e.counter, e.value, e.recorded, e.maxStep),
+            (4, MAX_TERM_STEP + 1, 0, MAX_TERM_STEP)
+        ),
+        other => panic!("first epoch above the bound: {other:?}"),
+    }
+
+    // The operator places the service: one `Placed` event naming it; again, none.
+    let receipt = raw
+        .setPlacement(key, 5, eu)
+        .send()
+        .await
+        .expect("send")
+        .get_receipt()
+        .await
+        .expect("mined");
+    assert!(receipt.status(), "placement mined");
+    let placed: Vec<ServiceRegistry::Placed> = receipt
+        .inner
+        .logs()
+        .iter()
+        .filter_map(|l| l.log_decode::<ServiceRegistry::Placed>().ok())
+        .map(|l| l.inner.data)
+        .collect();
+    assert_eq!(placed.len(), 1, "one Placed event");
+    assert_eq!(
+        (
+            placed[0].id,
+            placed[0].by,
+            placed[0].epoch,
+            placed[0].cluster
+        ),
+        (key, node.addresses()[1], 5, eu)
+    );
+    let again = raw
+        .setPlacement(key, 5, eu)
+        .send()
+        .await
+        .expect("send")
+        .get_receipt()
+        .await
+        .expect("mined");
+    assert!(again.status(), "the same placement again is accepted");
+    assert!(
+        again.inner.logs().is_empty(),
+        "the same placement again emits nothing"
+    );
+    let (_, rec) = raw
+        .getRecord(key)
+        .call()
+        .await
+        .map(|r| (r.blockNumber, r.record))
+        .expect("record");
+    assert_eq!(
+        (
+            rec.placement.cluster,
+            rec.placement.epoch,
+            rec.placement.blockNumber
+        ),
+        (eu, 5, receipt.block_number.expect("block"))
+    );
+
+    // Never back, never the same epoch for another cluster, never too far ahead.
+    for (epoch, cluster, what) in [(5, us, "same epoch"), (4, eu, "older epoch")] {
+        match refusal(&node, reg, 1, key, epoch, cluster).await {
+            Refusal::StaleEpoch(e) => {
+                assert_eq!((e.epoch, e.recorded), (epoch, 5), "{what}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    match refusal(&node, reg, 0, key, 5 + MAX_TERM_STEP + 1, us).await {
+        Refusal::JumpTooLarge(e) => {
+            assert_eq!((e.counter, e.recorded), (4, 5), "the owner is bound too")
+        }
+        other => panic!("epoch jump: {other:?}"),
+    }
+
+    // Through the backend: the refusals mapped to core errors.
+    expect_kind(
+        stranger
+            .set_placement(&id, &Placement::new("us-2", 6).expect("placement"))
+            .await,
+        br2k_core::ErrorKind::PermissionDenied,
+        "stranger",
+    );
+    expect_kind(
+        operator
+            .set_placement(&id, &Placement::new("us-2", 5).expect("placement"))
+            .await,
+        br2k_core::ErrorKind::Conflict,
+        "same epoch, other cluster",
+    );
+    refused_jump(
+        operator
+            .set_placement(
+                &id,
+                &Placement::new("us-2", 5 + MAX_TERM_STEP + 1).expect("placement"),
+            )
+            .await,
+        "placement epoch",
+        "epoch jump",
+    );
+    // An invalid name is refused before anything is sent.
+    let provider = ProviderBuilder::new().connect_http(url(&node));
+    let before = provider.get_block_number().await.expect("head");
+    let bad = Placement {
+        cluster: "Not A Cluster".into(),
+        epoch: 6,
+    };
+    expect_kind(
+        operator.set_placement(&id, &bad).await,
+        br2k_core::ErrorKind::InvalidInput,
+        "invalid cluster name",
+    );
+    assert_eq!(
+        provider.get_block_number().await.expect("head"),
+        before,
+        "nothing was mined"
+    );
+    // A jump of exactly the bound is accepted, and read back.
+    let far = Placement::new("us-2", 5 + MAX_TERM_STEP).expect("placement");
+    owner
+        .set_placement(&id, &far)
+        .await
+        .expect("a jump of exactly the bound");
+    assert_eq!(
+        stranger.active(&id).await.expect("active").placement,
+        Some(far.clone())
+    );
+    assert_eq!(cluster_word("us-2").expect("valid"), us);
+    let audit = stranger.audit(&id).await.expect("audit");
+    let placements: Vec<(ChangeKind, Account)> = audit
+        .iter()
+        .filter(|e| matches!(e.change.kind, ChangeKind::Placed { .. }))
+        .map(|e| (e.change.kind.clone(), e.by.clone()))
+        .collect();
+    assert_eq!(
+        placements,
+        vec![
+            (
+                ChangeKind::Placed {
+                    placement: Placement::new("eu-1", 5).expect("placement"),
+                },
+                operator.account(),
+            ),
+            (ChangeKind::Placed { placement: far }, owner.account()),
+        ],
+        "who placed the service"
     );
 }

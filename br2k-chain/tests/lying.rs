@@ -1,16 +1,17 @@
 //! `ChainRegistry` against RPC endpoints that lie or limit: a JSON-RPC proxy in front
 //! of a real anvil refuses wide `eth_getLogs` ranges (as hosted providers do) or
-//! rewrites `getRecords` answers (a short answer, another service's record).
+//! rewrites `getRecords` answers (a short answer, another service's record, a
+//! placement the contract never stores).
 
 use std::sync::Arc;
 
 use alloy::node_bindings::{Anvil, AnvilInstance};
 use alloy::sol_types::SolCall;
 use alloy::transports::http::reqwest::{self, Url};
-use br2k_chain::bindings::ServiceRegistry::getRecordsCall;
+use br2k_chain::bindings::ServiceRegistry::{getRecordsCall, getRecordsReturn};
 use br2k_chain::{ChainConfig, ChainRegistry};
 use br2k_core::conformance::sample_spec;
-use br2k_core::{Registry, ServiceId, ServiceState};
+use br2k_core::{Error, Placement, Registry, ServiceId, ServiceState};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -101,6 +102,36 @@ fn no_rewrite() -> Rewrite {
     Arc::new(|_, v| v)
 }
 
+/// Every `getRecords` answer of the node changed by `lie`.
+fn records_rewritten(lie: impl Fn(&mut getRecordsReturn) + Send + Sync + 'static) -> Rewrite {
+    Arc::new(move |req, mut v| {
+        let call = &req["params"][0];
+        let input = call["input"]
+            .as_str()
+            .or(call["data"].as_str())
+            .unwrap_or("");
+        let Ok(bytes) = alloy::hex::decode(input) else {
+            return v;
+        };
+        if !bytes.starts_with(&getRecordsCall::SELECTOR) {
+            return v;
+        }
+        let Some(out) = v["result"]
+            .as_str()
+            .and_then(|r| alloy::hex::decode(r).ok())
+        else {
+            return v;
+        };
+        let Ok(mut ret) = getRecordsCall::abi_decode_returns(&out) else {
+            return v;
+        };
+        lie(&mut ret);
+        let encoded = getRecordsCall::abi_encode_returns(&ret);
+        v["result"] = json!(format!("0x{}", alloy::hex::encode(encoded)));
+        v
+    })
+}
+
 async fn mine(node: &AnvilInstance, blocks: u64) {
     use alloy::providers::{Provider, ProviderBuilder};
     let p = ProviderBuilder::new().connect_http(node.endpoint_url());
@@ -185,27 +216,7 @@ async fn short_or_foreign_record_answers_are_refused_not_trusted() {
         .expect("a");
     owner.register(&b, &spec_b).await.expect("b");
     for (mode, what) in [(1u8, "another service's record"), (0u8, "a short answer")] {
-        let rewrite: Rewrite = Arc::new(move |req, mut v| {
-            let call = &req["params"][0];
-            let input = call["input"]
-                .as_str()
-                .or(call["data"].as_str())
-                .unwrap_or("");
-            let Ok(bytes) = alloy::hex::decode(input) else {
-                return v;
-            };
-            if !bytes.starts_with(&getRecordsCall::SELECTOR) {
-                return v;
-            }
-            let Some(out) = v["result"]
-                .as_str()
-                .and_then(|r| alloy::hex::decode(r).ok())
-            else {
-                return v;
-            };
-            let Ok(mut ret) = getRecordsCall::abi_decode_returns(&out) else {
-                return v;
-            };
+        let rewrite = records_rewritten(move |ret| {
             if mode == 0 {
                 ret.records.clear();
             } else {
@@ -215,9 +226,6 @@ async fn short_or_foreign_record_answers_are_refused_not_trusted() {
                     r.id = key_b;
                 }
             }
-            let encoded = getRecordsCall::abi_encode_returns(&ret);
-            v["result"] = json!(format!("0x{}", alloy::hex::encode(encoded)));
-            v
         });
         let url = proxy(node.endpoint_url(), Arc::new(|_| None), rewrite).await;
         let reader =
@@ -230,6 +238,69 @@ async fn short_or_foreign_record_answers_are_refused_not_trusted() {
                 e.to_string().contains("getRecords"),
                 "{what}: the error names the bad answer: {e}"
             ),
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn placements_the_contract_never_stores_are_refused_not_trusted() {
+    let node = anvil();
+    let owner =
+        ChainRegistry::deploy(ChainConfig::new(vec![node.endpoint_url()]).with_private_key(KEY0))
+            .await
+            .expect("deploy");
+    let id = ServiceId::new("lied-placed").unwrap();
+    owner
+        .register(&id, &sample_spec("r.local"))
+        .await
+        .expect("register");
+    let placed = Placement::new("eu-1", 5).expect("placement");
+    owner.set_placement(&id, &placed).await.expect("placement");
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 32];
+        w[..b.len()].copy_from_slice(b);
+        alloy::primitives::B256::from(w)
+    };
+    let lies: Vec<(&str, alloy::primitives::B256, u64)> = vec![
+        ("no lie", word(b"eu-1"), 5),
+        ("an invalid cluster name", word(b"EU-1"), 5),
+        ("a name with a byte after the padding", word(b"eu-1\0x"), 5),
+        ("a cluster at epoch 0", word(b"eu-1"), 0),
+        ("an epoch without a cluster", word(b""), 5),
+    ];
+    for (what, cluster, epoch) in lies {
+        let rewrite = records_rewritten(move |ret| {
+            for r in &mut ret.records {
+                r.placement.cluster = cluster;
+                r.placement.epoch = epoch;
+            }
+        });
+        let url = proxy(node.endpoint_url(), Arc::new(|_| None), rewrite).await;
+        let reader =
+            ChainRegistry::connect(ChainConfig::new(vec![url]).with_registry(owner.address()))
+                .await
+                .expect("connect");
+        match (what, reader.active(&id).await) {
+            ("no lie", Ok(rec)) => assert_eq!(rec.placement, Some(placed.clone())),
+            ("no lie", Err(e)) => panic!("the honest answer was refused: {e}"),
+            (_, Ok(rec)) => panic!("{what} was trusted: {rec:?}"),
+            (_, Err(e)) => {
+                assert!(
+                    matches!(
+                        e,
+                        Error::Backend {
+                            backend: "chain",
+                            ..
+                        }
+                    ),
+                    "{what}: the typed error of a malformed answer: {e:?}"
+                );
+                assert!(
+                    e.to_string().contains("getRecords"),
+                    "{what}: the error names the bad answer: {e}"
+                );
+            }
         }
     }
 }

@@ -5,12 +5,13 @@ use alloy::primitives::{Address, B256, keccak256};
 use alloy::sol_types::SolCall;
 use async_trait::async_trait;
 use br2k_core::{
-    Account, ChangeStream, Checkpoint, Digest, Error, Location, Registry, Result, Role, ServiceId,
-    ServiceRecord, ServiceSpec, ServiceState, VersionInfo,
+    Account, ChangeStream, Checkpoint, Digest, Error, Location, Placement, Registry, Result, Role,
+    ServiceId, ServiceRecord, ServiceSpec, ServiceState, VersionInfo,
 };
 
 use super::{
-    ChainRegistry, account_of, check_replicas, insert_capped, parse_account, role_bits, service_key,
+    ChainRegistry, account_of, check_replicas, cluster_word, insert_capped, parse_account,
+    role_bits, service_key,
 };
 use crate::bindings::ServiceRegistry as C;
 use crate::error::ChainError;
@@ -290,15 +291,19 @@ impl Registry for ChainRegistry {
         .await
     }
 
-    // TEMPORARY (#19 in progress): the contract's setPlacement replaces this.
-    async fn set_placement(
-        &self,
-        _id: &ServiceId,
-        _placement: &br2k_core::Placement,
-    ) -> Result<()> {
-        Err(br2k_core::Error::unavailable(
-            "placement not yet supported by the contract",
-        ))
+    async fn set_placement(&self, id: &ServiceId, placement: &Placement) -> Result<()> {
+        // The fields are public: validate what may not have come from `Placement::new`;
+        // an invalid name sends nothing.
+        let cluster = cluster_word(&placement.cluster)?;
+        self.submit(
+            "setPlacement",
+            C::setPlacementCall {
+                id: service_key(id),
+                epoch: placement.epoch,
+                cluster,
+            },
+        )
+        .await
     }
 
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()> {

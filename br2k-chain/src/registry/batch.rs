@@ -15,7 +15,8 @@ use br2k_core::{
 use super::IDS_PER_LOG_QUERY;
 use super::verify::{LocationWant, SpecWant};
 use super::{
-    ChainRegistry, READ_ATTEMPTS, RECORDS_PER_CALL, account_of, insert_capped, service_key,
+    ChainRegistry, READ_ATTEMPTS, RECORDS_PER_CALL, account_of, decode_placement, insert_capped,
+    service_key,
 };
 use crate::bindings::ServiceRegistry as C;
 use crate::error::ChainError;
@@ -144,6 +145,7 @@ impl ChainRegistry {
             })
         };
         let state = ServiceState::from_code(r.state).map_err(Error::from)?;
+        let placement = decode_placement(&format!("getRecords: the record of {id}"), &r.placement)?;
         insert_capped(&self.inner.names, r.id, id.clone());
         let c = &r.checkpoint;
         Ok(ServiceRecord {
@@ -162,8 +164,7 @@ impl ChainRegistry {
                 state_version: c.stateVersion,
             }),
             location,
-            // TEMPORARY (#19 in progress): decoded from the contract once it records it.
-            placement: None,
+            placement,
             as_of: Some(block),
             stale: false,
         })

@@ -8,13 +8,16 @@ use alloy::primitives::{Address, B256, Bytes, keccak256};
 use alloy::rpc::types::{Filter, Log};
 use alloy::sol_types::{SolEvent, SolEventInterface};
 use br2k_core::{
-    ChangeKind, ChangeStream, Checkpoint, Digest, Error, Location, RegistryChange, Result,
-    ServiceId, ServiceSpec, ServiceState,
+    ChangeKind, ChangeStream, Checkpoint, Digest, Error, Location, Placement, RegistryChange,
+    Result, ServiceId, ServiceSpec, ServiceState,
 };
 use futures::StreamExt;
 
 use super::verify::{LocationWant, SpecWant};
-use super::{AuditEntry, ChainRegistry, IDS_PER_LOG_QUERY, account_of, insert_capped, service_key};
+use super::{
+    AuditEntry, ChainRegistry, IDS_PER_LOG_QUERY, account_of, cluster_name, insert_capped,
+    service_key,
+};
 use crate::bindings::ServiceRegistry as C;
 use crate::error::ChainError;
 
@@ -250,6 +253,14 @@ impl ChainRegistry {
                         endpoint: e.endpoint,
                         term: e.term,
                     },
+                },
+                e.by,
+            ),
+            Ev::Placed(e) => (
+                e.id,
+                None,
+                ChangeKind::Placed {
+                    placement: Placement::new(cluster_name(&e.cluster).ok()?, e.epoch).ok()?,
                 },
                 e.by,
             ),

@@ -20,7 +20,8 @@ use alloy::sol_types::SolCall;
 use br2k_core::Registry;
 use br2k_core::spec::MAX_REPLICAS;
 use br2k_core::{
-    Account, RegistryChange, Result, Role, ServiceId, ServiceRecord, ServiceSpec, ValidationError,
+    Account, Placement, RegistryChange, Result, Role, ServiceId, ServiceRecord, ServiceSpec,
+    ValidationError, check_cluster_name,
 };
 use parking_lot::Mutex;
 
@@ -125,6 +126,52 @@ pub fn service_key(id: &ServiceId) -> B256 {
 /// `0x` and 40 lowercase hex digits.
 pub fn account_of(address: Address) -> Account {
     Account(format!("0x{}", hex::encode(address.as_slice())))
+}
+
+/// The bytes32 the registry stores for a cluster name: the name validated
+/// ([`br2k_core::check_cluster_name`]), left-aligned and zero padded.
+pub fn cluster_word(name: &str) -> Result<B256> {
+    check_cluster_name(name)?;
+    let mut out = [0u8; 32];
+    out[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(B256::from(out))
+}
+
+/// The cluster name of a stored bytes32 (trailing zeros trimmed), if it is one.
+pub(crate) fn cluster_name(word: &B256) -> Result<String, ValidationError> {
+    let len = word.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let name = String::from_utf8_lossy(&word[..len]).into_owned();
+    check_cluster_name(&name)?;
+    Ok(name)
+}
+
+/// The placement of a record as an endpoint answered it (`what` names the answer):
+/// none when no cluster is recorded; a cluster that is not a valid name, or an epoch
+/// of 0 or without a cluster, is a malformed answer (the contract stores neither).
+pub(crate) fn decode_placement(
+    what: &str,
+    p: &C::Placement,
+) -> Result<Option<Placement>, ChainError> {
+    if p.cluster == B256::ZERO {
+        if p.epoch != 0 || p.blockNumber != 0 {
+            return Err(ChainError::Decode(format!(
+                "{what}: a placement at epoch {} without a cluster",
+                p.epoch
+            )));
+        }
+        return Ok(None);
+    }
+    let cluster = cluster_name(&p.cluster)
+        .map_err(|e| ChainError::Decode(format!("{what}: placement: {e}")))?;
+    if p.epoch == 0 {
+        return Err(ChainError::Decode(format!(
+            "{what}: placement in cluster {cluster} at epoch 0"
+        )));
+    }
+    Ok(Some(Placement {
+        cluster,
+        epoch: p.epoch,
+    }))
 }
 
 fn parse_account(account: &Account) -> Result<Address, ChainError> {
@@ -386,5 +433,73 @@ impl ChainRegistry {
                 |p| async move { p.get_block_number().await },
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn word(bytes: &[u8]) -> B256 {
+        let mut w = [0u8; 32];
+        w[..bytes.len()].copy_from_slice(bytes);
+        B256::from(w)
+    }
+
+    fn placement(cluster: B256, epoch: u64) -> C::Placement {
+        C::Placement {
+            cluster,
+            epoch,
+            blockNumber: 7,
+        }
+    }
+
+    #[test]
+    fn cluster_names_are_stored_left_aligned_and_zero_padded() {
+        assert_eq!(cluster_word("eu-1").expect("valid"), word(b"eu-1"));
+        let longest = "a".repeat(32);
+        assert_eq!(
+            cluster_word(&longest).expect("32 bytes"),
+            B256::repeat_byte(b'a')
+        );
+        for bad in ["", "EU-1", "-eu", "eu-", "eu_1", &"a".repeat(33)] {
+            assert!(
+                matches!(cluster_word(bad), Err(br2k_core::Error::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+        for name in ["eu-1", "us-2", "0", longest.as_str()] {
+            let w = cluster_word(name).expect("valid");
+            assert_eq!(cluster_name(&w).expect("decodes"), name);
+        }
+    }
+
+    #[test]
+    fn a_placement_is_decoded_only_from_what_the_contract_stores() {
+        assert_eq!(
+            decode_placement("getRecords", &C::Placement::default()).expect("none"),
+            None
+        );
+        assert_eq!(
+            decode_placement("getRecords", &placement(word(b"eu-1"), 5)).expect("placed"),
+            Some(Placement::new("eu-1", 5).expect("valid"))
+        );
+        let mut shifted = [0u8; 32];
+        shifted[1..5].copy_from_slice(b"eu-1");
+        let mut gap = word(b"eu");
+        gap.0[3] = b'x';
+        for (p, what) in [
+            (placement(word(b"EU-1"), 5), "not a cluster name"),
+            (placement(B256::from(shifted), 5), "not left-aligned"),
+            (placement(gap, 5), "a byte after the padding"),
+            (placement(word(&[0xff, 0xfe]), 5), "not UTF-8"),
+            (placement(word(b"eu-1"), 0), "epoch 0"),
+            (placement(B256::ZERO, 5), "an epoch without a cluster"),
+        ] {
+            match decode_placement("getRecords", &p) {
+                Err(ChainError::Decode(m)) => assert!(m.starts_with("getRecords"), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use br2k_core::{Recoverer, Registry, ServiceId, ServiceState};
+use br2k_core::{Recoverer, Registry, ServiceId, ServiceRecord, ServiceState};
 use serde_json::json;
 
 use crate::args::*;
@@ -70,31 +70,13 @@ pub(crate) async fn snapshot(
     let live = kube::live(client, ns, id).await?;
     let st = kube::cr_status(client, ns, id).await?;
     let pending = kube::pending(&rec, &live);
-    let digest = rec
-        .spec
-        .image
-        .digest()
-        .map(|d| d.to_string())
-        .unwrap_or_default();
     let ready = kube::ready_on_digest(&rec, &live);
     let mut running: Vec<String> = live.pods.iter().filter_map(|p| p.digest.clone()).collect();
     running.sort();
     running.dedup();
     Ok(json!({
         "service": id.as_str(),
-        "record": {
-            "version": rec.version,
-            "latest_version": rec.latest_version,
-            "digest": digest,
-            "image": rec.spec.image.to_string(),
-            "replicas": rec.replicas,
-            "state": state_name(rec.state),
-            "owner": rec.owner.0,
-            "location": rec.location,
-            "checkpoint": rec.checkpoint,
-            "block": rec.as_of,
-            "stale": rec.stale,
-        },
+        "record": record_json(&rec),
         "live": {
             "statefulset": live.statefulset,
             "replicas": live.replicas,
@@ -109,12 +91,47 @@ pub(crate) async fn snapshot(
     }))
 }
 
+/// The `record` part of a status: what the chain records of the service, its
+/// placement (active cluster and epoch, `null` unless placed) among it.
+pub(crate) fn record_json(rec: &ServiceRecord) -> serde_json::Value {
+    let digest = rec
+        .spec
+        .image
+        .digest()
+        .map(|d| d.to_string())
+        .unwrap_or_default();
+    json!({
+        "version": rec.version,
+        "latest_version": rec.latest_version,
+        "digest": digest,
+        "image": rec.spec.image.to_string(),
+        "replicas": rec.replicas,
+        "state": state_name(rec.state),
+        "owner": rec.owner.0,
+        "location": rec.location,
+        "checkpoint": rec.checkpoint,
+        "placement": rec.placement,
+        "block": rec.as_of,
+        "stale": rec.stale,
+    })
+}
+
 pub(crate) fn render_status(v: &serde_json::Value) {
-    let s = |p: &serde_json::Value| match p {
+    println!("service {}", s(&v["service"]));
+    table(&["", "on chain", "live"], &status_rows(v));
+}
+
+/// A JSON value as a table cell (`-` for null).
+fn s(p: &serde_json::Value) -> String {
+    match p {
         serde_json::Value::String(x) => x.clone(),
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
-    };
+    }
+}
+
+/// The rows of the human status table.
+fn status_rows(v: &serde_json::Value) -> Vec<Vec<String>> {
     let r = &v["record"];
     let l = &v["live"];
     let op = &v["operator"];
@@ -138,13 +155,13 @@ pub(crate) fn render_status(v: &serde_json::Value) {
             s(&last["durationMs"]),
             last["findings"]
                 .as_array()
-                .map(|f| f.iter().map(&s).collect::<Vec<_>>().join(","))
+                .map(|f| f.iter().map(s).collect::<Vec<_>>().join(","))
                 .unwrap_or_default()
         )
     };
     let running = l["running_digests"]
         .as_array()
-        .map(|d| d.iter().map(&s).collect::<Vec<_>>().join(","))
+        .map(|d| d.iter().map(s).collect::<Vec<_>>().join(","))
         .unwrap_or_default();
     let checkpoint = if r["checkpoint"].is_null() {
         "-".into()
@@ -182,9 +199,27 @@ pub(crate) fn render_status(v: &serde_json::Value) {
             String::new(),
         ],
         vec!["checkpoint".into(), checkpoint, String::new()],
+        vec![
+            "placement".into(),
+            if r["placement"].is_null() {
+                "-".into()
+            } else {
+                format!(
+                    "{} (epoch {})",
+                    s(&r["placement"]["cluster"]),
+                    s(&r["placement"]["epoch"])
+                )
+            },
+            placement_view(&op["placement"]),
+        ],
         vec!["operator".into(), String::new(), s(&op["phase"])],
         vec!["conditions".into(), String::new(), cond],
         vec!["last recovery".into(), String::new(), last],
+        vec![
+            "last failover".into(),
+            String::new(),
+            failover_timeline(&op["placement"]["lastFailover"]),
+        ],
         vec![
             "in sync".into(),
             String::new(),
@@ -208,8 +243,47 @@ pub(crate) fn render_status(v: &serde_json::Value) {
             },
         ]);
     }
-    println!("service {}", s(&v["service"]));
-    table(&["", "on chain", "live"], &rows);
+    rows
+}
+
+/// What this cluster's operator sees of the placement (its resource status):
+/// `eu-1: standby (active us-2, epoch 9)`, and why nothing happens when it says so.
+fn placement_view(p: &serde_json::Value) -> String {
+    if p.is_null() {
+        return "-".into();
+    }
+    let mut out = format!("{}: {}", s(&p["cluster"]), s(&p["decision"]));
+    if !p["activeCluster"].is_null() || !p["epoch"].is_null() {
+        out.push_str(&format!(
+            " (active {}, epoch {})",
+            s(&p["activeCluster"]),
+            s(&p["epoch"])
+        ));
+    }
+    if !p["message"].is_null() {
+        out.push_str(&format!(": {}", s(&p["message"])));
+    }
+    out
+}
+
+/// The steps of the last failover to this cluster, in order (`-` when none).
+fn failover_timeline(t: &serde_json::Value) -> String {
+    let steps: Vec<String> = [
+        ("detected", "detected"),
+        ("leaseAcquired", "lease acquired"),
+        ("recorded", "recorded"),
+        ("deployed", "deployed"),
+        ("ready", "ready"),
+    ]
+    .iter()
+    .filter(|(k, _)| !t[*k].is_null())
+    .map(|(k, name)| format!("{name} {}", s(&t[*k])))
+    .collect();
+    if steps.is_empty() {
+        "-".into()
+    } else {
+        steps.join(", ")
+    }
 }
 
 /// The snapshot without what changes on every read (the block it was read at).
@@ -488,6 +562,98 @@ pub(crate) fn utc(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use br2k_core::memory::InMemoryRegistry;
+    use br2k_core::{Placement, ServiceSpec};
+
+    /// A status as `snapshot` builds it, around the record of a registered service.
+    async fn status_of(placement: Option<&Placement>) -> serde_json::Value {
+        let reg = InMemoryRegistry::new("0x1111111111111111111111111111111111111111");
+        let id = ServiceId::new("ledger").expect("id");
+        let spec = ServiceSpec::from_json_bytes(
+            br#"{"image":"registry.example/ledger@sha256:1111111111111111111111111111111111111111111111111111111111111111","replicas":3,"clusters":["eu-1","us-2"]}"#,
+        )
+        .expect("spec");
+        reg.register(&id, &spec).await.expect("register");
+        if let Some(p) = placement {
+            reg.set_placement(&id, p).await.expect("placement");
+        }
+        let rec = reg.active(&id).await.expect("active");
+        json!({
+            "service": id.as_str(),
+            "record": record_json(&rec),
+            "live": {"pods": []},
+            "in_sync": true,
+            "operator": null,
+        })
+    }
+
+    fn row<'a>(rows: &'a [Vec<String>], name: &str) -> &'a [String] {
+        rows.iter()
+            .find(|r| r[0] == name)
+            .unwrap_or_else(|| panic!("no {name} row in {rows:?}"))
+    }
+
+    #[tokio::test]
+    async fn status_shows_the_placement_in_json_and_in_the_table() {
+        let placed = Placement::new("us-2", 9).expect("placement");
+        let v = status_of(Some(&placed)).await;
+        assert_eq!(
+            v["record"]["placement"],
+            json!({"cluster": "us-2", "epoch": 9}),
+            "{v}"
+        );
+        assert_eq!(row(&status_rows(&v), "placement")[1], "us-2 (epoch 9)");
+
+        assert_eq!(
+            row(&status_rows(&v), "placement")[2],
+            "-",
+            "no operator view"
+        );
+
+        // The operator's view (its resource status) in the live column.
+        let mut v = v;
+        v["operator"] = json!({
+            "phase": "Healthy",
+            "placement": {
+                "cluster": "eu-1",
+                "decision": "standby",
+                "activeCluster": "us-2",
+                "epoch": 9,
+                "lastFailover": {
+                    "detected": "2026-12-07T00:00:01.000Z",
+                    "leaseAcquired": "2026-12-07T00:00:06.000Z",
+                    "ready": "2026-12-07T00:00:09.000Z"
+                }
+            }
+        });
+        let rows = status_rows(&v);
+        assert_eq!(
+            row(&rows, "placement")[2],
+            "eu-1: standby (active us-2, epoch 9)"
+        );
+        assert_eq!(
+            row(&rows, "last failover")[2],
+            "detected 2026-12-07T00:00:01.000Z, lease acquired 2026-12-07T00:00:06.000Z, \
+             ready 2026-12-07T00:00:09.000Z"
+        );
+        v["operator"]["placement"] = json!({
+            "cluster": "eu-1",
+            "decision": "braked",
+            "message": "2 of 3 clusters look lost"
+        });
+        assert_eq!(
+            row(&status_rows(&v), "placement")[2],
+            "eu-1: braked: 2 of 3 clusters look lost"
+        );
+
+        // An unplaced service: null in JSON, "-" in the table.
+        let v = status_of(None).await;
+        assert!(v["record"]["placement"].is_null(), "{v}");
+        assert_eq!(row(&status_rows(&v), "placement")[1], "-");
+        assert_eq!(row(&status_rows(&v), "last failover")[2], "-");
+        assert_eq!(row(&status_rows(&v), "version")[1], "1 (latest 1)");
+    }
 
     #[test]
     fn utc_formats_unix_seconds() {
