@@ -74,8 +74,8 @@ pub trait Registry: Send + Sync + Debug {
     async fn set_location(&self, id: &ServiceId, location: &Location) -> Result<()>;
 
     /// Records the active cluster and its epoch (owner or [`Role::Operator`]). An
-    /// epoch not above the recorded one is [`crate::Error::Conflict`]; the recorded
-    /// placement again is a no-op.
+    /// epoch not above the recorded one (epoch 0 always) is [`crate::Error::Conflict`];
+    /// the recorded placement again is a no-op.
     async fn set_placement(&self, id: &ServiceId, placement: &Placement) -> Result<()>;
 
     /// Grants `role` to `account` (owner only). Idempotent.

@@ -174,38 +174,7 @@ impl World {
             .get_block_number()
             .await
             .map_err(|e| format!("anvil: {e}"))?;
-        let accounts: Vec<String> = REPLICA_KEYS
-            .iter()
-            .map(|k| address_of(k).map(|a| format!("{a:#x}")))
-            .collect::<Result<_, _>>()?;
-        let out = Command::new(ledger_bin)
-            .args(["setup", "--service", name, "--replica-accounts"])
-            .arg(accounts.join(","))
-            .arg("--settler")
-            .arg(format!("{:#x}", address_of(SETTLER_KEY)?))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("BR2K_RPC_URLS", &rpc)
-            .env("BR2K_PRIVATE_KEY", OWNER_KEY)
-            .env("RUST_LOG", "warn")
-            .output()
-            .map_err(|e| format!("ledger setup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ledger setup: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        let get = |k: &str| {
-            vars.get(k)
-                .cloned()
-                .ok_or_else(|| format!("ledger setup printed no {k}"))
-        };
+        let (registry_address, settlement) = setup_service(ledger_bin, &rpc, name)?;
         let mut etcd_proxies = Vec::new();
         for _ in 0..3 {
             let mut v = Vec::new();
@@ -217,10 +186,8 @@ impl World {
         let mut w = Self {
             service: name.to_owned(),
             namespace: format!("faults-{name}"),
-            registry_address: get("BR2K_REGISTRY_ADDRESS")?,
-            settlement: get("LEDGER_SETTLEMENT_ADDRESS")?
-                .parse()
-                .map_err(|e| format!("settlement address: {e}"))?,
+            registry_address,
+            settlement,
             first_block,
             rpc,
             etcd_proxies,
@@ -256,32 +223,21 @@ impl World {
             .iter()
             .map(|p| format!("http://{}", p.addr))
             .collect();
-        let mut cmd = Command::new(&self.ledger_bin);
-        cmd.arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "RUST_LOG",
-                std::env::var("BR2K_FAULTS_LEDGER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("BR2K_RPC_URLS", &self.rpc)
-            .env("BR2K_REGISTRY_ADDRESS", &self.registry_address)
-            .env("BR2K_PRIVATE_KEY", REPLICA_KEYS[slot])
-            .env("BR2K_ETCD_ENDPOINTS", etcd.join(","))
-            .env("LEDGER_OCI_REGISTRY", &self.oci)
-            .env("LEDGER_SETTLER_KEY", SETTLER_KEY)
-            .env(
-                "LEDGER_SETTLEMENT_ADDRESS",
-                format!("{:#x}", self.settlement),
-            )
-            .env("LEDGER_SERVICE", &self.service)
-            .env("LEDGER_NAMESPACE", &self.namespace)
-            .env("LEDGER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("LEDGER_SNAPSHOT_EVERY", SNAPSHOT_EVERY.to_string())
-            .env("LEDGER_LEASE_TTL_SECS", LEASE_TTL_SECS.to_string())
-            .env("LEDGER_REQUEST_TIMEOUT_MS", "5000")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
+        let mut cmd = serve_command(
+            &self.ledger_bin,
+            &Serve {
+                rpc: &self.rpc,
+                registry_address: &self.registry_address,
+                slot,
+                etcd: &etcd,
+                oci: &self.oci,
+                settlement: self.settlement,
+                service: &self.service,
+                namespace: &self.namespace,
+                port,
+            },
+            &log,
+        )?;
         if let Some(offset) = skew {
             // libfaketime: every clock the process reads (realtime and monotonic) is
             // shifted by `offset`; the kernel, etcd and anvil keep the true time.
@@ -329,27 +285,7 @@ impl World {
 
     /// Settlement transactions on chain since the world started, by settlement key.
     pub async fn settlement_txs(&self) -> Result<BTreeMap<B256, u32>, String> {
-        let p = ProviderBuilder::new().connect_http(self.rpc.parse().map_err(|e| format!("{e}"))?);
-        let head = p.get_block_number().await.map_err(|e| e.to_string())?;
-        let mut seen = BTreeMap::new();
-        for n in self.first_block..=head {
-            let block = p
-                .get_block_by_number(n.into())
-                .full()
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("block {n} missing"))?;
-            for tx in block.transactions.txns() {
-                use alloy::consensus::Transaction as _;
-                if tx.to() != Some(self.settlement) {
-                    continue;
-                }
-                let call = Settlement::settleCall::abi_decode(tx.input())
-                    .map_err(|e| format!("a transaction to Settlement that is no settle: {e}"))?;
-                *seen.entry(call.key).or_insert(0) += 1;
-            }
-        }
-        Ok(seen)
+        settlement_txs(&self.rpc, self.settlement, self.first_block).await
     }
 
     /// The contract's settlement counter.
@@ -371,4 +307,133 @@ impl World {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Deploys the contracts of service `name` with `ledger setup` (owner: dev account 5,
+/// replicas 6-8, settler 9); returns the ServiceRegistry and Settlement addresses.
+pub fn setup_service(
+    ledger_bin: &Path,
+    rpc: &str,
+    name: &str,
+) -> Result<(String, Address), String> {
+    let accounts: Vec<String> = REPLICA_KEYS
+        .iter()
+        .map(|k| address_of(k).map(|a| format!("{a:#x}")))
+        .collect::<Result<_, _>>()?;
+    let out = Command::new(ledger_bin)
+        .args(["setup", "--service", name, "--replica-accounts"])
+        .arg(accounts.join(","))
+        .arg("--settler")
+        .arg(format!("{:#x}", address_of(SETTLER_KEY)?))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BR2K_RPC_URLS", rpc)
+        .env("BR2K_PRIVATE_KEY", OWNER_KEY)
+        .env("RUST_LOG", "warn")
+        .output()
+        .map_err(|e| format!("ledger setup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ledger setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let get = |k: &str| {
+        vars.get(k)
+            .cloned()
+            .ok_or_else(|| format!("ledger setup printed no {k}"))
+    };
+    let settlement = get("LEDGER_SETTLEMENT_ADDRESS")?
+        .parse()
+        .map_err(|e| format!("settlement address: {e}"))?;
+    Ok((get("BR2K_REGISTRY_ADDRESS")?, settlement))
+}
+
+/// Where one `ledger serve` replica runs and what it talks to.
+pub struct Serve<'a> {
+    /// The anvil RPC URL.
+    pub rpc: &'a str,
+    /// The ServiceRegistry contract.
+    pub registry_address: &'a str,
+    /// Which replica key (0-2) it signs checkpoints and its location with.
+    pub slot: usize,
+    /// The etcd endpoints it uses (`http://host:port`).
+    pub etcd: &'a [String],
+    /// The snapshot registry (`host:port`).
+    pub oci: &'a str,
+    /// The Settlement contract.
+    pub settlement: Address,
+    /// The service id.
+    pub service: &'a str,
+    /// The etcd namespace of its log.
+    pub namespace: &'a str,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+/// The command starting a `ledger serve` replica (stderr to `log`); the caller may
+/// add environment (libfaketime, `LEDGER_CLUSTER`).
+pub fn serve_command(bin: &Path, s: &Serve<'_>, log: &Path) -> Result<Command, String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "RUST_LOG",
+            std::env::var("BR2K_FAULTS_LEDGER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("BR2K_RPC_URLS", s.rpc)
+        .env("BR2K_REGISTRY_ADDRESS", s.registry_address)
+        .env(
+            "BR2K_PRIVATE_KEY",
+            REPLICA_KEYS[s.slot % REPLICA_KEYS.len()],
+        )
+        .env("BR2K_ETCD_ENDPOINTS", s.etcd.join(","))
+        .env("LEDGER_OCI_REGISTRY", s.oci)
+        .env("LEDGER_SETTLER_KEY", SETTLER_KEY)
+        .env("LEDGER_SETTLEMENT_ADDRESS", format!("{:#x}", s.settlement))
+        .env("LEDGER_SERVICE", s.service)
+        .env("LEDGER_NAMESPACE", s.namespace)
+        .env("LEDGER_LISTEN", format!("127.0.0.1:{}", s.port))
+        .env("LEDGER_SNAPSHOT_EVERY", SNAPSHOT_EVERY.to_string())
+        .env("LEDGER_LEASE_TTL_SECS", LEASE_TTL_SECS.to_string())
+        .env("LEDGER_REQUEST_TIMEOUT_MS", "5000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).map_err(|e| e.to_string())?);
+    Ok(cmd)
+}
+
+/// Settlement transactions to `settlement` in blocks `first_block..=head`, counted
+/// by settlement key (reverted ones included).
+pub async fn settlement_txs(
+    rpc: &str,
+    settlement: Address,
+    first_block: u64,
+) -> Result<BTreeMap<B256, u32>, String> {
+    let p = ProviderBuilder::new().connect_http(rpc.parse().map_err(|e| format!("{e}"))?);
+    let head = p.get_block_number().await.map_err(|e| e.to_string())?;
+    let mut seen = BTreeMap::new();
+    for n in first_block..=head {
+        let block = p
+            .get_block_by_number(n.into())
+            .full()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("block {n} missing"))?;
+        for tx in block.transactions.txns() {
+            use alloy::consensus::Transaction as _;
+            if tx.to() != Some(settlement) {
+                continue;
+            }
+            let call = Settlement::settleCall::abi_decode(tx.input())
+                .map_err(|e| format!("a transaction to Settlement that is no settle: {e}"))?;
+            *seen.entry(call.key).or_insert(0) += 1;
+        }
+    }
+    Ok(seen)
 }

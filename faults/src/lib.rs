@@ -2,6 +2,7 @@
 //! operator (two supervised services) against the real stack, injects seeded faults,
 //! and checks after every run that nothing acknowledged was lost or done twice.
 
+pub mod failover;
 pub mod history;
 pub mod ledger;
 pub mod matrix;

@@ -262,7 +262,7 @@ impl ServicePlacement {
                     Err(_) => {}
                 }
             }
-            if !listed.iter().any(|c| *c == self.cfg.cluster) {
+            if !listed.contains(&self.cfg.cluster) {
                 if let Some(l) = held.take() {
                     let _ = self.lease.resign(&l).await;
                 }

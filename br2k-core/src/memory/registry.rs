@@ -445,6 +445,11 @@ impl Registry for InMemoryRegistry {
         // The fields are public: re-validate what may not have come from `new`.
         Placement::new(placement.cluster.clone(), placement.epoch)?;
         self.operate(id, |e| {
+            if placement.epoch == 0 {
+                return Err(Error::conflict(format!(
+                    "placement epoch 0 of {id}: epochs start at 1"
+                )));
+            }
             if let Some(prev) = &e.placement {
                 if prev == placement {
                     return Ok(((), None));

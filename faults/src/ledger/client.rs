@@ -31,6 +31,15 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of the replicas at `urls` (tried in order, the first one first).
+    pub fn new(urls: Vec<String>) -> Self {
+        Self {
+            http: http(),
+            urls,
+            last: Arc::new(Mutex::new(0)),
+        }
+    }
+
     /// `GET /status` of one replica.
     pub async fn status(&self, url: &str) -> Option<Value> {
         let r = self.http.get(format!("{url}/status")).send().await.ok()?;

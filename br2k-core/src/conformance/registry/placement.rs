@@ -23,6 +23,13 @@ pub async fn placement(owner: &dyn Registry, stranger: &dyn Registry, id: &Servi
 
     let p5 = Placement::new("eu-1", 5).expect("placement");
     expect_kind(
+        owner
+            .set_placement(id, &Placement::new("eu-1", 0).expect("placement"))
+            .await,
+        crate::ErrorKind::Conflict,
+        "epoch 0",
+    );
+    expect_kind(
         stranger.set_placement(id, &p5).await,
         crate::ErrorKind::PermissionDenied,
         "placement without the operator role",

@@ -7,13 +7,20 @@ use super::*;
 /// The pid file of component `name` of the kwok cluster `$BR2K_KWOK_CLUSTER` (under
 /// `$KWOK_WORKDIR`).
 pub(super) fn kwok_pid_file(name: &str) -> Result<PathBuf, String> {
-    let workdir = env("KWOK_WORKDIR")?;
-    let cluster = env("BR2K_KWOK_CLUSTER")?;
-    Ok(Path::new(&workdir)
+    Ok(kwok_pid_file_in(
+        &env("KWOK_WORKDIR")?,
+        &env("BR2K_KWOK_CLUSTER")?,
+        name,
+    ))
+}
+
+/// The pid file of component `name` of kwok cluster `cluster` under `workdir`.
+fn kwok_pid_file_in(workdir: &str, cluster: &str, name: &str) -> PathBuf {
+    Path::new(workdir)
         .join("clusters")
-        .join(&cluster)
+        .join(cluster)
         .join("pids")
-        .join(format!("{name}.pid")))
+        .join(format!("{name}.pid"))
 }
 
 /// The pid in `pid_file`.
@@ -48,7 +55,11 @@ pub(super) struct ProcImage {
 impl ProcImage {
     /// Reads component `name` (its pid file names a running process).
     fn capture(name: &str) -> Result<(Self, u32), String> {
-        let pid_file = kwok_pid_file(name)?;
+        Self::capture_file(name, kwok_pid_file(name)?)
+    }
+
+    /// Reads component `name` whose pid is in `pid_file`.
+    fn capture_file(name: &str, pid_file: PathBuf) -> Result<(Self, u32), String> {
         let pid = read_pid(&pid_file)?;
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let cmdline =
@@ -183,7 +194,16 @@ impl KilledApiserver {
     /// SIGKILLs the kube-apiserver of cluster `$BR2K_KWOK_CLUSTER` (pid file under
     /// `$KWOK_WORKDIR`) and waits until it is gone.
     pub async fn kill() -> Result<Self, String> {
-        let (image, pid) = ProcImage::capture("kube-apiserver")?;
+        Self::kill_image(ProcImage::capture("kube-apiserver")?).await
+    }
+
+    /// SIGKILLs the kube-apiserver of kwok cluster `cluster` under `workdir`.
+    pub async fn kill_in(workdir: &str, cluster: &str) -> Result<Self, String> {
+        let pid_file = kwok_pid_file_in(workdir, cluster, "kube-apiserver");
+        Self::kill_image(ProcImage::capture_file("kube-apiserver", pid_file)?).await
+    }
+
+    async fn kill_image((image, pid): (ProcImage, u32)) -> Result<Self, String> {
         signal(pid, "KILL")?;
         let me = Self {
             image,
