@@ -26,7 +26,7 @@ fn path_arg(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn ms(d: Option<Duration>) -> String {
+fn secs(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()))
 }
 
@@ -85,6 +85,10 @@ async fn main() -> ExitCode {
                     "to_ready_ms": t.to_ready.map(|d| d.as_millis() as u64),
                     "to_recorded_ms": t.to_recorded.map(|d| d.as_millis() as u64),
                     "to_serving_ms": t.to_serving.map(|d| d.as_millis() as u64),
+                    "from_fenced_ms": t.from_fenced.map(|d| d.as_millis() as u64),
+                    "resolution_ms": t.resolution.as_millis() as u64,
+                    "braked_ms": t.braked.map(|d| d.as_millis() as u64),
+                    "returned_ms": t.returned.map(|d| d.as_millis() as u64),
                     "standdown_ms": t.standdown.map(|d| d.as_millis() as u64),
                     "timeline": t.timeline, "problems": t.problems,
                 })
@@ -101,30 +105,33 @@ async fn main() -> ExitCode {
         );
     } else {
         println!(
-            "| # | scenario | from→to | epochs | loss→ready (s) | loss→recorded (s) | loss→serving (s) | return→stand-down (s) |"
+            "| # | scenario | from→to | epochs | loss→old fenced (s) | loss→ready (s) | loss→recorded (s) | loss→serving (s) | heal→back (s) | back→scaled to 0 (s) | loss→braked status (s) | poll round max (s) |"
         );
-        println!("|---:|---|---|---|---:|---:|---:|---:|");
+        println!("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (i, t) in summary.trials.iter().enumerate() {
             println!(
-                "| {i} | {} | {}→{} | {}→{} | {} | {} | {} | {} |",
+                "| {i} | {} | {}→{} | {}→{} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
                 t.scenario.name(),
                 t.from,
                 t.to,
                 t.epochs.0,
                 t.epochs.1,
-                ms(t.to_ready),
-                ms(t.to_recorded),
-                ms(t.to_serving),
-                ms(t.standdown)
+                secs(t.from_fenced),
+                secs(t.to_ready),
+                secs(t.to_recorded),
+                secs(t.to_serving),
+                secs(t.returned),
+                secs(t.standdown),
+                secs(t.braked),
+                t.resolution.as_secs_f64()
             );
         }
         println!();
         println!(
-            "| scenario | trials | loss→ready p50 / max (s) | loss→recorded p50 / max | loss→serving p50 / max | stand-down p50 / max |"
+            "| scenario | trials | loss→old fenced p50 / max (s) | loss→ready p50 / max | loss→recorded p50 / max | loss→serving p50 / max | back→scaled to 0 p50 / max | loss→braked p50 / max |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         let mut scenarios: Vec<Scenario> = summary.trials.iter().map(|t| t.scenario).collect();
-        scenarios.dedup();
         scenarios.sort_by_key(|s| s.name());
         scenarios.dedup();
         for s in scenarios.into_iter().map(Some).chain([None]) {
@@ -137,13 +144,15 @@ async fn main() -> ExitCode {
                 stats(ts.iter().filter_map(|t| f(t)).collect())
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.map_or("all", |s| s.name()),
                 ts.len(),
+                col(|t| t.from_fenced),
                 col(|t| t.to_ready),
                 col(|t| t.to_recorded),
                 col(|t| t.to_serving),
-                col(|t| t.standdown)
+                col(|t| t.standdown),
+                col(|t| t.braked)
             );
         }
         println!();

@@ -2,7 +2,7 @@
 //! the pod runners, and the settling client.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::Options;
 use crate::ledger::{Client, Reply, Serve, Stack, serve_command, settlement_txs, setup_service};
-use crate::operator::infra::{free_port, unique};
+use crate::operator::infra::{ControlPlaneSupervisor, free_port, unique};
 use crate::proxy::{Mode, Proxy};
 
 /// Anvil dev accounts 5 (the ledger's owner, see `crate::ledger`), 1 and 2 (the
@@ -72,6 +72,12 @@ pub struct Member {
     pub ports: Vec<u16>,
     pods: BTreeMap<usize, PodProc>,
     spawned: usize,
+    dir: PathBuf,
+    bin: PathBuf,
+    /// Restarts the scheduler and controller manager when they exit (they do when
+    /// their API server was gone longer than their leader-election lease), as a
+    /// kubelet or systemd would.
+    _control_plane: ControlPlaneSupervisor,
 }
 
 impl Member {
@@ -185,18 +191,9 @@ impl Rig {
         let owner = ChainRegistry::connect(base.clone().with_private_key(OWNER_KEY))
             .await
             .map_err(|e| format!("owner: {e}"))?;
-        // The image every cluster runs: the operator's own, pushed to both registries.
-        let out = Command::new(&opts.operator_bin)
-            .args(["push-image", "--insecure", "--tag", &format!("fo-{run}")])
-            .args(registries.iter().flat_map(|r| ["--registry", r.as_str()]))
-            .stderr(Stdio::null())
-            .output()
-            .map_err(|e| format!("push-image: {e}"))?;
-        if !out.status.success() {
-            return Err("br2k-operator push-image failed".into());
-        }
-        let reference = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let image = ImageRef::parse(&reference).map_err(|e| format!("{reference}: {e}"))?;
+        // The image every cluster runs (kwok starts no container: 1 MiB of this run's
+        // bytes stand for the ledger), pushed to both registries and pinned by digest.
+        let image = image(&run, &registries).await?;
         let mut spec = ServiceSpec::new(image, REPLICAS as u32).map_err(|e| e.to_string())?;
         spec.clusters = vec!["a".into(), "b".into()];
         owner
@@ -223,6 +220,10 @@ impl Rig {
         let mut members = Vec::new();
         for (i, (name, stack)) in [("a", stack_a), ("b", stack_b)].into_iter().enumerate() {
             let client = kube_client(stack.var("KUBECONFIG")?).await?;
+            let control_plane = ControlPlaneSupervisor::start_in(
+                stack.var("KWOK_WORKDIR")?,
+                stack.var("BR2K_KWOK_CLUSTER")?,
+            )?;
             prepare_cluster(&client, &ns, &id).await?;
             let mut operator_etcd = Vec::new();
             for m in &etcd {
@@ -284,8 +285,11 @@ impl Rig {
                 ports,
                 pods: BTreeMap::new(),
                 spawned: 0,
+                dir: dir.clone(),
+                bin: opts.operator_bin.clone(),
+                _control_plane: control_plane,
             };
-            m.start_operator(&dir, &opts.operator_bin)?;
+            m.start_operator(&[])?;
             members.push(m);
         }
         let chain = ChainRegistry::connect(base)
@@ -606,7 +610,17 @@ impl Rig {
 }
 
 impl Member {
-    fn start_operator(&mut self, dir: &Path, bin: &Path) -> Result<(), String> {
+    /// Starts the operator again (SIGKILL first) with `extra` options.
+    pub fn restart_operator(&mut self, extra: &[&str]) -> Result<(), String> {
+        if let Some(mut c) = self.operator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.start_operator(extra)
+    }
+
+    fn start_operator(&mut self, extra: &[&str]) -> Result<(), String> {
+        let (dir, bin) = (&self.dir, &self.bin);
         let log = dir.join(format!("operator-{}.log", self.name));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -617,6 +631,7 @@ impl Member {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let child = Command::new(bin)
             .args(&self.operator_args)
+            .args(extra)
             .args(["--metrics-addr", &metrics])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -632,6 +647,31 @@ impl Member {
         self.operator = Some(child);
         Ok(())
     }
+}
+
+/// Builds this run's image (1 MiB payload, entrypoint `/ledger serve`) and pushes it
+/// to every registry; returns its digest-pinned reference in the first.
+async fn image(run: &str, registries: &[String]) -> Result<ImageRef, String> {
+    let payload: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| {
+            (i.wrapping_mul(2_654_435_761) >> 24) as u8 ^ run.as_bytes()[i as usize % run.len()]
+        })
+        .collect();
+    let built = br2k_oci::ImageBuilder::new()
+        .file("ledger", payload, 0o755)
+        .and_then(|b| b.entrypoint(["/ledger", "serve"]).build())
+        .map_err(|e| format!("build the image: {e}"))?;
+    let repo = br2k_core::Repository::new(format!("br2k-failover/ledger-{run}"))
+        .map_err(|e| e.to_string())?;
+    for host in registries {
+        let store = br2k_oci::OciImageStore::insecure(host).map_err(|e| e.to_string())?;
+        use br2k_core::ImageStore;
+        store
+            .push(&repo, &built, Some("1.0"))
+            .await
+            .map_err(|e| format!("push to {host}: {e}"))?;
+    }
+    ImageRef::new(&registries[0], repo, Some("1.0"), Some(built.digest)).map_err(|e| e.to_string())
 }
 
 /// The CRD, RBAC, namespaces and the `ledger` resource in one cluster.

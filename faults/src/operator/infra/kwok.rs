@@ -138,11 +138,19 @@ pub(super) const SUPERVISED: [&str; 3] = [
 ];
 
 impl ControlPlaneSupervisor {
-    /// Reads the components (each must run now) and starts watching them.
+    /// Reads the components of `$BR2K_KWOK_CLUSTER` (each must run now) and starts
+    /// watching them.
     pub fn start() -> Result<Self, String> {
+        Self::start_in(&env("KWOK_WORKDIR")?, &env("BR2K_KWOK_CLUSTER")?)
+    }
+
+    /// Like [`ControlPlaneSupervisor::start`] for kwok cluster `cluster` under `workdir`.
+    pub fn start_in(workdir: &str, cluster: &str) -> Result<Self, String> {
         let images: Vec<ProcImage> = SUPERVISED
             .iter()
-            .map(|n| ProcImage::capture(n).map(|(i, _)| i))
+            .map(|n| {
+                ProcImage::capture_file(n, kwok_pid_file_in(workdir, cluster, n)).map(|(i, _)| i)
+            })
             .collect::<Result<_, _>>()?;
         let restarts: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = restarts.clone();
