@@ -13,6 +13,12 @@ use super::{ReplicaRole, Shared, StateMachine};
 use crate::error::Error;
 use crate::log::Entry;
 
+/// First wait before a replica the log was compacted past asks for a newer checkpoint
+/// again.
+const RESTORE_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// Longest such wait.
+const RESTORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// One logged operation (the payload of a log entry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -181,15 +187,32 @@ impl<S: StateMachine> Shared<S> {
     /// Follows the log from the applied index, restoring the newest checkpoint when
     /// the needed entries were compacted away.
     pub(super) async fn apply_loop(self: Arc<Self>) {
+        let mut behind = RESTORE_RETRY_FIRST;
         loop {
             let from = self.applied.lock().index + 1;
             let mut stream = match self.log.watch(from).await {
                 Ok(s) => s,
                 Err(Error::NotFound { .. }) => {
-                    if let Err(e) = self.restore_newest(true).await {
-                        tracing::error!(error = %e, "cannot restore the newest checkpoint");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    // Compacted past this replica: only a newer checkpoint helps. None
+                    // yet (the record read is older than the compaction, or the chain
+                    // is unreachable): wait, longer each time, instead of asking again
+                    // at once.
+                    match self.restore_newest(true).await {
+                        Ok(true) => {
+                            behind = RESTORE_RETRY_FIRST;
+                            continue;
+                        }
+                        Ok(false) => tracing::warn!(
+                            applied = self.applied.lock().index,
+                            retry_in = ?behind,
+                            "the log is compacted past this replica and no newer checkpoint is recorded yet"
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, retry_in = ?behind, "cannot restore the newest checkpoint")
+                        }
                     }
+                    tokio::time::sleep(behind).await;
+                    behind = (behind * 2).min(RESTORE_RETRY_MAX);
                     continue;
                 }
                 Err(e) => {

@@ -91,10 +91,10 @@ impl<S: StateMachine> Shared<S> {
 
     /// Restores the newest recorded checkpoint if it is ahead of the applied state
     /// (always when `needed`, i.e. the log behind it is compacted).
-    pub(super) async fn restore_newest(&self, needed: bool) -> Result<()> {
+    pub(super) async fn restore_newest(&self, needed: bool) -> Result<bool> {
         let record = match self.registry.active(&self.cfg.service).await {
             Ok(r) => r,
-            Err(Error::NotFound { .. }) if !needed => return Ok(()),
+            Err(Error::NotFound { .. }) if !needed => return Ok(false),
             Err(e) => return Err(e),
         };
         let Some(cp) = record.checkpoint else {
@@ -103,11 +103,11 @@ impl<S: StateMachine> Shared<S> {
                     "a checkpoint: the log is compacted and none is recorded",
                 ))
             } else {
-                Ok(())
+                Ok(false)
             };
         };
         if cp.log_index <= self.applied.lock().index {
-            return Ok(());
+            return Ok(false);
         }
         let image = self
             .store
@@ -138,6 +138,6 @@ impl<S: StateMachine> Shared<S> {
         *self.applied.lock() = restored;
         self.applied_tx.send_replace(index);
         tracing::info!(index, version = cp.state_version, "restored checkpoint");
-        Ok(())
+        Ok(true)
     }
 }

@@ -351,21 +351,57 @@ impl Rig {
         Ok((p.cluster, p.epoch))
     }
 
-    /// Ready replicas of the StatefulSet in `m`, read from its API server; an error
-    /// unless every replica is Ready and the spec asks for all of them.
+    /// Whether every replica is Ready in `m`, read from its API server: the
+    /// StatefulSet asks for all of them and its controller saw that spec, and as
+    /// many pods of the service are Ready and not being deleted (a StatefulSet's
+    /// status alone may be stale while its controller restarts).
     pub async fn ready_replicas(&self, m: &Member) -> Result<(), String> {
         let s = self.statefulset(m).await?;
         let spec = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-        let ready = s
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0);
-        if spec == REPLICAS as i32 && ready == REPLICAS as i32 {
+        let observed = s.status.as_ref().and_then(|s| s.observed_generation);
+        if spec != REPLICAS as i32 || observed < s.metadata.generation {
+            return Err(format!("{}: spec {spec}, observed {observed:?}", m.name));
+        }
+        let ready = self.ready_pods(m).await?.len();
+        if ready == REPLICAS {
             Ok(())
         } else {
-            Err(format!("{}: {ready}/{spec} ready", m.name))
+            Err(format!("{}: {ready}/{REPLICAS} pods ready", m.name))
         }
+    }
+
+    /// The ordinals of the service's pods in `m` that are Ready and not being
+    /// deleted.
+    async fn ready_pods(&self, m: &Member) -> Result<Vec<usize>, String> {
+        let base = br2k_k8s::names::Names::of(&self.id).base;
+        let pods = Api::<Pod>::namespaced(m.client.clone(), &self.ns)
+            .list(&ListParams::default().labels(&format!(
+                "{}={}",
+                br2k_k8s::names::LABEL_SERVICE_ID,
+                self.id
+            )))
+            .await
+            .map_err(|e| format!("{}: pods: {e}", m.name))?;
+        let mut ready = Vec::new();
+        for p in &pods.items {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let ordinal = name
+                .strip_prefix(&format!("{base}-"))
+                .and_then(|o| o.parse::<usize>().ok());
+            let is_ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if let Some(o) = ordinal
+                && o < REPLICAS
+                && is_ready
+                && p.metadata.deletion_timestamp.is_none()
+            {
+                ready.push(o);
+            }
+        }
+        Ok(ready)
     }
 
     /// The StatefulSet of the service in `m`.
@@ -399,35 +435,10 @@ impl Rig {
     /// The pod runners: one ledger process per Ready pod of each cluster, stopped
     /// when its pod goes; nothing changes while a cluster's API server is down.
     pub async fn sync_pods(&mut self) {
-        let base = br2k_k8s::names::Names::of(&self.id).base;
         for i in 0..self.members.len() {
-            let pods = Api::<Pod>::namespaced(self.members[i].client.clone(), &self.ns)
-                .list(&ListParams::default().labels(&format!(
-                    "{}={}",
-                    br2k_k8s::names::LABEL_SERVICE_ID,
-                    self.id
-                )))
-                .await;
-            let Ok(pods) = pods else { continue };
-            let mut ready = Vec::new();
-            for p in &pods.items {
-                let name = p.metadata.name.clone().unwrap_or_default();
-                let ordinal = name
-                    .strip_prefix(&format!("{base}-"))
-                    .and_then(|o| o.parse::<usize>().ok());
-                let is_ready = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                if let Some(o) = ordinal
-                    && o < REPLICAS
-                    && is_ready
-                    && p.metadata.deletion_timestamp.is_none()
-                {
-                    ready.push(o);
-                }
-            }
+            let Ok(ready) = self.ready_pods(&self.members[i]).await else {
+                continue;
+            };
             self.members[i].pods.retain(|o, _| ready.contains(o));
             for o in ready {
                 if self.members[i].pods.contains_key(&o) {
