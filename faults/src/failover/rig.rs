@@ -404,6 +404,27 @@ impl Rig {
         Ok(ready)
     }
 
+    /// Whether the control plane of `m` works again after its API server returned:
+    /// the controller manager and the scheduler renewed their leases in the last 3 s
+    /// (after an API-server restart they may wait out their old lease, 15 s, before
+    /// they act again, as on any cluster).
+    pub async fn control_plane_ready(&self, m: &Member) -> Result<(), String> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let leases: Api<Lease> = Api::namespaced(m.client.clone(), "kube-system");
+        for name in ["kube-controller-manager", "kube-scheduler"] {
+            let l = leases.get(name).await.map_err(|e| format!("{name}: {e}"))?;
+            let renewed = l
+                .spec
+                .and_then(|s| s.renew_time)
+                .ok_or_else(|| format!("{name}: never renewed"))?;
+            let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed.0);
+            if age > k8s_openapi::jiff::SignedDuration::from_secs(3) {
+                return Err(format!("{}: {name} renewed {age:?} ago", m.name));
+            }
+        }
+        Ok(())
+    }
+
     /// The StatefulSet of the service in `m`.
     pub async fn statefulset(&self, m: &Member) -> Result<StatefulSet, String> {
         let name = br2k_k8s::names::Names::of(&self.id).base;

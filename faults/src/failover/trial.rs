@@ -250,13 +250,18 @@ impl Rig {
         if let Err(e) = from_view {
             problems.push(e);
         }
-        // Settle before the next trial: both clusters steady.
-        let _ = until(Duration::from_secs(30), "steady", async || {
+        // Settle before the next trial: both clusters steady, the returned one's
+        // control plane at work again (it is the next trial's standby).
+        let steady = until(Duration::from_secs(60), "steady", async || {
             self.sync_pods().await;
             self.ready_replicas(self.member(&to)).await?;
+            self.control_plane_ready(self.member(&from)).await?;
             self.leader_in(self.member(&to)).await.map(drop)
         })
         .await;
+        if let Err(e) = steady {
+            problems.push(e);
+        }
         Ok(TrialResult {
             scenario,
             from,
