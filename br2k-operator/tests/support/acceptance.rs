@@ -8,6 +8,8 @@
 //! are injected as a user or an adversary would (`kubectl`, registry HTTP, bytes on
 //! disk, killed processes), and every end state is read independently from the API
 //! server or the registry bytes, except where a class is about the reported state.
+//! The processes, proxies and set-up it shares with the fault matrix's operator
+//! workload (`faults/src/operator`) are in `pieces/`, one copy for both.
 //!
 //! Needs the stack's environment (`source .stack/env`): `KUBECONFIG`,
 //! `BR2K_RPC_URLS`, `BR2K_REGISTRY_BIN`, `BR2K_KUBECTL_BIN`.
