@@ -42,9 +42,9 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use infra::{
-    ControlPlaneSupervisor, IptablesDrop, KilledApiserver, OperatorProc, RegistryProc, StackEnv,
-    TcpProxy, Tmpfs, blobs_of, build_image, clock_ticks, cpu_ticks, create_namespaces, host_port,
-    http_client, install_and_connect, kubectl, live_sts, poll, push_everywhere, register,
+    ControlPlaneSupervisor, IptablesDrop, KilledApiserver, Kubectl, OperatorProc, RegistryProc,
+    StackEnv, TcpProxy, Tmpfs, blobs_of, build_image, clock_ticks, cpu_ticks, create_namespaces,
+    host_port, http_client, install_and_connect, live_sts, poll, push_everywhere, register,
     service_spec, tear_down, template_image, trust_anchors, unique,
 };
 
@@ -177,8 +177,7 @@ enum Active {
 /// The operator and its two services.
 pub struct OperatorWorkload {
     dir: PathBuf,
-    kubectl: String,
-    kubeconfig: String,
+    kubectl: Kubectl,
     client: Client,
     http: reqwest::Client,
     chain: ChainRegistry,
@@ -299,24 +298,15 @@ impl OperatorWorkload {
         patch_type: &str,
         patch: &serde_json::Value,
     ) -> Result<String, String> {
-        let patch_type = format!("--type={patch_type}");
-        let patch = patch.to_string();
         let manager = format!("--field-manager={INTRUDER}");
-        self.kubectl(&[
-            "patch",
-            "statefulset",
-            name,
-            &patch_type,
-            "-p",
-            &patch,
-            &manager,
-        ])
-        .await
+        self.kubectl
+            .patch("statefulset", name, patch_type, patch, &[&manager])
+            .await
     }
 
     /// `kubectl --kubeconfig K -n NS ARGS...` (straight to the API server).
     async fn kubectl(&self, args: &[&str]) -> Result<String, String> {
-        kubectl(&self.kubectl, &self.kubeconfig, &self.ns, args).await
+        self.kubectl.run(args).await
     }
 }
 

@@ -35,8 +35,8 @@ use serde_json::json;
 mod pieces;
 
 use pieces::{
-    OperatorProc, RegistryProc, StackEnv, TcpProxy, blobs_of, build_image, clock_ticks, cpu_ticks,
-    create_namespaces, host_port, http_client, install_and_connect, kubectl, live_sts, metric,
+    Kubectl, OperatorProc, RegistryProc, StackEnv, TcpProxy, blobs_of, build_image, clock_ticks,
+    cpu_ticks, create_namespaces, host_port, http_client, install_and_connect, live_sts, metric,
     push_everywhere, register, service_spec, strip_ansi, tear_down, template_image, trust_anchors,
     unique,
 };
@@ -311,8 +311,7 @@ fn observed(s: &StatefulSet) -> bool {
 pub struct Harness {
     dir: PathBuf,
     keep_dir: bool,
-    kubectl: String,
-    kubeconfig: String,
+    kubectl: Kubectl,
     client: Client,
     http: reqwest::Client,
     primary: RegistryProc,
@@ -396,8 +395,11 @@ impl Harness {
         let mut h = Self {
             dir,
             keep_dir: false,
-            kubectl: stack.kubectl,
-            kubeconfig: stack.kubeconfig,
+            kubectl: Kubectl {
+                bin: stack.kubectl,
+                kubeconfig: stack.kubeconfig,
+                ns: ns.clone(),
+            },
             client,
             http,
             primary,
@@ -775,7 +777,6 @@ impl Harness {
         Ok(())
     }
 
-    /// Runs `kubectl --kubeconfig K -n NS ARGS...` (kubectl's own field managers).
     /// `kubectl patch KIND NAME --type=TYPE -p PATCH` (kubectl's own field manager).
     async fn kubectl_patch(
         &self,
@@ -784,14 +785,12 @@ impl Harness {
         patch_type: &str,
         patch: &serde_json::Value,
     ) -> Result<String, String> {
-        let patch_type = format!("--type={patch_type}");
-        let patch = patch.to_string();
-        self.kubectl(&["patch", kind, name, &patch_type, "-p", &patch])
-            .await
+        self.kubectl.patch(kind, name, patch_type, patch, &[]).await
     }
 
+    /// Runs `kubectl --kubeconfig K -n NS ARGS...` (kubectl's own field managers).
     async fn kubectl(&self, args: &[&str]) -> Result<String, String> {
-        kubectl(&self.kubectl, &self.kubeconfig, &self.ns, args).await
+        self.kubectl.run(args).await
     }
 
     /// CPU of the operator in % of one core, and reconciles it counted, over `window`.

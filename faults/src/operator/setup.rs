@@ -103,8 +103,11 @@ impl OperatorWorkload {
         let http = http_client()?;
         let mut w = Self {
             dir,
-            kubectl: stack.kubectl,
-            kubeconfig: stack.kubeconfig,
+            kubectl: Kubectl {
+                bin: stack.kubectl,
+                kubeconfig: stack.kubeconfig,
+                ns: ns.clone(),
+            },
             client,
             http,
             chain,

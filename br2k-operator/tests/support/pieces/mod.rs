@@ -27,8 +27,8 @@ pub use operator_proc::OperatorProc;
 pub use proxy::TcpProxy;
 pub use registry::RegistryProc;
 pub use stack::{
-    StackEnv, blobs_of, build_image, create_namespaces, host_port, http_client,
-    install_and_connect, kubectl, live_sts, push_everywhere, register, service_spec, tear_down,
+    Kubectl, StackEnv, blobs_of, build_image, create_namespaces, host_port, http_client,
+    install_and_connect, live_sts, push_everywhere, register, service_spec, tear_down,
     trust_anchors,
 };
 

@@ -258,32 +258,55 @@ pub async fn live_sts(client: &Client, ns: &str, name: &str) -> Result<StatefulS
         .ok_or_else(|| format!("no StatefulSet {name}"))
 }
 
-/// `kubectl --kubeconfig KUBECONFIG -n NS ARGS...` (binary `bin`); its stdout, or
-/// its stderr in the error.
-pub async fn kubectl(
-    bin: &str,
-    kubeconfig: &str,
-    ns: &str,
-    args: &[&str],
-) -> Result<String, String> {
-    let out = tokio::process::Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("run kubectl: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// kubectl (binary `bin`) on the stack's API server (`kubeconfig`), in namespace `ns`.
+pub struct Kubectl {
+    /// The kubectl binary.
+    pub bin: String,
+    /// The kubeconfig it uses.
+    pub kubeconfig: String,
+    /// The namespace of its commands.
+    pub ns: String,
+}
+
+impl Kubectl {
+    /// `kubectl --kubeconfig KUBECONFIG -n NS ARGS...`: its stdout, or its stderr in
+    /// the error.
+    pub async fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = tokio::process::Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("-n")
+            .arg(&self.ns)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("run kubectl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// `kubectl patch KIND NAME --type=TYPE -p PATCH EXTRA...`.
+    pub async fn patch(
+        &self,
+        kind: &str,
+        name: &str,
+        patch_type: &str,
+        patch: &serde_json::Value,
+        extra: &[&str],
+    ) -> Result<String, String> {
+        let patch_type = format!("--type={patch_type}");
+        let patch = patch.to_string();
+        let mut args = vec!["patch", kind, name, &patch_type, "-p", &patch];
+        args.extend_from_slice(extra);
+        self.run(&args).await
     }
 }
 
