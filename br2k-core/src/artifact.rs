@@ -25,6 +25,21 @@ pub const SNAPSHOT_ARTIFACT: &str = "application/vnd.br2k.snapshot.v1";
 /// Largest manifest accepted from a registry.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 
+/// Refuses manifest or index bytes longer than [`MAX_MANIFEST_BYTES`], before any
+/// parsing; `what` names the document in the error.
+pub fn check_manifest_size(what: &str, bytes: &[u8]) -> Result<(), ValidationError> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(ValidationError::malformed(
+            what,
+            format!(
+                "{} bytes exceed the {MAX_MANIFEST_BYTES}-byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A content descriptor inside a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,15 +79,7 @@ pub struct Manifest {
 impl Manifest {
     /// Parses and checks a manifest from untrusted bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, ValidationError> {
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(ValidationError::malformed(
-                "manifest",
-                format!(
-                    "{} bytes exceed the {MAX_MANIFEST_BYTES}-byte limit",
-                    bytes.len()
-                ),
-            ));
-        }
+        check_manifest_size("manifest", bytes)?;
         let m: Manifest =
             serde_json::from_slice(bytes).map_err(|e| ValidationError::malformed("manifest", e))?;
         if m.schema_version != 2 {

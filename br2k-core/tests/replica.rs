@@ -10,7 +10,7 @@ use br2k_core::memory::{InMemoryImageStore, InMemoryRegistry};
 use br2k_core::replica::testkit::{
     CounterCommand, CounterOutput, Counters, CountingEffect, Retry, client_history,
 };
-use br2k_core::replica::{Replica, ReplicaConfig, ReplicaError, ReplicaRole};
+use br2k_core::replica::{Effect, Replica, ReplicaConfig, ReplicaError, ReplicaRole};
 use br2k_core::{Account, Error, ImageStore, Registry, Role, ServiceId};
 
 struct Cluster {
@@ -63,6 +63,45 @@ impl Cluster {
         .await?;
         Ok((r, log))
     }
+
+    /// Replica `n` on `log` with `effect`, its requests timing out after `timeout`.
+    async fn replica_with(
+        &self,
+        n: u32,
+        log: Arc<dyn ReplicatedLog>,
+        effect: Arc<dyn Effect<CounterCommand>>,
+        timeout: Duration,
+    ) -> Replica<Counters> {
+        let mut cfg = ReplicaConfig::new(self.id.clone(), format!("http://r{n}:8080")).unwrap();
+        cfg.request_timeout = timeout;
+        Replica::start(
+            cfg,
+            Counters::default(),
+            log,
+            Arc::new(self.registry.clone()),
+            Arc::new(self.store.clone()),
+            Some(effect),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+/// Waits (up to 5 s) until `r` leads.
+async fn leads(r: &Replica<Counters>) {
+    eventually(Duration::from_secs(5), "leader", || async {
+        if r.role() == ReplicaRole::Leader {
+            Ok(())
+        } else {
+            Err(format!("{:?}", r.role()))
+        }
+    })
+    .await;
+}
+
+/// The settlement of counter `c`.
+fn settle(c: &str) -> CounterCommand {
+    CounterCommand::Settle { counter: c.into() }
 }
 
 fn add(c: &str, n: i64) -> CounterCommand {
@@ -192,9 +231,7 @@ async fn once_runs_the_effect_once_and_survives_leader_crash() {
     }
     let leader = leader_of(&rs).await;
     leader.replicate(None, add("a", 3)).await.unwrap();
-    let settle = CounterCommand::Settle {
-        counter: "a".into(),
-    };
+    let settle = settle("a");
     let out = leader.once("settle-1", settle.clone()).await.unwrap();
     let again = leader.once("settle-1", settle.clone()).await.unwrap();
     assert_eq!(out, again);
@@ -441,30 +478,17 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
         inner: c.effect.clone(),
         fail: fail.clone(),
     };
-    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
-    cfg.request_timeout = Duration::from_millis(500);
-    let r = Replica::start(
-        cfg,
-        Counters::default(),
-        Arc::new(log),
-        Arc::new(c.registry.clone()),
-        Arc::new(c.store.clone()),
-        Some(Arc::new(effect)),
-    )
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(5), "leader", || async {
-        if r.role() == ReplicaRole::Leader {
-            Ok(())
-        } else {
-            Err(format!("{:?}", r.role()))
-        }
-    })
-    .await;
+    let r = c
+        .replica_with(
+            0,
+            Arc::new(log),
+            Arc::new(effect),
+            Duration::from_millis(500),
+        )
+        .await;
+    leads(&r).await;
     r.replicate(None, add("a", 3)).await.unwrap();
-    let settle = CounterCommand::Settle {
-        counter: "a".into(),
-    };
+    let settle = settle("a");
     let first = r.once("s-1", settle.clone()).await;
     assert!(first.is_err(), "the result could not be logged: {first:?}");
     assert_eq!(c.effect.runs("s-1"), 1);
@@ -515,30 +539,17 @@ impl<C: Send + Sync + 'static> br2k_core::replica::Effect<C> for SlowEffect {
 async fn once_whose_caller_went_away_is_still_resolved() {
     let c = Cluster::new(0).await;
     let effect = SlowEffect(c.effect.clone());
-    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
-    cfg.request_timeout = Duration::from_secs(2);
-    let r = Replica::start(
-        cfg,
-        Counters::default(),
-        Arc::new(c.log.connect()),
-        Arc::new(c.registry.clone()),
-        Arc::new(c.store.clone()),
-        Some(Arc::new(effect)),
-    )
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(5), "leader", || async {
-        if r.role() == ReplicaRole::Leader {
-            Ok(())
-        } else {
-            Err(format!("{:?}", r.role()))
-        }
-    })
-    .await;
+    let r = c
+        .replica_with(
+            0,
+            Arc::new(c.log.connect()),
+            Arc::new(effect),
+            Duration::from_secs(2),
+        )
+        .await;
+    leads(&r).await;
     r.replicate(None, add("a", 3)).await.unwrap();
-    let settle = CounterCommand::Settle {
-        counter: "a".into(),
-    };
+    let settle = settle("a");
     // The caller gives up while the effect runs (its future is dropped).
     let gave_up =
         tokio::time::timeout(Duration::from_millis(100), r.once("s-1", settle.clone())).await;
@@ -563,30 +574,13 @@ async fn once_resolution_survives_a_failed_leadership_check() {
         fail: Arc::default(),
         fail_leader: fail_leader.clone(),
     };
-    let mut cfg = ReplicaConfig::new(c.id.clone(), "http://r0:8080").unwrap();
-    cfg.request_timeout = Duration::from_millis(700);
-    let r = Replica::start(
-        cfg,
-        Counters::default(),
-        Arc::new(log),
-        Arc::new(c.registry.clone()),
-        Arc::new(c.store.clone()),
-        Some(Arc::new(c.effect.clone())),
-    )
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(5), "leader", || async {
-        if r.role() == ReplicaRole::Leader {
-            Ok(())
-        } else {
-            Err(format!("{:?}", r.role()))
-        }
-    })
-    .await;
+    let effect = Arc::new(c.effect.clone());
+    let r = c
+        .replica_with(0, Arc::new(log), effect, Duration::from_millis(700))
+        .await;
+    leads(&r).await;
     r.replicate(None, add("a", 3)).await.unwrap();
-    let settle = CounterCommand::Settle {
-        counter: "a".into(),
-    };
+    let settle = settle("a");
     // The leadership check fails for a while (an etcd member is down).
     fail_leader.store(true, std::sync::atomic::Ordering::SeqCst);
     let first = r.once("s-1", settle.clone()).await;
@@ -656,35 +650,22 @@ async fn a_new_leader_keeps_resolving_an_inherited_intent() {
             },
             failures: failures.clone(),
         };
-        let mut cfg = ReplicaConfig::new(c.id.clone(), format!("http://r{n}:8080")).unwrap();
-        cfg.request_timeout = Duration::from_millis(700);
-        let r = Replica::start(
-            cfg,
-            Counters::default(),
-            Arc::new(log.clone()),
-            Arc::new(c.registry.clone()),
-            Arc::new(c.store.clone()),
-            Some(Arc::new(effect)),
-        )
-        .await
-        .unwrap();
+        let r = c
+            .replica_with(
+                n,
+                Arc::new(log.clone()),
+                Arc::new(effect),
+                Duration::from_millis(700),
+            )
+            .await;
         rs.push((r, log));
         if n == 0 {
             // Replica 0 leads.
-            eventually(Duration::from_secs(5), "leader", || async {
-                if rs[0].0.role() == ReplicaRole::Leader {
-                    Ok(())
-                } else {
-                    Err(format!("{:?}", rs[0].0.role()))
-                }
-            })
-            .await;
+            leads(&rs[0].0).await;
         }
     }
     rs[0].0.replicate(None, add("a", 3)).await.unwrap();
-    let settle = CounterCommand::Settle {
-        counter: "a".into(),
-    };
+    let settle = settle("a");
     // Replica 0 runs the effect and cannot log its result; then it dies.
     assert!(rs[0].0.once("s-1", settle.clone()).await.is_err());
     assert_eq!(c.effect.runs("s-1"), 1);

@@ -1,6 +1,6 @@
 //! Image indexes (multi-platform images) and manifest kind detection.
 
-use br2k_core::artifact::{MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
+use br2k_core::artifact::{MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST, check_manifest_size};
 use br2k_core::{Digest, Manifest, ValidationError};
 use serde::{Deserialize, Serialize};
 
@@ -62,15 +62,7 @@ pub struct ImageIndex {
 impl ImageIndex {
     /// Parses and checks an index from untrusted bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, ValidationError> {
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(ValidationError::malformed(
-                "image index",
-                format!(
-                    "{} bytes exceed the {MAX_MANIFEST_BYTES}-byte limit",
-                    bytes.len()
-                ),
-            ));
-        }
+        check_manifest_size("image index", bytes)?;
         let idx: ImageIndex = serde_json::from_slice(bytes)
             .map_err(|e| ValidationError::malformed("image index", e))?;
         if idx.schema_version != 2 {
@@ -164,15 +156,7 @@ pub fn parse_manifest_doc(
     bytes: &[u8],
     content_type: Option<&str>,
 ) -> Result<ManifestDoc, ValidationError> {
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(ValidationError::malformed(
-            "manifest",
-            format!(
-                "{} bytes exceed the {MAX_MANIFEST_BYTES}-byte limit",
-                bytes.len()
-            ),
-        ));
-    }
+    check_manifest_size("manifest", bytes)?;
     let probe: Probe =
         serde_json::from_slice(bytes).map_err(|e| ValidationError::malformed("manifest", e))?;
     let media_type = probe

@@ -25,19 +25,14 @@ pub mod infra;
 mod inject;
 mod setup;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alloy::transports::http::reqwest;
 use br2k_chain::{ChainConfig, ChainRegistry};
-use br2k_core::{
-    Digest, Image, ImageRef, ImageStore, Port, Registry, Repository, ServiceId, ServiceSpec,
-    ServiceState,
-};
+use br2k_core::{Digest, ImageRef, Registry, Repository, ServiceId};
 use br2k_k8s::Names;
-use br2k_oci::{ImageBuilder, OciImageStore};
 use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -47,8 +42,10 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use infra::{
-    ControlPlaneSupervisor, IptablesDrop, KilledApiserver, OperatorProc, RegistryProc, TcpProxy,
-    Tmpfs, clock_ticks, cpu_ticks, env, metric, noise, poll, unique,
+    ControlPlaneSupervisor, IptablesDrop, KilledApiserver, Kubectl, OperatorProc, RegistryProc,
+    StackEnv, TcpProxy, Tmpfs, blobs_of, build_image, clock_ticks, cpu_ticks, create_namespaces,
+    host_port, http_client, install_and_connect, live_sts, poll, push_everywhere, register,
+    service_spec, tear_down, template_image, trust_anchors, unique,
 };
 
 /// Anvil's dev account 3 (the workload's chain account: deploys, registers, owns).
@@ -180,8 +177,7 @@ enum Active {
 /// The operator and its two services.
 pub struct OperatorWorkload {
     dir: PathBuf,
-    kubectl: String,
-    kubeconfig: String,
+    kubectl: Kubectl,
     client: Client,
     http: reqwest::Client,
     chain: ChainRegistry,
@@ -248,9 +244,7 @@ impl OperatorWorkload {
 
     /// The last `lines` lines of the operator's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.operator.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.operator.log_tail(lines)
     }
 
     // -------------------------------------------------------------- faults
@@ -268,33 +262,7 @@ impl OperatorWorkload {
         if self.operator.exited().is_some() {
             let _ = self.start_operator().await;
         }
-        let crs = self.crs();
-        if let Ok(list) = crs.list(&ListParams::default()).await {
-            for o in list.items {
-                let _ = crs.delete(&o.name_any(), &DeleteParams::default()).await;
-            }
-        }
-        let _ = poll(Duration::from_secs(30), "resources removed", async || {
-            let n = crs
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?
-                .items
-                .len();
-            if n == 0 {
-                Ok(())
-            } else {
-                Err(format!("{n} left"))
-            }
-        })
-        .await;
-        self.operator.terminate().await;
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.ns, &DeleteParams::background())
-            .await;
-        let _ = Api::<Lease>::namespaced(self.client.clone(), "br2k-system")
-            .delete(&self.operator.lease, &DeleteParams::default())
-            .await;
+        tear_down(&self.client, &self.ns, &mut self.operator).await;
         self.api_proxy.stop().await;
         self.primary_proxy.stop().await;
         self.primary.stop();
@@ -315,34 +283,12 @@ impl OperatorWorkload {
 
     /// The StatefulSet `name`, or an error naming its absence.
     async fn live_sts(&self, name: &str) -> Result<StatefulSet, String> {
-        Api::<StatefulSet>::namespaced(self.client.clone(), &self.ns)
-            .get_opt(name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no StatefulSet {name}"))
-    }
-
-    /// The operator's metrics text.
-    async fn metrics(&self) -> Result<String, String> {
-        let url = format!("http://{}/metrics", self.operator.metrics_addr);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("GET {url}: {}", resp.status()));
-        }
-        resp.text().await.map_err(|e| e.to_string())
+        live_sts(&self.client, &self.ns, name).await
     }
 
     /// `br2k_reconciles_total` of the running operator.
     async fn reconciles(&self) -> Result<u64, String> {
-        let text = self.metrics().await?;
-        metric(&text, "br2k_reconciles_total")
-            .map(|v| v as u64)
-            .ok_or_else(|| "no br2k_reconciles_total".to_owned())
+        self.operator.reconciles(&self.http).await
     }
 
     /// `kubectl patch statefulset NAME --type=TYPE -p PATCH --field-manager=INTRUDER`.
@@ -352,42 +298,15 @@ impl OperatorWorkload {
         patch_type: &str,
         patch: &serde_json::Value,
     ) -> Result<String, String> {
-        let patch_type = format!("--type={patch_type}");
-        let patch = patch.to_string();
         let manager = format!("--field-manager={INTRUDER}");
-        self.kubectl(&[
-            "patch",
-            "statefulset",
-            name,
-            &patch_type,
-            "-p",
-            &patch,
-            &manager,
-        ])
-        .await
+        self.kubectl
+            .patch("statefulset", name, patch_type, patch, &[&manager])
+            .await
     }
 
     /// `kubectl --kubeconfig K -n NS ARGS...` (straight to the API server).
     async fn kubectl(&self, args: &[&str]) -> Result<String, String> {
-        let out = tokio::process::Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("-n")
-            .arg(&self.ns)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| format!("run kubectl: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        self.kubectl.run(args).await
     }
 }
 
@@ -411,6 +330,7 @@ impl Drop for OperatorWorkload {
 
 #[cfg(test)]
 mod tests {
+    use super::infra::metric;
     use super::*;
 
     #[test]
@@ -427,8 +347,8 @@ mod tests {
     fn metric_reads_unlabelled_lines() {
         let text =
             "# TYPE br2k_reconciles_total counter\nbr2k_reconciles_total 17\nbr2k_leader 1\n";
-        assert_eq!(metric(text, "br2k_reconciles_total"), Some(17.0));
-        assert_eq!(metric(text, "br2k_leader"), Some(1.0));
-        assert_eq!(metric(text, "br2k_missing"), None);
+        assert_eq!(metric(text, "br2k_reconciles_total", None), Some(17.0));
+        assert_eq!(metric(text, "br2k_leader", None), Some(1.0));
+        assert_eq!(metric(text, "br2k_missing", None), None);
     }
 }

@@ -44,21 +44,18 @@ async fn wait_ready(pods: &Api<Pod>, name: &str, want: &str) -> Result<(), Strin
     }
 }
 
-/// After an API-server restart the node lifecycle controller marks the pods of the
-/// nodes that missed their heartbeats NotReady (Ready=False, containers still
-/// ready); a kubelet reports them Ready again once its node is back. kwok's default
-/// stages only make Pending pods Ready, so such pods stayed NotReady for good and
-/// every service of the cluster looked degraded after `apiserver-restart`
-/// (stack/kwok/stages.yaml's pod-ready-again stage).
-#[tokio::test]
-#[ignore = "needs stack"]
-async fn a_running_pod_marked_not_ready_becomes_ready_again() {
+/// A client of the stack's API server (`KUBECONFIG`).
+async fn client() -> Client {
     br2k_k8s::install_crypto_provider();
-    let client = Client::try_default()
+    Client::try_default()
         .await
-        .expect("kube client (KUBECONFIG)");
+        .expect("kube client (KUBECONFIG)")
+}
+
+/// A fresh namespace `br2k-faults-<what>-<n>` (labelled as a test's).
+async fn namespace(client: &Client, what: &str) -> (Api<Namespace>, String) {
     let ns = format!(
-        "br2k-faults-ready-{}",
+        "br2k-faults-{what}-{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -76,7 +73,13 @@ async fn a_running_pod_marked_not_ready_becomes_ready_again() {
         )
         .await
         .expect("create namespace");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    (namespaces, ns)
+}
+
+/// Creates pod `p` (one container, an image nobody pulls: kwok runs nothing) in `ns`;
+/// the pods of `ns`.
+async fn pod_p(client: &Client, ns: &str) -> Api<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "p"},
         "spec": {"containers": [{"name": "c", "image": "example.invalid/p:1"}]}
@@ -85,6 +88,21 @@ async fn a_running_pod_marked_not_ready_becomes_ready_again() {
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("create pod");
+    pods
+}
+
+/// After an API-server restart the node lifecycle controller marks the pods of the
+/// nodes that missed their heartbeats NotReady (Ready=False, containers still
+/// ready); a kubelet reports them Ready again once its node is back. kwok's default
+/// stages only make Pending pods Ready, so such pods stayed NotReady for good and
+/// every service of the cluster looked degraded after `apiserver-restart`
+/// (stack/kwok/stages.yaml's pod-ready-again stage).
+#[tokio::test]
+#[ignore = "needs stack"]
+async fn a_running_pod_marked_not_ready_becomes_ready_again() {
+    let client = client().await;
+    let (namespaces, ns) = namespace(&client, "ready").await;
+    let pods = pod_p(&client, &ns).await;
     let first = wait_ready(&pods, "p", "True").await;
     // What the node lifecycle controller does to the pods of a NotReady node.
     let marked = pods
@@ -115,30 +133,6 @@ async fn a_running_pod_marked_not_ready_becomes_ready_again() {
     again.expect("the pod is Ready again");
 }
 
-/// A fresh namespace `br2k-faults-<what>-<n>` (labelled as a test's).
-async fn namespace(client: &Client, what: &str) -> (Api<Namespace>, String) {
-    let ns = format!(
-        "br2k-faults-{what}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-            % 1_000_000_000
-    );
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": ns, "labels": {"br2k.io/test": "true"}}}),
-            )
-            .expect("namespace"),
-        )
-        .await
-        .expect("create namespace");
-    (namespaces, ns)
-}
-
 /// The kube-scheduler exits on purpose when it finds its cache corrupted, which an
 /// API-server restart can cause ("Pod updated on a different node than previously
 /// added to"); kwokctl's binary runtime restarts nothing, so after
@@ -149,10 +143,7 @@ async fn namespace(client: &Client, what: &str) -> (Api<Namespace>, String) {
 #[tokio::test]
 #[ignore = "needs a private stack (kills its kube-scheduler)"]
 async fn an_exited_scheduler_is_restarted_and_pods_are_scheduled_again() {
-    br2k_k8s::install_crypto_provider();
-    let client = Client::try_default()
-        .await
-        .expect("kube client (KUBECONFIG)");
+    let client = client().await;
     let pid_file = PathBuf::from(std::env::var("KWOK_WORKDIR").expect("KWOK_WORKDIR"))
         .join("clusters")
         .join(std::env::var("BR2K_KWOK_CLUSTER").expect("BR2K_KWOK_CLUSTER"))
@@ -168,15 +159,7 @@ async fn an_exited_scheduler_is_restarted_and_pods_are_scheduled_again() {
         .expect("kill");
     assert!(killed.success(), "kill -KILL {pid}");
     let (namespaces, ns) = namespace(&client, "sched").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "p"},
-        "spec": {"containers": [{"name": "c", "image": "example.invalid/p:1"}]}
-    }))
-    .expect("pod");
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .expect("create pod");
+    let pods = pod_p(&client, &ns).await;
     let scheduled = wait_ready(&pods, "p", "True").await;
     let restarts = supervisor.take_restarts();
     drop(supervisor);

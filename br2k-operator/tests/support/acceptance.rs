@@ -8,6 +8,8 @@
 //! are injected as a user or an adversary would (`kubectl`, registry HTTP, bytes on
 //! disk, killed processes), and every end state is read independently from the API
 //! server or the registry bytes, except where a class is about the reported state.
+//! The processes, proxies and set-up it shares with the fault matrix's operator
+//! workload (`faults/src/operator`) are in `pieces/`, one copy for both.
 //!
 //! Needs the stack's environment (`source .stack/env`): `KUBECONFIG`,
 //! `BR2K_RPC_URLS`, `BR2K_REGISTRY_BIN`, `BR2K_KUBECTL_BIN`.
@@ -15,28 +17,29 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use alloy::transports::http::reqwest;
 use br2k_chain::{ChainConfig, ChainRegistry};
-use br2k_core::{
-    Digest, Image, ImageRef, ImageStore, Port, Registry, Repository, ServiceId, ServiceSpec,
-    ServiceState,
-};
+use br2k_core::{Digest, ImageRef, Registry, Repository, ServiceId, ServiceSpec};
 use br2k_k8s::Names;
-use br2k_oci::{ImageBuilder, OciImageStore};
 use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
+
+#[path = "pieces/mod.rs"]
+mod pieces;
+
+use pieces::{
+    Kubectl, OperatorProc, RegistryProc, StackEnv, TcpProxy, blobs_of, build_image, clock_ticks,
+    cpu_ticks, create_namespaces, host_port, http_client, install_and_connect, live_sts, metric,
+    push_everywhere, register, service_spec, strip_ansi, tear_down, template_image, trust_anchors,
+    unique,
+};
 
 /// Replicas of every service the harness registers.
 const REPLICAS: i32 = 3;
@@ -264,113 +267,14 @@ impl ClassResult {
 
 // ------------------------------------------------------------------ helpers
 
-/// A short hex string unique to this process and moment.
-fn unique() -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!(
-        "{:06x}",
-        ((n as u64) ^ (u64::from(std::process::id()) << 20)) & 0xff_ffff
-    )
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
-}
-
-/// An environment variable the stack's env file sets.
-fn env(name: &str) -> Result<String, String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .ok_or_else(|| format!("{name} is not set (source .stack/env after scripts/stack up)"))
-}
-
 /// Polls `check` every [`POLL`] until it succeeds or `timeout` passes; the error
 /// names the last thing observed.
 async fn poll<T>(
     timeout: Duration,
     what: &str,
-    mut check: impl AsyncFnMut() -> Result<T, String>,
+    check: impl AsyncFnMut() -> Result<T, String>,
 ) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= timeout => {
-                return Err(format!(
-                    "{what}: not reached within {timeout:?}; last seen: {e}"
-                ));
-            }
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
-    }
-}
-
-/// The value of the metric line `name` (no labels) or `name{labels}` in an
-/// OpenMetrics text.
-pub fn metric(text: &str, name: &str, labels: Option<&str>) -> Option<f64> {
-    let key = match labels {
-        Some(l) => format!("{name}{{{l}}}"),
-        None => name.to_owned(),
-    };
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, rest) = l.split_once(' ')?;
-        if k != key {
-            return None;
-        }
-        rest.split_whitespace().next()?.parse::<f64>().ok()
-    })
-}
-
-/// Clock ticks per second of `/proc/PID/stat` times (`getconf CLK_TCK`, else 100).
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name (which may hold spaces): field 3 is index 0.
-    let rest = stat
-        .rfind(')')
-        .map(|i| &stat[i + 1..])
-        .ok_or("malformed stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| -> Result<u64, String> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("malformed stat field {}", i + 3))
-    };
-    Ok(num(11)? + num(12)?)
-}
-
-/// Pseudo-random, incompressible bytes (xorshift64*), so the layer has real size.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    pieces::poll_every(POLL, timeout, what, check).await
 }
 
 /// A one-line summary of a StatefulSet for error messages.
@@ -388,19 +292,6 @@ fn sts_summary(s: &StatefulSet) -> String {
     )
 }
 
-/// The image of the first container of the pod template.
-fn template_image(s: &StatefulSet) -> Option<String> {
-    s.spec
-        .as_ref()?
-        .template
-        .spec
-        .as_ref()?
-        .containers
-        .first()?
-        .image
-        .clone()
-}
-
 /// Ready replicas in the status.
 fn ready(s: &StatefulSet) -> i32 {
     s.status
@@ -414,338 +305,18 @@ fn observed(s: &StatefulSet) -> bool {
     s.status.as_ref().and_then(|s| s.observed_generation) == s.metadata.generation
 }
 
-// ------------------------------------------------------------------ registries
-
-/// A Distribution registry process of the harness on a loopback port, with its own
-/// storage; it can be stopped and started again on the same port and storage.
-pub struct OciRegistry {
-    /// `127.0.0.1:PORT`.
-    pub addr: String,
-    root: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    bin: String,
-    child: Option<Child>,
-}
-
-impl OciRegistry {
-    /// Writes the config of a registry named `name` under `dir` and starts it.
-    async fn spawn(bin: &str, dir: &Path, name: &str) -> Result<Self, String> {
-        let root = dir.join(format!("registry-{name}"));
-        fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let config = root.join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                root.join("data").display()
-            ),
-        )
-        .map_err(|e| format!("{}: {e}", config.display()))?;
-        let mut r = Self {
-            addr,
-            log: root.join("registry.log"),
-            root,
-            config,
-            bin: bin.to_owned(),
-            child: None,
-        };
-        r.start().await?;
-        Ok(r)
-    }
-
-    /// Starts the process and waits until its port accepts connections.
-    async fn start(&mut self) -> Result<(), String> {
-        if self.child.is_some() {
-            return Ok(());
-        }
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(&self.bin)
-            .arg("serve")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", self.bin))?;
-        self.child = Some(child);
-        let addr = self.addr.clone();
-        poll(Duration::from_secs(15), "registry listening", async || {
-            TcpStream::connect(&addr)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .await
-    }
-
-    /// Kills the process (SIGKILL) and reaps it.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Whether the process runs.
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// The data file of blob `d` in this registry's storage.
-    pub fn blob_data(&self, d: &Digest) -> PathBuf {
-        let hex = d.hex();
-        self.root
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(&hex)
-            .join("data")
-    }
-}
-
-impl Drop for OciRegistry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-// ------------------------------------------------------------------ RPC proxy
-
-/// A loopback TCP proxy to the chain's RPC: killing it drops the listener and every
-/// live connection; it restarts on the same port.
-pub struct RpcProxy {
-    port: u16,
-    target: String,
-    accept: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl RpcProxy {
-    /// A proxy to `target` (`host:port`) on a free loopback port.
-    async fn start(target: &str) -> Result<Self, String> {
-        let mut p = Self {
-            port: free_port()?,
-            target: target.to_owned(),
-            accept: None,
-            conns: Arc::default(),
-        };
-        p.resume().await?;
-        Ok(p)
-    }
-
-    /// The proxy's URL.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Whether it listens.
-    fn running(&self) -> bool {
-        self.accept.is_some()
-    }
-
-    /// Listens again on the same port (retrying while the port is still taken).
-    async fn resume(&mut self) -> Result<(), String> {
-        if self.accept.is_some() {
-            return Ok(());
-        }
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port)
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let listener = poll(Duration::from_secs(10), "proxy port free", async || {
-            let s = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-            s.set_reuseaddr(true).map_err(|e| e.to_string())?;
-            s.bind(addr).map_err(|e| e.to_string())?;
-            s.listen(1024).map_err(|e| e.to_string())
-        })
-        .await?;
-        let target = self.target.clone();
-        let conns = self.conns.clone();
-        self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
-                c.retain(|t| !t.is_finished());
-                c.push(conn);
-            }
-        }));
-        Ok(())
-    }
-
-    /// Drops the listener and every live connection, and waits until they are gone.
-    async fn kill(&mut self) {
-        if let Some(a) = self.accept.take() {
-            a.abort();
-            let _ = a.await;
-        }
-        let conns: Vec<JoinHandle<()>> = self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for c in conns {
-            c.abort();
-            let _ = c.await;
-        }
-    }
-}
-
-impl Drop for RpcProxy {
-    fn drop(&mut self) {
-        if let Some(a) = self.accept.take() {
-            a.abort();
-        }
-        for c in self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            c.abort();
-        }
-    }
-}
-
-// ------------------------------------------------------------------ operator process
-
-/// The operator binary as its own process.
-struct OperatorProc {
-    bin: PathBuf,
-    log: PathBuf,
-    lease: String,
-    identity: String,
-    metrics_addr: String,
-    /// Trust anchors: `--chain-id`, `--rpc-url`, `--registry-contract`,
-    /// `--oci-registry` and `--allowed-owner`.
-    anchors: Vec<String>,
-    child: Option<Child>,
-}
-
-impl OperatorProc {
-    /// Starts the process (a fresh metrics port each time).
-    fn start(&mut self) -> Result<(), String> {
-        if self.child.is_some() {
-            return Ok(());
-        }
-        self.metrics_addr = format!("127.0.0.1:{}", free_port()?);
-        let mut out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let _ = writeln!(out, "===== harness: starting {}", self.bin.display());
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        // The periods can be shortened for a run (the bench's `--verify-seconds`):
-        // on-disk corruption has no signal, so its detection waits for them.
-        let resync = std::env::var("BR2K_ACCEPTANCE_RESYNC_SECONDS").unwrap_or("2".into());
-        let verify = std::env::var("BR2K_ACCEPTANCE_VERIFY_SECONDS").unwrap_or("2".into());
-        let _ = writeln!(out, "===== harness: resync {resync} s, verify {verify} s");
-        let child = Command::new(&self.bin)
-            .args([
-                "--metrics-addr",
-                self.metrics_addr.as_str(),
-                "--lease-namespace",
-                "br2k-system",
-                "--lease-name",
-                self.lease.as_str(),
-                "--identity",
-                self.identity.as_str(),
-                "--insecure-loopback-registries",
-                "--resync-seconds",
-                resync.as_str(),
-                "--verify-seconds",
-                verify.as_str(),
-                "--lease-seconds",
-                "4",
-            ])
-            .args(&self.anchors)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// The process id, while it runs.
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Whether the process still runs (reaps it if it exited).
-    fn alive(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(_) => {
-                self.child = None;
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM (the operator releases its lease), up to 10 s, then SIGKILL.
-    async fn terminate(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-impl Drop for OperatorProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 // ------------------------------------------------------------------ the harness
 
 /// Everything one acceptance run owns.
 pub struct Harness {
     dir: PathBuf,
     keep_dir: bool,
-    kubectl: String,
-    kubeconfig: String,
+    kubectl: Kubectl,
     client: Client,
     http: reqwest::Client,
-    primary: OciRegistry,
-    mirror: OciRegistry,
-    proxy: RpcProxy,
+    primary: RegistryProc,
+    mirror: RegistryProc,
+    proxy: TcpProxy,
     chain: ChainRegistry,
     operator: OperatorProc,
     ns: String,
@@ -769,149 +340,66 @@ impl Harness {
     /// (StatefulSet with 3 ready replicas, resource `Healthy`). `operator_bin` is
     /// the `br2k-operator` binary.
     pub async fn start(operator_bin: PathBuf) -> Result<Self, String> {
-        let registry_bin = env("BR2K_REGISTRY_BIN")?;
-        let kubectl = env("BR2K_KUBECTL_BIN")?;
-        let kubeconfig = env("KUBECONFIG")?;
-        let rpc = env("BR2K_RPC_URLS")?
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        if !operator_bin.is_file() {
-            return Err(format!(
-                "operator binary {} not found",
-                operator_bin.display()
-            ));
-        }
+        let stack = StackEnv::read(&operator_bin)?;
         let run = unique();
         let dir = std::env::temp_dir().join(format!("br2k-acceptance-{run}"));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         eprintln!("[acceptance] work dir {}", dir.display());
 
         // Registries and the image.
-        let primary = OciRegistry::spawn(&registry_bin, &dir, "primary").await?;
-        let mirror = OciRegistry::spawn(&registry_bin, &dir, "mirror").await?;
+        let primary =
+            RegistryProc::spawn(&stack.registry_bin, &dir.join("registry-primary"), false).await?;
+        let mirror =
+            RegistryProc::spawn(&stack.registry_bin, &dir.join("registry-mirror"), false).await?;
         let repo =
             Repository::new(format!("br2k-acceptance/app-{run}")).map_err(|e| e.to_string())?;
-        let image = build_image(u64::from_str_radix(&run, 16).unwrap_or(7))?;
-        for r in [&primary, &mirror] {
-            let store = OciImageStore::insecure(&r.addr).map_err(|e| e.to_string())?;
-            let d = store
-                .push(&repo, &image, Some("1.0"))
-                .await
-                .map_err(|e| format!("push to {}: {e}", r.addr))?;
-            if d != image.digest {
-                return Err(format!("{} stored {d}, built {}", r.addr, image.digest));
-            }
-        }
+        let image = build_image(u64::from_str_radix(&run, 16).unwrap_or(7), "acceptance")?;
+        push_everywhere(&[&primary.addr, &mirror.addr], &repo, &image).await?;
         let layer = image
             .layers
             .iter()
             .max_by_key(|l| l.data.len())
             .map(|l| l.digest)
             .ok_or("the image has no layer")?;
-        let mut blobs = vec![image.config.digest];
-        blobs.extend(image.layers.iter().map(|l| l.digest));
+        let blobs = blobs_of(&image);
         let image_ref = ImageRef::new(&primary.addr, repo.clone(), Some("1.0"), Some(image.digest))
             .map_err(|e| e.to_string())?;
 
         // The chain, behind the harness's proxy.
-        let url = reqwest::Url::parse(&rpc).map_err(|e| format!("BR2K_RPC_URLS {rpc}: {e}"))?;
-        let target = format!(
-            "{}:{}",
-            url.host_str().ok_or("RPC URL without host")?,
-            url.port_or_known_default().ok_or("RPC URL without port")?
-        );
-        let proxy = RpcProxy::start(&target).await?;
+        let url = stack.rpc.clone();
+        let proxy = TcpProxy::start(&host_port(&url, "RPC URL")?).await?;
         let chain = ChainRegistry::deploy(ChainConfig::new(vec![url]).with_private_key(ANVIL_KEY0))
             .await
             .map_err(|e| format!("deploy the registry contract: {e}"))?;
         let id = ServiceId::new(format!("acc-{run}")).map_err(|e| e.to_string())?;
-        let mut spec =
-            ServiceSpec::new(image_ref.clone(), REPLICAS as u32).map_err(|e| e.to_string())?;
-        spec.ports = vec![Port {
-            name: "http".into(),
-            port: 8080,
-        }];
-        spec.env = BTreeMap::from([
-            ("LOG_LEVEL".to_owned(), "info".to_owned()),
-            ("MODE".to_owned(), "acceptance".to_owned()),
-        ]);
-        spec.validate().map_err(|e| e.to_string())?;
+        let spec = service_spec(
+            image_ref.clone(),
+            REPLICAS as u32,
+            &[("LOG_LEVEL", "info"), ("MODE", "acceptance")],
+        )?;
         register(&chain, &id, &spec).await?;
 
         // Kubernetes.
-        br2k_k8s::install_crypto_provider();
-        let client = Client::try_default()
-            .await
-            .map_err(|e| format!("kube client (KUBECONFIG): {e}"))?;
-        for (name, text) in [
-            ("crd.yaml", include_str!("../../../deploy/crd.yaml")),
-            ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
-        ] {
-            br2k_operator::manifests::apply(&client, text, "br2k-acceptance")
-                .await
-                .map_err(|e| format!("apply deploy/{name}: {e}"))?;
-        }
-        let probe: Api<Br2kService> = Api::all(client.clone());
-        poll(Duration::from_secs(30), "CRD served", async || {
-            probe
-                .list(&ListParams::default().limit(1))
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .await?;
+        let client = install_and_connect("br2k-acceptance").await?;
         let ns = format!("br2k-acc-{run}");
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        for (name, labels) in [
-            ("br2k-system", json!({})),
-            (ns.as_str(), json!({"br2k.io/test": "true"})),
-        ] {
-            let obj: Namespace =
-                serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
-                    .map_err(|e| e.to_string())?;
-            match namespaces.create(&PostParams::default(), &obj).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(format!("create namespace {name}: {e}")),
-            }
-        }
+        create_namespaces(&client, &ns).await?;
 
-        let operator = OperatorProc {
-            bin: operator_bin,
-            log: dir.join("operator.log"),
-            lease: format!("br2k-acceptance-{run}"),
-            identity: format!("acceptance-{run}"),
-            metrics_addr: String::new(),
-            anchors: vec![
-                "--chain-id".into(),
-                chain.chain_id().to_string(),
-                "--rpc-url".into(),
-                proxy.url(),
-                "--registry-contract".into(),
-                chain.address().to_string(),
-                "--oci-registry".into(),
-                primary.addr.clone(),
-                "--oci-registry".into(),
-                mirror.addr.clone(),
-                "--allowed-owner".into(),
-                chain.account().to_string(),
-            ],
-            child: None,
-        };
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(0)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let operator = OperatorProc::new(
+            operator_bin,
+            dir.join("operator.log"),
+            "acceptance",
+            &run,
+            trust_anchors(&chain, &proxy.url(), &[&primary.addr, &mirror.addr]),
+        );
+        let http = http_client()?;
         let mut h = Self {
             dir,
             keep_dir: false,
-            kubectl,
-            kubeconfig,
+            kubectl: Kubectl {
+                bin: stack.kubectl,
+                kubeconfig: stack.kubeconfig,
+                ns: ns.clone(),
+            },
             client,
             http,
             primary,
@@ -1078,11 +566,7 @@ impl Harness {
     async fn start_operator(&mut self) -> Result<(), String> {
         self.operator.start()?;
         poll(Duration::from_secs(30), "operator leads", async || {
-            let text = self.metrics().await?;
-            match metric(&text, "br2k_leader", None) {
-                Some(1.0) => Ok(()),
-                other => Err(format!("br2k_leader {other:?}")),
-            }
+            self.operator.leads(&self.http).await
         })
         .await
     }
@@ -1099,13 +583,7 @@ impl Harness {
 
     /// The last `lines` lines of the operator's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.operator.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..]
-            .iter()
-            .map(|l| strip_ansi(l))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.operator.log_tail(lines)
     }
 
     /// Bytes in the operator's log so far.
@@ -1134,37 +612,8 @@ impl Harness {
     /// workload), stops every process and deletes the namespace and lease.
     pub async fn shutdown(mut self) {
         let _ = self.ensure_up().await;
-        let crs = self.crs();
-        if let Ok(list) = crs.list(&ListParams::default()).await {
-            for o in list.items {
-                let _ = crs.delete(&o.name_any(), &DeleteParams::default()).await;
-            }
-        }
-        let _ = poll(Duration::from_secs(30), "resources removed", async || {
-            let n = crs
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?
-                .items
-                .len();
-            if n == 0 {
-                Ok(())
-            } else {
-                Err(format!("{n} left"))
-            }
-        })
-        .await;
-        self.operator.terminate().await;
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.ns, &DeleteParams::background())
-            .await;
-        let _ = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
-            self.client.clone(),
-            "br2k-system",
-        )
-        .delete(&self.operator.lease, &DeleteParams::default())
-        .await;
-        self.proxy.kill().await;
+        tear_down(&self.client, &self.ns, &mut self.operator).await;
+        self.proxy.stop().await;
         self.primary.stop();
         self.mirror.stop();
         if self.keep_dir {
@@ -1186,11 +635,7 @@ impl Harness {
 
     /// The StatefulSet `name`, or an error naming its absence.
     async fn live_sts(&self, name: &str) -> Result<StatefulSet, String> {
-        self.stss()
-            .get_opt(name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no StatefulSet {name}"))
+        live_sts(&self.client, &self.ns, name).await
     }
 
     /// Phase and conditions (`type` -> `status`) of resource `name`.
@@ -1251,25 +696,12 @@ impl Harness {
 
     /// The operator's metrics text.
     async fn metrics(&self) -> Result<String, String> {
-        let (status, body) = self
-            .http_call(
-                reqwest::Method::GET,
-                &format!("http://{}/metrics", self.operator.metrics_addr),
-                false,
-            )
-            .await?;
-        if status != 200 {
-            return Err(format!("GET /metrics: {status}"));
-        }
-        String::from_utf8(body).map_err(|e| e.to_string())
+        self.operator.metrics(&self.http).await
     }
 
     /// `br2k_reconciles_total` of the running operator.
     async fn reconciles(&self) -> Result<u64, String> {
-        let text = self.metrics().await?;
-        metric(&text, "br2k_reconciles_total", None)
-            .map(|v| v as u64)
-            .ok_or_else(|| "no br2k_reconciles_total".to_owned())
+        self.operator.reconciles(&self.http).await
     }
 
     /// One HTTP request; returns the status and the body.
@@ -1345,7 +777,6 @@ impl Harness {
         Ok(())
     }
 
-    /// Runs `kubectl --kubeconfig K -n NS ARGS...` (kubectl's own field managers).
     /// `kubectl patch KIND NAME --type=TYPE -p PATCH` (kubectl's own field manager).
     async fn kubectl_patch(
         &self,
@@ -1354,32 +785,12 @@ impl Harness {
         patch_type: &str,
         patch: &serde_json::Value,
     ) -> Result<String, String> {
-        let patch_type = format!("--type={patch_type}");
-        let patch = patch.to_string();
-        self.kubectl(&["patch", kind, name, &patch_type, "-p", &patch])
-            .await
+        self.kubectl.patch(kind, name, patch_type, patch, &[]).await
     }
 
+    /// Runs `kubectl --kubeconfig K -n NS ARGS...` (kubectl's own field managers).
     async fn kubectl(&self, args: &[&str]) -> Result<String, String> {
-        let out = tokio::process::Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("-n")
-            .arg(&self.ns)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| format!("run kubectl: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        self.kubectl.run(args).await
     }
 
     /// CPU of the operator in % of one core, and reconciles it counted, over `window`.
@@ -1994,7 +1405,7 @@ impl Harness {
 
     async fn chain_rpc_stopped(&mut self, r: &mut ClassResult) -> Result<(), String> {
         let base = self.names.base.clone();
-        self.proxy.kill().await;
+        self.proxy.stop().await;
         // Reported state only: the recovery below is checked all the same.
         self.note_condition(r, "ChainAvailable", "False", "the RPC stopped")
             .await;
@@ -2392,52 +1803,6 @@ impl Drop for Harness {
     }
 }
 
-/// Registers `id` with `spec` and starts it. Each write is tried up to 3 times: the
-/// stack's anvil account 0 may be used by another test at the same moment (a
-/// `nonce too low` answer; the handle asks the chain for the nonce again).
-async fn register(chain: &ChainRegistry, id: &ServiceId, spec: &ServiceSpec) -> Result<(), String> {
-    let mut registered = false;
-    let mut last = String::new();
-    for _ in 0..3 {
-        if !registered {
-            match chain.register(id, spec).await {
-                Ok(_) => registered = true,
-                Err(e) => {
-                    last = format!("register {id}: {e}");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    continue;
-                }
-            }
-        }
-        match chain.set_state(id, ServiceState::Running).await {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                last = format!("start {id}: {e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
-    }
-    Err(last)
-}
-
-/// `line` without ANSI colour sequences.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The digest the template's image is pinned to.
 fn template_digest(s: &StatefulSet) -> Option<Digest> {
     ImageRef::parse(&template_image(s)?).ok()?.digest().copied()
@@ -2450,22 +1815,6 @@ fn has_manager(s: &StatefulSet, manager: &str) -> bool {
         .iter()
         .flatten()
         .any(|m| m.manager.as_deref() == Some(manager))
-}
-
-/// The service image: one 48 KiB incompressible payload file and an entrypoint.
-fn build_image(seed: u64) -> Result<Image, String> {
-    ImageBuilder::new()
-        .file("/opt/acceptance/payload.bin", noise(seed, 48 * 1024), 0o644)
-        .and_then(|b| {
-            b.file(
-                "/usr/local/bin/acceptance",
-                b"#!/bin/sh\nexec sleep infinity\n".to_vec(),
-                0o755,
-            )
-        })
-        .map(|b| b.entrypoint(["/usr/local/bin/acceptance"]))
-        .and_then(|b| b.build())
-        .map_err(|e| format!("build the image: {e}"))
 }
 
 /// A table of results: one row per run.

@@ -191,25 +191,12 @@ impl OperatorWorkload {
     }
 }
 
-/// The image of the first container of the pod template.
-pub(super) fn template_image(s: &StatefulSet) -> Option<String> {
-    s.spec
-        .as_ref()?
-        .template
-        .spec
-        .as_ref()?
-        .containers
-        .first()?
-        .image
-        .clone()
-}
-
 /// Checks `reg`'s storage on disk: the repository links the manifest and every
 /// blob of `s`, and each data file hashes to its digest.
 pub(super) fn stored_image(reg: &RegistryProc, s: &Svc) -> Result<(), String> {
     let repo = reg.repo_dir(s.repo.as_str());
     let hashed = |d: &Digest| -> Result<(), String> {
-        let path = reg.blob_data(&d.hex());
+        let path = reg.blob_data(d);
         let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         if Digest::of(&bytes) == *d {
             Ok(())

@@ -7,21 +7,7 @@ impl OperatorWorkload {
     /// Sets up two services and starts the operator; returns once both are healthy.
     /// Everything lives under `work_dir/operator-<unique>` (registry storage, logs).
     pub async fn start(operator_bin: PathBuf, work_dir: &Path) -> Result<Self, String> {
-        let registry_bin = env("BR2K_REGISTRY_BIN")?;
-        let kubectl = env("BR2K_KUBECTL_BIN")?;
-        let kubeconfig = env("KUBECONFIG")?;
-        let rpc = env("BR2K_RPC_URLS")?
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        if !operator_bin.is_file() {
-            return Err(format!(
-                "operator binary {} not found",
-                operator_bin.display()
-            ));
-        }
+        let stack = StackEnv::read(&operator_bin)?;
         let control_plane = ControlPlaneSupervisor::start()?;
         let (cleaned, stale_runs) = infra::clean_stale(work_dir);
         for line in cleaned {
@@ -33,26 +19,24 @@ impl OperatorWorkload {
         let dir = dir.canonicalize().map_err(|e| e.to_string())?;
 
         // Registries: the primary behind a proxy, the mirror on a tmpfs.
-        let primary = RegistryProc::spawn(&registry_bin, &dir.join("registry-primary")).await?;
+        let primary =
+            RegistryProc::spawn(&stack.registry_bin, &dir.join("registry-primary"), true).await?;
         let primary_proxy = TcpProxy::start(&primary.addr).await?;
         let mirror_fs = Tmpfs::mount(&dir.join("registry-mirror/data"), MIRROR_TMPFS)?;
-        let mirror = RegistryProc::spawn(&registry_bin, &dir.join("registry-mirror")).await?;
+        let mirror =
+            RegistryProc::spawn(&stack.registry_bin, &dir.join("registry-mirror"), true).await?;
 
         // The operator's own way to the API server.
         let (kube_target, operator_kubeconfig) = {
-            let text = fs::read_to_string(&kubeconfig).map_err(|e| format!("{kubeconfig}: {e}"))?;
+            let kubeconfig = &stack.kubeconfig;
+            let text = fs::read_to_string(kubeconfig).map_err(|e| format!("{kubeconfig}: {e}"))?;
             let server = text
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("server:"))
                 .map(|s| s.trim().trim_matches('\'').trim_matches('"').to_owned())
                 .ok_or_else(|| format!("{kubeconfig}: no server"))?;
             let url = reqwest::Url::parse(&server).map_err(|e| format!("server {server}: {e}"))?;
-            let target = format!(
-                "{}:{}",
-                url.host_str().ok_or("server without host")?,
-                url.port_or_known_default().ok_or("server without port")?
-            );
-            (target, (text, server))
+            (host_port(&url, "server")?, (text, server))
         };
         let api_proxy = TcpProxy::start(&kube_target).await?;
         let op_kubeconfig = dir.join("operator.kubeconfig");
@@ -66,7 +50,7 @@ impl OperatorWorkload {
         .map_err(|e| format!("{}: {e}", op_kubeconfig.display()))?;
 
         // The chain.
-        let url = reqwest::Url::parse(&rpc).map_err(|e| format!("BR2K_RPC_URLS {rpc}: {e}"))?;
+        let url = stack.rpc.clone();
         let chain =
             ChainRegistry::deploy(ChainConfig::new(vec![url.clone()]).with_private_key(ANVIL_KEY3))
                 .await
@@ -78,19 +62,8 @@ impl OperatorWorkload {
         for (i, (tag, replicas)) in [("a", 3u32), ("b", 2u32)].into_iter().enumerate() {
             let repo = Repository::new(format!("br2k-faults/app-{run}-{tag}"))
                 .map_err(|e| e.to_string())?;
-            let image = build_image(mix(seed, i as u64 + 10))?;
-            for addr in [&primary.addr, &mirror.addr] {
-                let store = OciImageStore::insecure(addr).map_err(|e| e.to_string())?;
-                let d = store
-                    .push(&repo, &image, Some("1.0"))
-                    .await
-                    .map_err(|e| format!("push to {addr}: {e}"))?;
-                if d != image.digest {
-                    return Err(format!("{addr} stored {d}, built {}", image.digest));
-                }
-            }
-            let mut blobs = vec![image.config.digest];
-            blobs.extend(image.layers.iter().map(|l| l.digest));
+            let image = build_image(mix(seed, i as u64 + 10), "faults")?;
+            push_everywhere(&[&primary.addr, &mirror.addr], &repo, &image).await?;
             let image_ref = ImageRef::new(
                 primary_proxy.addr(),
                 repo.clone(),
@@ -99,13 +72,7 @@ impl OperatorWorkload {
             )
             .map_err(|e| e.to_string())?;
             let id = ServiceId::new(format!("fo-{run}-{tag}")).map_err(|e| e.to_string())?;
-            let mut spec = ServiceSpec::new(image_ref, replicas).map_err(|e| e.to_string())?;
-            spec.ports = vec![Port {
-                name: "http".into(),
-                port: 8080,
-            }];
-            spec.env = BTreeMap::from([("MODE".to_owned(), "faults".to_owned())]);
-            spec.validate().map_err(|e| e.to_string())?;
+            let spec = service_spec(image_ref, replicas, &[("MODE", "faults")])?;
             register(&chain, &id, &spec).await?;
             services.push(Svc {
                 tag: tag.to_owned(),
@@ -114,83 +81,33 @@ impl OperatorWorkload {
                 cr: format!("svc-{tag}"),
                 repo,
                 digest: image.digest,
-                blobs,
+                blobs: blobs_of(&image),
             });
         }
 
         // Kubernetes.
-        br2k_k8s::install_crypto_provider();
-        let client = Client::try_default()
-            .await
-            .map_err(|e| format!("kube client (KUBECONFIG): {e}"))?;
-        for (name, text) in [
-            ("crd.yaml", include_str!("../../../deploy/crd.yaml")),
-            ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
-        ] {
-            br2k_operator::manifests::apply(&client, text, "br2k-faults")
-                .await
-                .map_err(|e| format!("apply deploy/{name}: {e}"))?;
-        }
-        let probe: Api<Br2kService> = Api::all(client.clone());
-        poll(Duration::from_secs(30), "CRD served", async || {
-            probe
-                .list(&ListParams::default().limit(1))
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        })
-        .await?;
+        let client = install_and_connect("br2k-faults").await?;
         remove_stale_namespaces(&client, &stale_runs).await;
         let ns = format!("br2k-faults-op-{run}");
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        for (name, labels) in [
-            ("br2k-system", json!({})),
-            (ns.as_str(), json!({"br2k.io/test": "true"})),
-        ] {
-            let obj: Namespace =
-                serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
-                    .map_err(|e| e.to_string())?;
-            match namespaces.create(&PostParams::default(), &obj).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
-                Err(e) => return Err(format!("create namespace {name}: {e}")),
-            }
-        }
+        create_namespaces(&client, &ns).await?;
 
-        let operator = OperatorProc::new(
-            operator_bin,
-            dir.join("operator.log"),
-            op_kubeconfig,
-            &run,
-            vec![
-                "--chain-id".into(),
-                chain.chain_id().to_string(),
-                "--rpc-url".into(),
-                url.to_string(),
-                "--registry-contract".into(),
-                chain.address().to_string(),
-                "--oci-registry".into(),
-                primary_proxy.addr(),
-                "--oci-registry".into(),
-                mirror.addr.clone(),
-                "--allowed-owner".into(),
-                chain.account().to_string(),
-                // Only its own resources: not those of another workload, nor the
-                // ones a killed run left.
-                "--watch-namespace".into(),
-                ns.clone(),
-            ],
-        );
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(0)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let operator = OperatorProc::new(operator_bin, dir.join("operator.log"), "faults", &run, {
+            let mut a = trust_anchors(&chain, url.as_str(), &[&primary_proxy.addr(), &mirror.addr]);
+            // Only its own resources: not those of another workload, nor the
+            // ones a killed run left.
+            a.extend(["--watch-namespace".into(), ns.clone()]);
+            a
+        })
+        .with_kubeconfig(op_kubeconfig)
+        .detached();
+        let http = http_client()?;
         let mut w = Self {
             dir,
-            kubectl,
-            kubeconfig,
+            kubectl: Kubectl {
+                bin: stack.kubectl,
+                kubeconfig: stack.kubeconfig,
+                ns: ns.clone(),
+            },
             client,
             http,
             chain,
@@ -264,11 +181,7 @@ impl OperatorWorkload {
     pub(super) async fn start_operator(&mut self) -> Result<(), String> {
         self.operator.start()?;
         poll(Duration::from_secs(30), "operator leads", async || {
-            let text = self.metrics().await?;
-            match metric(&text, "br2k_leader") {
-                Some(1.0) => Ok(()),
-                other => Err(format!("br2k_leader {other:?}")),
-            }
+            self.operator.leads(&self.http).await
         })
         .await
     }
@@ -302,50 +215,4 @@ pub(super) async fn remove_stale_namespaces(client: &Client, runs: &[String]) {
             .await;
         eprintln!("[faults/operator] left by an earlier run: deleted namespace {ns}");
     }
-}
-
-/// Registers `id` with `spec` and starts it, each write tried up to 3 times.
-pub(super) async fn register(
-    chain: &ChainRegistry,
-    id: &ServiceId,
-    spec: &ServiceSpec,
-) -> Result<(), String> {
-    let mut registered = false;
-    let mut last = String::new();
-    for _ in 0..3 {
-        if !registered {
-            match chain.register(id, spec).await {
-                Ok(_) => registered = true,
-                Err(e) => {
-                    last = format!("register {id}: {e}");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    continue;
-                }
-            }
-        }
-        match chain.set_state(id, ServiceState::Running).await {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                last = format!("start {id}: {e}");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
-    }
-    Err(last)
-}
-
-/// A service image: one 48 KiB incompressible payload file and an entrypoint.
-pub(super) fn build_image(seed: u64) -> Result<Image, String> {
-    ImageBuilder::new()
-        .file("/opt/faults/payload.bin", noise(seed, 48 * 1024), 0o644)
-        .and_then(|b| {
-            b.file(
-                "/usr/local/bin/faults-app",
-                b"#!/bin/sh\nexec sleep infinity\n".to_vec(),
-                0o755,
-            )
-        })
-        .map(|b| b.entrypoint(["/usr/local/bin/faults-app"]))
-        .and_then(|b| b.build())
-        .map_err(|e| format!("build the image: {e}"))
 }

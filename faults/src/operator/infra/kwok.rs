@@ -91,12 +91,7 @@ impl ProcImage {
     /// kwokctl's; a thread reaps it when it exits) and records its pid in the pid
     /// file, where `scripts/stack down` finds it; returns the pid.
     fn spawn(&self) -> Result<u32, String> {
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let (out, err) = log_pair(&self.log)?;
         let mut child = Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .current_dir(&self.cwd)

@@ -4,11 +4,6 @@ use super::*;
 
 // ------------------------------------------------------------------ leftovers
 
-/// Writes `pid` beside `log` (`NAME.pid` for `NAME.log`), for [`clean_stale`].
-pub(super) fn record_pid(log: &Path, pid: u32) {
-    let _ = fs::write(log.with_extension("pid"), format!("{pid}\n"));
-}
-
 /// Whether process `pid` runs a command line containing `needle`.
 pub(super) fn runs(pid: u32, needle: &str) -> bool {
     alive(pid)
@@ -94,6 +89,9 @@ pub fn clean_stale(work_dir: &Path) -> (Vec<String>, Vec<String>) {
 
 #[cfg(test)]
 mod tests {
+    use std::process::Child;
+    use std::time::Instant;
+
     use super::*;
 
     /// Waits up to 5 s for `c` to exit; whether it did.

@@ -1,8 +1,15 @@
-//! Distribution registry processes (the workload's primary and mirror).
+//! Distribution registry processes of a harness's own.
 
-use super::*;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-// ------------------------------------------------------------------ registries
+use br2k_core::Digest;
+use tokio::net::TcpStream;
+
+use super::{free_port, log_pair, poll, record_pid};
 
 /// A Distribution registry process on a loopback port with its own storage; it can
 /// be stopped and started again on the same port and storage.
@@ -14,13 +21,15 @@ pub struct RegistryProc {
     config: PathBuf,
     log: PathBuf,
     bin: String,
+    detach: bool,
     child: Option<Child>,
 }
 
 impl RegistryProc {
     /// Writes the config of a registry under `root` (storage in `root/data`, which
-    /// the caller may have mounted) and starts it.
-    pub async fn spawn(bin: &str, root: &Path) -> Result<Self, String> {
+    /// the caller may have mounted; its log `root/registry.log`) and starts it,
+    /// `detach`ed or not (see the module's text).
+    pub async fn spawn(bin: &str, root: &Path, detach: bool) -> Result<Self, String> {
         let data = root.join("data");
         fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
         let addr = format!("127.0.0.1:{}", free_port()?);
@@ -39,6 +48,7 @@ impl RegistryProc {
             log: root.join("registry.log"),
             config,
             bin: bin.to_owned(),
+            detach,
             child: None,
         };
         r.start().await?;
@@ -50,22 +60,22 @@ impl RegistryProc {
         if self.child.is_some() {
             return Ok(());
         }
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("{}: {e}", self.log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(&self.bin)
-            .arg("serve")
+        let (out, err) = log_pair(&self.log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0)
+            .stderr(Stdio::from(err));
+        if self.detach {
+            cmd.process_group(0);
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", self.bin))?;
-        record_pid(&self.log, child.id());
+        if self.detach {
+            record_pid(&self.log, child.id());
+        }
         self.child = Some(child);
         let addr = self.addr.clone();
         poll(Duration::from_secs(15), "registry listening", async || {
@@ -90,12 +100,13 @@ impl RegistryProc {
         self.data.join("docker/registry/v2/repositories").join(repo)
     }
 
-    /// The data file of blob `hex` (sha256) in the storage.
-    pub fn blob_data(&self, hex: &str) -> PathBuf {
+    /// The data file of blob `d` in the storage.
+    pub fn blob_data(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
         self.data
             .join("docker/registry/v2/blobs/sha256")
-            .join(hex.get(..2).unwrap_or(hex))
-            .join(hex)
+            .join(hex.get(..2).unwrap_or(&hex))
+            .join(&hex)
             .join("data")
     }
 }

@@ -1,8 +1,14 @@
-//! Loopback TCP proxies; one can answer 503.
+//! Loopback TCP proxies of a harness's own; one can answer 503.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-// ------------------------------------------------------------------ TCP proxy
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::{free_port, poll};
 
 /// A loopback TCP proxy: forwards to a target, or (in 503 mode) answers every HTTP
 /// request with `503 Service Unavailable`. Stopping it drops the listener and every
@@ -36,6 +42,11 @@ impl TcpProxy {
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
     }
 
     /// Switches the 503 mode; live connections are dropped either way, so that no
