@@ -19,6 +19,9 @@
 //! replicas not leading). A client settles all along with idempotency keys; at the
 //! end every acknowledged settlement must be on chain exactly once and no other.
 
+mod load;
+mod member;
+mod observe;
 mod rig;
 mod trial;
 

@@ -219,17 +219,13 @@ impl World {
         let log = self
             .dir
             .join(format!("replica-{slot}-{}.log", self.spawned));
-        let etcd: Vec<String> = self.etcd_proxies[slot]
-            .iter()
-            .map(|p| format!("http://{}", p.addr))
-            .collect();
         let mut cmd = serve_command(
             &self.ledger_bin,
             &Serve {
                 rpc: &self.rpc,
                 registry_address: &self.registry_address,
                 slot,
-                etcd: &etcd,
+                etcd: &self.etcd_proxies[slot],
                 oci: &self.oci,
                 settlement: self.settlement,
                 service: &self.service,
@@ -362,8 +358,8 @@ pub struct Serve<'a> {
     pub registry_address: &'a str,
     /// Which replica key (0-2) it signs checkpoints and its location with.
     pub slot: usize,
-    /// The etcd endpoints it uses (`http://host:port`).
-    pub etcd: &'a [String],
+    /// The proxies it reaches the etcd members through.
+    pub etcd: &'a [Proxy],
     /// The snapshot registry (`host:port`).
     pub oci: &'a str,
     /// The Settlement contract.
@@ -393,7 +389,14 @@ pub fn serve_command(bin: &Path, s: &Serve<'_>, log: &Path) -> Result<Command, S
             "BR2K_PRIVATE_KEY",
             REPLICA_KEYS[s.slot % REPLICA_KEYS.len()],
         )
-        .env("BR2K_ETCD_ENDPOINTS", s.etcd.join(","))
+        .env(
+            "BR2K_ETCD_ENDPOINTS",
+            s.etcd
+                .iter()
+                .map(|p| format!("http://{}", p.addr))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .env("LEDGER_OCI_REGISTRY", s.oci)
         .env("LEDGER_SETTLER_KEY", SETTLER_KEY)
         .env("LEDGER_SETTLEMENT_ADDRESS", format!("{:#x}", s.settlement))

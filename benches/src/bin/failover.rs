@@ -90,6 +90,7 @@ async fn main() -> ExitCode {
                     "braked_ms": t.braked.map(|d| d.as_millis() as u64),
                     "returned_ms": t.returned.map(|d| d.as_millis() as u64),
                     "standdown_ms": t.standdown.map(|d| d.as_millis() as u64),
+                    "pods_gone_ms": t.pods_gone.map(|d| d.as_millis() as u64),
                     "timeline": t.timeline, "problems": t.problems,
                 })
             })
@@ -105,12 +106,12 @@ async fn main() -> ExitCode {
         );
     } else {
         println!(
-            "| # | scenario | from→to | epochs | loss→old fenced (s) | loss→ready (s) | loss→recorded (s) | loss→serving (s) | heal→back (s) | back→scaled to 0 (s) | loss→braked status (s) | poll round max (s) |"
+            "| # | scenario | from→to | epochs | loss→old fenced (s) | loss→ready (s) | loss→recorded (s) | loss→serving (s) | heal→back (s) | back→scaled to 0 (s) | back→pods gone (s) | loss→braked status (s) | poll round max (s) |"
         );
-        println!("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (i, t) in summary.trials.iter().enumerate() {
             println!(
-                "| {i} | {} | {}→{} | {}→{} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                "| {i} | {} | {}→{} | {}→{} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
                 t.scenario.name(),
                 t.from,
                 t.to,
@@ -122,15 +123,16 @@ async fn main() -> ExitCode {
                 secs(t.to_serving),
                 secs(t.returned),
                 secs(t.standdown),
+                secs(t.pods_gone),
                 secs(t.braked),
                 t.resolution.as_secs_f64()
             );
         }
         println!();
         println!(
-            "| scenario | trials | loss→old fenced p50 / max (s) | loss→ready p50 / max | loss→recorded p50 / max | loss→serving p50 / max | back→scaled to 0 p50 / max | loss→braked p50 / max |"
+            "| scenario | trials | loss→old fenced p50 / max (s) | loss→ready p50 / max | loss→recorded p50 / max | loss→serving p50 / max | back→scaled to 0 p50 / max | back→pods gone p50 / max | loss→braked p50 / max |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut scenarios: Vec<Scenario> = summary.trials.iter().map(|t| t.scenario).collect();
         scenarios.sort_by_key(|s| s.name());
         scenarios.dedup();
@@ -144,7 +146,7 @@ async fn main() -> ExitCode {
                 stats(ts.iter().filter_map(|t| f(t)).collect())
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s.map_or("all", |s| s.name()),
                 ts.len(),
                 col(|t| t.from_fenced),
@@ -152,6 +154,7 @@ async fn main() -> ExitCode {
                 col(|t| t.to_recorded),
                 col(|t| t.to_serving),
                 col(|t| t.standdown),
+                col(|t| t.pods_gone),
                 col(|t| t.braked)
             );
         }

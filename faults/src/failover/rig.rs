@@ -3,24 +3,21 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
 use br2k_chain::{ChainConfig, ChainRegistry};
-use br2k_core::{ImageRef, Registry, Role, ServiceId, ServiceSpec};
-use br2k_operator::crd::{Br2kService, Br2kServiceSpec};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ListParams, PostParams};
-use serde_json::{Value, json};
+use br2k_core::{Registry, Role, ServiceId, ServiceSpec};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::Api;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::Options;
-use crate::ledger::{Client, Reply, Serve, Stack, serve_command, settlement_txs, setup_service};
+use super::member::{Member, PodProc, image, kube_client, prepare_cluster};
+use crate::ledger::{Reply, Serve, Stack, serve_command, setup_service};
 use crate::operator::infra::{ControlPlaneSupervisor, free_port, unique};
 use crate::proxy::{Mode, Proxy};
 
@@ -40,72 +37,6 @@ pub(super) const POLL: Duration = Duration::from_millis(100);
 /// whose outcome it did not learn.
 type Load = (Arc<AtomicBool>, JoinHandle<Vec<(String, Reply)>>);
 
-/// One `ledger serve --cluster` process standing for one Ready pod.
-struct PodProc {
-    child: Child,
-}
-
-impl Drop for PodProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One cluster: its API client, its operator process, the etcd proxies the rig can
-/// cut, and the ledger processes of its Ready pods.
-pub struct Member {
-    /// The br2k cluster name (`a`, `b`).
-    pub name: String,
-    /// Its stack (`KUBECONFIG`, `KWOK_WORKDIR`, `BR2K_KWOK_CLUSTER`).
-    pub stack: Stack,
-    /// A client of its API server.
-    pub client: kube::Client,
-    operator: Option<Child>,
-    operator_args: Vec<String>,
-    operator_key: &'static str,
-    /// The operator's etcd proxies.
-    pub operator_etcd: Vec<Proxy>,
-    /// Each replica ordinal's etcd proxies.
-    pub replica_etcd: Vec<Vec<Proxy>>,
-    /// Each replica ordinal's port.
-    pub ports: Vec<u16>,
-    pods: BTreeMap<usize, PodProc>,
-    spawned: usize,
-    dir: PathBuf,
-    bin: PathBuf,
-    /// Restarts the scheduler and controller manager when they exit (they do when
-    /// their API server was gone longer than their leader-election lease), as a
-    /// kubelet or systemd would.
-    _control_plane: ControlPlaneSupervisor,
-}
-
-impl Member {
-    /// The replicas' URLs.
-    pub fn urls(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect()
-    }
-
-    /// Sets every etcd proxy of this cluster (operator and replicas) to `mode`.
-    pub fn etcd_mode(&self, mode: Mode) {
-        for p in self
-            .operator_etcd
-            .iter()
-            .chain(self.replica_etcd.iter().flatten())
-        {
-            p.set(mode);
-        }
-    }
-
-    /// The ledger processes running for this cluster's pods.
-    pub fn running(&self) -> usize {
-        self.pods.len()
-    }
-}
-
 /// The whole rig.
 pub struct Rig {
     /// Cluster `a` then `b`.
@@ -116,24 +47,16 @@ pub struct Rig {
     pub ns: String,
     /// A read-only view of the registry contract.
     pub chain: ChainRegistry,
-    rpc: String,
-    registry_address: String,
-    settlement: Address,
-    first_block: u64,
-    ledger_bin: PathBuf,
-    oci: String,
-    dir: PathBuf,
-    run: String,
-    load: Option<Load>,
-    acked: Arc<Mutex<Vec<String>>>,
-}
-
-async fn kube_client(kubeconfig: &str) -> Result<kube::Client, String> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    kube::Client::try_from(cfg).map_err(|e| e.to_string())
+    pub(super) rpc: String,
+    pub(super) registry_address: String,
+    pub(super) settlement: Address,
+    pub(super) first_block: u64,
+    pub(super) ledger_bin: PathBuf,
+    pub(super) oci: String,
+    pub(super) dir: PathBuf,
+    pub(super) run: String,
+    pub(super) load: Option<Load>,
+    pub(super) acked: Arc<Mutex<Vec<String>>>,
 }
 
 /// Polls `f` every [`POLL`] until it is `Ok`, at most `within`.
@@ -287,7 +210,7 @@ impl Rig {
                 spawned: 0,
                 dir: dir.clone(),
                 bin: opts.operator_bin.clone(),
-                _control_plane: control_plane,
+                control_plane,
             };
             m.start_operator(&[])?;
             members.push(m);
@@ -340,119 +263,6 @@ impl Rig {
             .expect("a known cluster")
     }
 
-    /// The placement recorded on chain: (cluster, epoch).
-    pub async fn placed(&self) -> Result<(String, u64), String> {
-        let r = self
-            .chain
-            .active(&self.id)
-            .await
-            .map_err(|e| e.to_string())?;
-        let p = r.placement.ok_or("no placement on chain yet")?;
-        Ok((p.cluster, p.epoch))
-    }
-
-    /// Whether every replica is Ready in `m`, read from its API server: the
-    /// StatefulSet asks for all of them and its controller saw that spec, and as
-    /// many pods of the service are Ready and not being deleted (a StatefulSet's
-    /// status alone may be stale while its controller restarts).
-    pub async fn ready_replicas(&self, m: &Member) -> Result<(), String> {
-        let s = self.statefulset(m).await?;
-        let spec = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-        let observed = s.status.as_ref().and_then(|s| s.observed_generation);
-        if spec != REPLICAS as i32 || observed < s.metadata.generation {
-            return Err(format!("{}: spec {spec}, observed {observed:?}", m.name));
-        }
-        let ready = self.ready_pods(m).await?.len();
-        if ready == REPLICAS {
-            Ok(())
-        } else {
-            Err(format!("{}: {ready}/{REPLICAS} pods ready", m.name))
-        }
-    }
-
-    /// The ordinals of the service's pods in `m` that are Ready and not being
-    /// deleted.
-    async fn ready_pods(&self, m: &Member) -> Result<Vec<usize>, String> {
-        let base = br2k_k8s::names::Names::of(&self.id).base;
-        let pods = Api::<Pod>::namespaced(m.client.clone(), &self.ns)
-            .list(&ListParams::default().labels(&format!(
-                "{}={}",
-                br2k_k8s::names::LABEL_SERVICE_ID,
-                self.id
-            )))
-            .await
-            .map_err(|e| format!("{}: pods: {e}", m.name))?;
-        let mut ready = Vec::new();
-        for p in &pods.items {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let ordinal = name
-                .strip_prefix(&format!("{base}-"))
-                .and_then(|o| o.parse::<usize>().ok());
-            let is_ready = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if let Some(o) = ordinal
-                && o < REPLICAS
-                && is_ready
-                && p.metadata.deletion_timestamp.is_none()
-            {
-                ready.push(o);
-            }
-        }
-        Ok(ready)
-    }
-
-    /// Whether the control plane of `m` works again after its API server returned:
-    /// the controller manager and the scheduler renewed their leases in the last 3 s
-    /// (after an API-server restart they may wait out their old lease, 15 s, before
-    /// they act again, as on any cluster).
-    pub async fn control_plane_ready(&self, m: &Member) -> Result<(), String> {
-        use k8s_openapi::api::coordination::v1::Lease;
-        let leases: Api<Lease> = Api::namespaced(m.client.clone(), "kube-system");
-        for name in ["kube-controller-manager", "kube-scheduler"] {
-            let l = leases.get(name).await.map_err(|e| format!("{name}: {e}"))?;
-            let renewed = l
-                .spec
-                .and_then(|s| s.renew_time)
-                .ok_or_else(|| format!("{name}: never renewed"))?;
-            let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed.0);
-            if age > k8s_openapi::jiff::SignedDuration::from_secs(3) {
-                return Err(format!("{}: {name} renewed {age:?} ago", m.name));
-            }
-        }
-        Ok(())
-    }
-
-    /// The StatefulSet of the service in `m`.
-    pub async fn statefulset(&self, m: &Member) -> Result<StatefulSet, String> {
-        let name = br2k_k8s::names::Names::of(&self.id).base;
-        Api::<StatefulSet>::namespaced(m.client.clone(), &self.ns)
-            .get(&name)
-            .await
-            .map_err(|e| format!("{}: statefulset: {e}", m.name))
-    }
-
-    /// The placement status the operator of `m` wrote on its resource.
-    pub async fn placement_status(&self, m: &Member) -> Result<Value, String> {
-        let cr = Api::<Br2kService>::namespaced(m.client.clone(), &self.ns)
-            .get("ledger")
-            .await
-            .map_err(|e| e.to_string())?;
-        let s = serde_json::to_value(cr.status).map_err(|e| e.to_string())?;
-        Ok(s["placement"].clone())
-    }
-
-    /// The URL of a replica of `m` that says it leads.
-    pub async fn leader_in(&self, m: &Member) -> Result<String, String> {
-        let c = Client::new(m.urls());
-        match c.leader().await {
-            Some(i) => Ok(m.urls()[i].clone()),
-            None => Err(format!("no leader in {}", m.name)),
-        }
-    }
-
     /// The pod runners: one ledger process per Ready pod of each cluster, stopped
     /// when its pod goes; nothing changes while a cluster's API server is down.
     pub async fn sync_pods(&mut self) {
@@ -481,17 +291,13 @@ impl Rig {
         let log = self
             .dir
             .join(format!("replica-{}-{ordinal}-{}.log", m.name, m.spawned));
-        let etcd: Vec<String> = m.replica_etcd[ordinal]
-            .iter()
-            .map(|p| format!("http://{}", p.addr))
-            .collect();
         let mut cmd = serve_command(
             &self.ledger_bin,
             &Serve {
                 rpc: &self.rpc,
                 registry_address: &self.registry_address,
                 slot: ordinal,
-                etcd: &etcd,
+                etcd: &m.replica_etcd[ordinal],
                 oci: &self.oci,
                 settlement: self.settlement,
                 service: self.id.as_str(),
@@ -503,106 +309,6 @@ impl Rig {
         cmd.env("LEDGER_CLUSTER", &m.name);
         let child = cmd.spawn().map_err(|e| format!("spawn ledger: {e}"))?;
         Ok(PodProc { child })
-    }
-
-    /// Puts a balance on the account the client settles from.
-    async fn deposit(&self) -> Result<(), String> {
-        let c = self.client();
-        let body = json!({"account": "treasury", "amount": 1_000_000_000u64}).to_string();
-        match c
-            .call(
-                "/deposit",
-                Some(&format!("fo-{}-fund", self.run)),
-                Some(&body),
-                Duration::from_secs(30),
-            )
-            .await
-        {
-            Reply::Final(200, _) => Ok(()),
-            other => Err(format!("deposit: {other:?}")),
-        }
-    }
-
-    /// A client of every replica of both clusters.
-    pub fn client(&self) -> Client {
-        Client::new(self.members.iter().flat_map(Member::urls).collect())
-    }
-
-    /// Settles 1 unit under a new key every 200 ms until stopped.
-    fn start_load(&mut self) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, run, acked, s) = (
-            self.client(),
-            self.run.clone(),
-            self.acked.clone(),
-            stop.clone(),
-        );
-        let task = tokio::spawn(async move {
-            let mut unknown = Vec::new();
-            let body = json!({"account": "treasury", "amount": 1}).to_string();
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let key = format!("fo-{run}-s-{n}");
-                let r = c
-                    .call("/settle", Some(&key), Some(&body), Duration::from_secs(15))
-                    .await;
-                match &r {
-                    Reply::Final(200, _) => acked.lock().await.push(key),
-                    _ => unknown.push((key, r)),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            unknown
-        });
-        self.load = Some((stop, task));
-    }
-
-    /// Stops the load, resolves every unknown outcome with its key, and checks that
-    /// every acknowledged settlement is on chain exactly once and no other.
-    pub async fn finish(
-        &mut self,
-        trials: Vec<super::TrialResult>,
-    ) -> Result<super::Summary, String> {
-        let mut problems = Vec::new();
-        let unknown = match self.load.take() {
-            Some((stop, task)) => {
-                stop.store(true, Ordering::Relaxed);
-                task.await.map_err(|e| e.to_string())?
-            }
-            None => Vec::new(),
-        };
-        let c = self.client();
-        let body = json!({"account": "treasury", "amount": 1}).to_string();
-        for (key, first) in unknown {
-            self.sync_pods().await;
-            match c
-                .call("/settle", Some(&key), Some(&body), Duration::from_secs(60))
-                .await
-            {
-                Reply::Final(200, _) => self.acked.lock().await.push(key),
-                other => problems.push(format!(
-                    "settlement {key}: {first:?}, then still {other:?} after a retry with its key"
-                )),
-            }
-        }
-        let acked = self.acked.lock().await.clone();
-        let on_chain = settlement_txs(&self.rpc, self.settlement, self.first_block).await?;
-        let keys: BTreeMap<_, _> = acked
-            .iter()
-            .map(|k| (br2k_ledger::settle::settlement_key(k), k.clone()))
-            .collect();
-        let lost = keys.keys().filter(|k| !on_chain.contains_key(*k)).count();
-        let duplicated = on_chain.values().filter(|n| **n > 1).count();
-        let unexpected = on_chain.keys().filter(|k| !keys.contains_key(*k)).count();
-        Ok(super::Summary {
-            trials,
-            acknowledged: acked.len(),
-            lost,
-            duplicated,
-            unexpected,
-            problems,
-        })
     }
 
     /// The tails of the operators' and replicas' logs.
@@ -639,106 +345,4 @@ impl Rig {
                 .await;
         }
     }
-}
-
-impl Member {
-    /// Starts the operator again (SIGKILL first) with `extra` options.
-    pub fn restart_operator(&mut self, extra: &[&str]) -> Result<(), String> {
-        if let Some(mut c) = self.operator.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.start_operator(extra)
-    }
-
-    fn start_operator(&mut self, extra: &[&str]) -> Result<(), String> {
-        let (dir, bin) = (&self.dir, &self.bin);
-        let log = dir.join(format!("operator-{}.log", self.name));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let child = Command::new(bin)
-            .args(&self.operator_args)
-            .args(extra)
-            .args(["--metrics-addr", &metrics])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KUBECONFIG", self.stack.var("KUBECONFIG")?)
-            .env("BR2K_PRIVATE_KEY", self.operator_key)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        self.operator = Some(child);
-        Ok(())
-    }
-}
-
-/// Builds this run's image (1 MiB payload, entrypoint `/ledger serve`) and pushes it
-/// to every registry; returns its digest-pinned reference in the first.
-async fn image(run: &str, registries: &[String]) -> Result<ImageRef, String> {
-    let payload: Vec<u8> = (0..1024 * 1024u32)
-        .map(|i| {
-            (i.wrapping_mul(2_654_435_761) >> 24) as u8 ^ run.as_bytes()[i as usize % run.len()]
-        })
-        .collect();
-    let built = br2k_oci::ImageBuilder::new()
-        .file("ledger", payload, 0o755)
-        .and_then(|b| b.entrypoint(["/ledger", "serve"]).build())
-        .map_err(|e| format!("build the image: {e}"))?;
-    let repo = br2k_core::Repository::new(format!("br2k-failover/ledger-{run}"))
-        .map_err(|e| e.to_string())?;
-    for host in registries {
-        let store = br2k_oci::OciImageStore::insecure(host).map_err(|e| e.to_string())?;
-        use br2k_core::ImageStore;
-        store
-            .push(&repo, &built, Some("1.0"))
-            .await
-            .map_err(|e| format!("push to {host}: {e}"))?;
-    }
-    ImageRef::new(&registries[0], repo, Some("1.0"), Some(built.digest)).map_err(|e| e.to_string())
-}
-
-/// The CRD, RBAC, namespaces and the `ledger` resource in one cluster.
-async fn prepare_cluster(client: &kube::Client, ns: &str, id: &ServiceId) -> Result<(), String> {
-    for (name, text) in [
-        ("crd.yaml", include_str!("../../../deploy/crd.yaml")),
-        ("rbac.yaml", include_str!("../../../deploy/rbac.yaml")),
-    ] {
-        br2k_operator::manifests::apply(client, text, "br2k-failover")
-            .await
-            .map_err(|e| format!("apply deploy/{name}: {e}"))?;
-    }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for name in ["br2k-system", ns] {
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))
-            .map_err(|e| e.to_string())?;
-        match namespaces.create(&PostParams::default(), &obj).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(format!("create namespace {name}: {e}")),
-        }
-    }
-    let crs: Api<Br2kService> = Api::namespaced(client.clone(), ns);
-    until(Duration::from_secs(30), "CRD served", async || {
-        crs.list(&ListParams::default().limit(1))
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await?;
-    crs.create(
-        &PostParams::default(),
-        &Br2kService::new("ledger", Br2kServiceSpec::for_service(id.as_str())),
-    )
-    .await
-    .map_err(|e| format!("create Br2kService: {e}"))?;
-    Ok(())
 }

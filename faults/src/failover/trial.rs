@@ -69,9 +69,12 @@ pub struct TrialResult {
     /// The heal (API server started again, or etcd reachable again) → `from`'s API
     /// server answers.
     pub returned: Option<Duration>,
-    /// `from`'s API server answers again → its StatefulSet scaled to 0 (read there),
-    /// none of its replicas leading and their processes stopped.
+    /// `from`'s API server answers again → its StatefulSet scaled to 0 by its
+    /// operator (read there) and none of its replicas leading.
     pub standdown: Option<Duration>,
+    /// `from`'s API server answers again → its pods gone and their processes stopped
+    /// (its own controllers at work again).
+    pub pods_gone: Option<Duration>,
     /// The longest round of the takeover's observations (sync of the pod runners and
     /// the four reads): each takeover figure is late by at most this.
     pub resolution: Duration,
@@ -204,6 +207,7 @@ impl Rig {
         match (&mut killed, scenario) {
             (Some(k), _) => {
                 k.restart()?;
+                self.members[fi].control_plane.restart_all();
             }
             (None, _) => self.members[fi].etcd_mode(Mode::Pass),
         }
@@ -216,17 +220,24 @@ impl Rig {
             }
         }
         let t2 = Instant::now();
-        let mut standdown = None;
-        while t2.elapsed() < WITHIN {
+        let (mut standdown, mut pods_gone) = (None, None);
+        while t2.elapsed() < WITHIN && (standdown.is_none() || pods_gone.is_none()) {
             self.sync_pods().await;
             let m = self.member(&from);
-            let scaled = self
-                .statefulset(m)
-                .await
-                .is_ok_and(|s| s.spec.and_then(|s| s.replicas) == Some(0));
-            if scaled && m.running() == 0 && self.leader_in(m).await.is_err() {
+            if standdown.is_none()
+                && self
+                    .statefulset(m)
+                    .await
+                    .is_ok_and(|s| s.spec.and_then(|s| s.replicas) == Some(0))
+                && self.leader_in(m).await.is_err()
+            {
                 standdown = Some(t2.elapsed());
-                break;
+            }
+            if pods_gone.is_none()
+                && self.ready_pods(m).await.is_ok_and(|p| p.is_empty())
+                && m.running() == 0
+            {
+                pods_gone = Some(t2.elapsed());
             }
             tokio::time::sleep(POLL).await;
         }
@@ -274,6 +285,7 @@ impl Rig {
             to_serving: serving,
             returned,
             standdown,
+            pods_gone,
             braked: None,
             timeline,
             problems,
@@ -339,6 +351,7 @@ impl Rig {
             problems.push(format!("{to}'s status never said the failover is braked"));
         }
         killed.restart()?;
+        self.members[fi].control_plane.restart_all();
         self.members[ti].restart_operator(&[])?;
         let back = until(
             Duration::from_secs(90),
@@ -368,6 +381,7 @@ impl Rig {
             to_serving: None,
             returned: None,
             standdown: None,
+            pods_gone: None,
             braked,
             timeline: serde_json::Value::Null,
             problems,

@@ -122,6 +122,7 @@ impl ProcImage {
 pub struct ControlPlaneSupervisor {
     task: JoinHandle<()>,
     restarts: Arc<Mutex<Vec<String>>>,
+    pid_files: Vec<PathBuf>,
 }
 
 /// The components [`ControlPlaneSupervisor`] keeps running (the API server is the
@@ -149,6 +150,7 @@ impl ControlPlaneSupervisor {
             .collect::<Result<_, _>>()?;
         let restarts: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = restarts.clone();
+        let pid_files = images.iter().map(|i| i.pid_file.clone()).collect();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -169,7 +171,23 @@ impl ControlPlaneSupervisor {
                 }
             }
         });
-        Ok(Self { task, restarts })
+        Ok(Self {
+            task,
+            restarts,
+            pid_files,
+        })
+    }
+
+    /// Kills every supervised component (they start again within a second), as a
+    /// control-plane node that comes back starts them afresh: after an API-server
+    /// restart, a scheduler or controller manager may otherwise exit at any later
+    /// moment (a corrupted cache, a lost leader election) or wait out its old lease.
+    pub fn restart_all(&self) {
+        for f in &self.pid_files {
+            if let Ok(pid) = read_pid(f) {
+                let _ = signal(pid, "KILL");
+            }
+        }
     }
 
     /// The restarts so far, and forgets them.
