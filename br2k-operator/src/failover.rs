@@ -144,7 +144,7 @@ impl Failover {
     /// Notes that the workload of `id` was applied here and whether it is Ready.
     pub fn progress(&self, id: &ServiceId, ready: bool) {
         if let Some(s) = self.services.lock().get(id) {
-            note_progress(s, true, ready);
+            note_progress(s, ready);
         }
     }
 
@@ -154,10 +154,6 @@ impl Failover {
         if s.decision == Decision::NotListed && s.active_cluster.is_none() {
             return None;
         }
-        let kind = serde_json::to_value(&s.decision)
-            .ok()
-            .and_then(|v| v.get("kind").and_then(|k| k.as_str().map(str::to_owned)))
-            .unwrap_or_default();
         let t = &s.timeline;
         let last_failover = t.lease_acquired.map(|_| FailoverTimeline {
             detected: t.detected.map(rfc3339),
@@ -168,7 +164,7 @@ impl Failover {
         });
         Some(PlacementView {
             cluster: self.cluster().to_owned(),
-            decision: kind,
+            decision: s.decision.kind().to_owned(),
             active_cluster: s.active_cluster,
             epoch: s.epoch,
             message: s.message,

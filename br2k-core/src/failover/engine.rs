@@ -365,15 +365,15 @@ impl ServicePlacement {
     }
 }
 
-/// Notes that the workload of a placed service was applied (`deployed`) or is
-/// Ready (`ready`) in this cluster, on the status of its current failover.
-pub fn note_progress(status: &watch::Sender<PlacementStatus>, deployed: bool, ready: bool) {
+/// Notes that the workload of a placed service was applied in this cluster (and
+/// whether it is `ready`), on the status of its current failover.
+pub fn note_progress(status: &watch::Sender<PlacementStatus>, ready: bool) {
     status.send_if_modified(|s| {
         if !s.decision.runs_here() {
             return false;
         }
         let mut changed = false;
-        if deployed && s.timeline.deployed.is_none() {
+        if s.timeline.deployed.is_none() {
             s.timeline.deployed = Some(unix_millis());
             changed = true;
         }

@@ -120,6 +120,18 @@ impl Decision {
     pub fn runs_here(&self) -> bool {
         matches!(self, Decision::Active { .. })
     }
+
+    /// Its name, as serialized in `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Active { .. } => "active",
+            Decision::Standby { .. } => "standby",
+            Decision::Campaign { .. } => "campaign",
+            Decision::Braked { .. } => "braked",
+            Decision::Unhealthy => "unhealthy",
+            Decision::NotListed => "not_listed",
+        }
+    }
 }
 
 mod millis {

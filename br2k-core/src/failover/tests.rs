@@ -115,6 +115,22 @@ fn decisions_serialize_with_their_kind() {
     })
     .expect("json");
     assert_eq!(json, r#"{"kind":"campaign","delay":1500}"#);
+    for d in [
+        Decision::Active { epoch: 1 },
+        Decision::Standby {
+            active: "a".into(),
+            epoch: 1,
+        },
+        Decision::Braked {
+            lost: vec![],
+            listed: 2,
+        },
+        Decision::Unhealthy,
+        Decision::NotListed,
+    ] {
+        let v = serde_json::to_value(&d).expect("json");
+        assert_eq!(v["kind"], d.kind(), "{d:?}");
+    }
     assert!(FailoverConfig::new("Not_A_Name").is_err());
 }
 

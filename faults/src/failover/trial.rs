@@ -204,12 +204,12 @@ impl Rig {
             .unwrap_or_default();
         // The return.
         let t1 = Instant::now();
-        match (&mut killed, scenario) {
-            (Some(k), _) => {
+        match &mut killed {
+            Some(k) => {
                 k.restart()?;
                 self.members[fi].control_plane.restart_all();
             }
-            (None, _) => self.members[fi].etcd_mode(Mode::Pass),
+            None => self.members[fi].etcd_mode(Mode::Pass),
         }
         let mut returned = None;
         while returned.is_none() && t1.elapsed() < WITHIN {
