@@ -388,12 +388,15 @@ async fn histories_under_leader_crashes_are_linearizable() {
     );
 }
 
-/// A log whose appends fail (unavailable, nothing written) while `fail` is set, and
-/// whose leader reads fail while `fail_leader` is set.
+/// A log whose appends fail (unavailable, nothing written) while `fail` is set, whose
+/// appends are written but answered with an error (the answer lost, as when an etcd
+/// connection breaks after the commit) while `lose_answer` is set, and whose leader
+/// reads fail while `fail_leader` is set.
 #[derive(Debug, Clone)]
 struct FlakyAppends {
     inner: InMemoryLog,
     fail: Arc<std::sync::atomic::AtomicBool>,
+    lose_answer: Arc<std::sync::atomic::AtomicBool>,
     fail_leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -422,7 +425,13 @@ impl ReplicatedLog for FlakyAppends {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::unavailable("append: injected failure"));
         }
-        self.inner.append(l, entries).await
+        let written = self.inner.append(l, entries).await?;
+        if self.lose_answer.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable(format!(
+                "append of {written:?}: injected lost answer"
+            )));
+        }
+        Ok(written)
     }
     async fn read(&self, from: u64, max: usize) -> br2k_core::Result<Vec<br2k_core::log::Entry>> {
         self.inner.read(from, max).await
@@ -472,6 +481,7 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
     let log = FlakyAppends {
         inner: c.log.connect(),
         fail: fail.clone(),
+        lose_answer: Arc::default(),
         fail_leader: Arc::default(),
     };
     let effect = BreaksTheLog {
@@ -514,6 +524,83 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
     );
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
     assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
+}
+
+/// A leader whose intent append was written but answered with an error, ready for the
+/// two tests below.
+async fn intent_with_lost_answer(c: &Cluster) -> Replica<Counters> {
+    let lose = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = FlakyAppends {
+        inner: c.log.connect(),
+        fail: Arc::default(),
+        lose_answer: lose.clone(),
+        fail_leader: Arc::default(),
+    };
+    let r = c
+        .replica_with(
+            0,
+            Arc::new(log),
+            Arc::new(c.effect.clone()),
+            Duration::from_millis(500),
+        )
+        .await;
+    leads(&r).await;
+    r.replicate(None, add("a", 3)).await.unwrap();
+    lose.store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = r.once("s-1", settle("a")).await;
+    assert!(first.is_err(), "the intent's answer was lost: {first:?}");
+    lose.store(false, std::sync::atomic::Ordering::SeqCst);
+    r
+}
+
+/// Found by the fault matrix (#17, run 124: an etcd member killed and a follower cut
+/// from etcd): the leader's append of a settlement's intent was committed but its
+/// answer was lost (the connection closed). The caller got an error, so nobody ran or
+/// resolved the intent; the leader resolved only the intents it inherited when its
+/// leadership began, and every retry waited for a result nobody would log, for as long
+/// as that leader led. A retry now resolves it, once.
+#[tokio::test]
+async fn once_whose_intent_answer_was_lost_is_resolved_on_retry() {
+    let c = Cluster::new(0).await;
+    let r = intent_with_lost_answer(&c).await;
+    let mut answer = None;
+    for _ in 0..20 {
+        match r.once("s-1", settle("a")).await {
+            Ok(out) => {
+                answer = Some(out);
+                break;
+            }
+            Err(e) => assert!(
+                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
+                "{e}"
+            ),
+        }
+    }
+    let answer = answer.expect("the retry is answered");
+    assert!(
+        matches!(answer, CounterOutput::Settled { .. }),
+        "{answer:?}"
+    );
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
+    assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
+}
+
+/// The same without any retry: the leader finds the logged intent that no task of its
+/// own resolves, and resolves it.
+#[tokio::test]
+async fn an_intent_whose_answer_was_lost_is_resolved_without_a_retry() {
+    let c = Cluster::new(0).await;
+    let r = intent_with_lost_answer(&c).await;
+    eventually(Duration::from_secs(10), "the intent resolved", || async {
+        let n = r.read_local(|s| s.settlements.get("a").map_or(0, Vec::len));
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} settlements"))
+        }
+    })
+    .await;
+    assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
 }
 
 /// An effect that takes a while.
@@ -572,6 +659,7 @@ async fn once_resolution_survives_a_failed_leadership_check() {
     let log = FlakyAppends {
         inner: c.log.connect(),
         fail: Arc::default(),
+        lose_answer: Arc::default(),
         fail_leader: fail_leader.clone(),
     };
     let effect = Arc::new(c.effect.clone());
@@ -641,6 +729,7 @@ async fn a_new_leader_keeps_resolving_an_inherited_intent() {
         let log = FlakyAppends {
             inner: c.log.connect(),
             fail: if n == 0 { fail.clone() } else { Arc::default() },
+            lose_answer: Arc::default(),
             fail_leader: Arc::default(),
         };
         let effect = LookupFailsOnce {

@@ -11,15 +11,17 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::apply::Op;
-use super::{Effect, Pending, ReplicaError, ReplicaRole, Shared, StateMachine};
+use super::{Claim, Effect, Pending, ReplicaError, ReplicaRole, Shared, StateMachine};
 use crate::error::{Error, Result};
 use crate::log::Leadership;
 use crate::record::Location;
 
 /// First wait before an unresolved effect is tried again.
-const RESOLVE_RETRY_FIRST: Duration = Duration::from_millis(200);
+pub(super) const RESOLVE_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between attempts to resolve an effect.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the leader looks for logged intents that no task resolves.
+const RESOLVE_SWEEP: Duration = Duration::from_secs(1);
 /// How often a replica with a placement fence checks that its cluster holds it.
 const PLACEMENT_POLL: Duration = Duration::from_millis(200);
 
@@ -143,25 +145,14 @@ impl<S: StateMachine> Shared<S> {
             },
             Err(e) => tracing::warn!(error = %e, "invalid endpoint"),
         }
-        // Intents left by an earlier leader: resolve by key, never rerun blindly.
-        let pending: Vec<(String, S::Command)> = self
-            .applied
-            .lock()
-            .pending
-            .iter()
-            .map(|(k, c)| (k.clone(), c.clone()))
-            .collect();
-        if let Some(effect) = self.effect.clone() {
-            // Until resolved or this leadership ends: one failed attempt (the chain
-            // or etcd briefly unreachable) must not leave the key pending.
-            for (key, cmd) in pending {
-                self.clone().keep_resolving(effect.clone(), key, cmd);
-            }
-        }
         let mut leader_rx = self.leader.subscribe();
         let mut placement_check = tokio::time::interval(PLACEMENT_POLL);
+        // Its first tick is at once: intents left by an earlier leader.
+        let mut sweep = tokio::time::interval(RESOLVE_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sweep.tick(), if self.effect.is_some() => self.resolve_unclaimed(),
                 _ = placement_check.tick(), if self.cfg.placement.is_some() => {
                     if let Some(fence) = &self.cfg.placement
                         && fence.lost().await
@@ -196,21 +187,48 @@ impl<S: StateMachine> Shared<S> {
         matches!(self.log.leader().await, Ok(Some(l)) if l.term == lead.term)
     }
 
-    /// Keeps resolving the logged intent `key` in the background (looking it up
+    /// Resolves every logged intent that no task of this replica resolves: intents
+    /// left by an earlier leader, and intents whose append answer was lost (logged,
+    /// but their caller got an error and never ran the effect). Each is looked up by
+    /// its key first, never rerun blindly.
+    fn resolve_unclaimed(self: &Arc<Self>) {
+        let Some(effect) = self.effect.clone() else {
+            return;
+        };
+        let pending: Vec<(String, S::Command)> = self
+            .applied
+            .lock()
+            .pending
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        for (key, cmd) in pending {
+            if let Some(claim) = self.claim(&key) {
+                self.clone()
+                    .keep_resolving(claim, effect.clone(), cmd, Duration::ZERO);
+            }
+        }
+    }
+
+    /// Keeps resolving the logged intent of `claim` in the background (looking it up
     /// first: its effect may have run) while this replica leads and the intent is
-    /// pending; a new leader resolves it otherwise. Attempts back off exponentially
-    /// (200 ms doubling to 5 s): a lasting outage of the chain is waited out, not
-    /// hammered.
+    /// pending; a new leader resolves it otherwise. The first attempt is after
+    /// `first`, later ones back off exponentially (from 200 ms, doubling to 5 s): a
+    /// lasting outage of the chain is waited out, not hammered.
     pub(super) fn keep_resolving(
         self: Arc<Self>,
+        claim: Claim<S>,
         effect: Arc<dyn Effect<S::Command>>,
-        key: String,
         cmd: S::Command,
+        first: Duration,
     ) {
         tokio::spawn(async move {
+            let key = claim.key.clone();
+            let mut wait = first;
             let mut delay = RESOLVE_RETRY_FIRST;
             loop {
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(wait).await;
+                wait = delay;
                 delay = (delay * 2).min(RESOLVE_RETRY_MAX);
                 if self.leading().is_err() || !self.applied.lock().pending.contains_key(&key) {
                     return;
@@ -225,7 +243,7 @@ impl<S: StateMachine> Shared<S> {
                     // while a member is down, though this replica still leads (the
                     // loop ends when it really stops leading).
                     Err(e) => {
-                        tracing::warn!(key, error = %e, retry_in = ?delay, "cannot resolve an effect yet")
+                        tracing::warn!(key, error = %e, retry_in = ?wait, "cannot resolve an effect yet")
                     }
                 }
             }

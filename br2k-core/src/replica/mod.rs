@@ -24,10 +24,11 @@
 //! `leader`, checkpoints in `checkpoint` (their byte format in `snapshot`); the
 //! [`Replica`] handle and the request path stay here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -53,6 +54,7 @@ pub mod testkit;
 
 pub use api::{Effect, ReplicaConfig, ReplicaError, ReplicaRole, StateMachine, Stats};
 use apply::{Applied, Op, Outcome, Rejection};
+use leader::RESOLVE_RETRY_FIRST;
 
 /// Waiters by entry id or once-key.
 type Waiters<O> = HashMap<String, Vec<oneshot::Sender<Outcome<O>>>>;
@@ -77,7 +79,23 @@ struct Shared<S: StateMachine> {
     /// A checkpoint fell due while another was being taken: take one more after it.
     snapshot_pending: AtomicBool,
     checkpoints: Mutex<VecDeque<u64>>,
+    /// Once-keys a task of this replica is resolving (see [`Claim`]).
+    resolving: Mutex<HashSet<String>>,
     stats: Stats,
+}
+
+/// The right to resolve one once-key on this replica, held by the one task that
+/// resolves it: two resolvers of a key could both find nothing on chain and both run
+/// its effect. Released when dropped.
+struct Claim<S: StateMachine> {
+    shared: Arc<Shared<S>>,
+    key: String,
+}
+
+impl<S: StateMachine> Drop for Claim<S> {
+    fn drop(&mut self) {
+        self.shared.resolving.lock().remove(&self.key);
+    }
 }
 
 struct Pending {
@@ -132,6 +150,7 @@ impl<S: StateMachine> Replica<S> {
             snapshotting: AtomicBool::new(false),
             snapshot_pending: AtomicBool::new(false),
             checkpoints: Mutex::default(),
+            resolving: Mutex::default(),
             stats: Stats::default(),
         });
         shared.restore_newest(false).await?;
@@ -285,16 +304,34 @@ impl<S: StateMachine> Replica<S> {
             .validate(&command)
             .map_err(Error::from)?;
         let okey = format!("o:{key}");
-        let waiting = {
+        let logged = {
             let applied = s.applied.lock();
             if let Some(out) = applied.dedupe.get(&okey) {
                 return Ok(out.clone());
             }
-            applied.pending.contains_key(key).then(|| s.wait_for(&okey))
+            applied
+                .pending
+                .get(key)
+                .map(|cmd| (cmd.clone(), s.wait_for(&okey)))
         };
-        if let Some(rx) = waiting {
+        if let Some((cmd, rx)) = logged {
+            // Logged and not resolved. Nobody may be resolving it: the answer to the
+            // append of its intent was lost (the intent is in the log, the caller got
+            // an error). Resolve it here unless a task already does.
+            if let Some(claim) = s.claim(key) {
+                s.clone().keep_resolving(claim, effect, cmd, Duration::ZERO);
+            }
             return s.await_outcome(rx).await;
         }
+        let Some(claim) = s.claim(key) else {
+            // Another call with this key is logging its intent: wait for its result.
+            let rx = s.wait_for(&okey);
+            if let Some(out) = s.applied.lock().dedupe.get(&okey) {
+                s.waiters.lock().remove(&okey);
+                return Ok(out.clone());
+            }
+            return s.await_outcome(rx).await;
+        };
         let id = s.next_id();
         let intent = Op::Intent {
             id: id.clone(),
@@ -309,26 +346,32 @@ impl<S: StateMachine> Replica<S> {
             // goes away (an HTTP client that disconnects drops the request's future)
             // must not leave the effect half done and the intent pending.
             Ok(Ok(_)) => {
-                let (me, key) = (s.clone(), key.to_owned());
+                let me = s.clone();
                 tokio::spawn(async move {
                     if let Err(e) = me
                         .clone()
-                        .resolve(effect.clone(), key.clone(), command.clone(), false)
+                        .resolve(effect.clone(), claim.key.clone(), command.clone(), false)
                         .await
                     {
                         // The intent is logged but its result is not (e.g. the append
                         // of the result failed): without this the key would stay
-                        // pending, and every retry wait in vain, until the next
-                        // leader change.
-                        tracing::warn!(key, error = %e, "cannot resolve an effect; retrying");
-                        me.keep_resolving(effect, key, command);
+                        // pending, and every retry wait in vain.
+                        tracing::warn!(key = claim.key, error = %e, "cannot resolve an effect; retrying");
+                        me.keep_resolving(claim, effect, command, RESOLVE_RETRY_FIRST);
                     }
                 });
             }
-            // A concurrent intent with the same key won: wait for its result.
+            // An intent with the same key was logged first (e.g. by an earlier call
+            // whose answer was lost): resolve it (looking it up first) if it is still
+            // pending, and wait for its result.
             Ok(Err(Rejection::DuplicateIntent)) => {
-                if let Some(out) = s.applied.lock().dedupe.get(&okey) {
+                let applied = s.applied.lock();
+                if let Some(out) = applied.dedupe.get(&okey) {
                     return Ok(out.clone());
+                }
+                if let Some(cmd) = applied.pending.get(key).cloned() {
+                    drop(applied);
+                    s.clone().keep_resolving(claim, effect, cmd, Duration::ZERO);
                 }
             }
             Ok(Err(rejection)) => {
@@ -385,6 +428,15 @@ impl<S: StateMachine> Shared<S> {
             self.nonce,
             self.ids.fetch_add(1, Ordering::Relaxed)
         )
+    }
+
+    /// Claims the resolution of once-key `key` for the caller, unless another task of
+    /// this replica holds it.
+    fn claim(self: &Arc<Self>, key: &str) -> Option<Claim<S>> {
+        self.resolving.lock().insert(key.to_owned()).then(|| Claim {
+            shared: self.clone(),
+            key: key.to_owned(),
+        })
     }
 
     fn not_leader(&self) -> ReplicaError {
