@@ -450,6 +450,24 @@ impl ReplicatedLog for FlakyAppends {
     }
 }
 
+/// Retries the settlement `key` (up to 20 times, each failure retryable) until it is
+/// answered as settled.
+async fn retry_settles(r: &Replica<Counters>, key: &str, command: CounterCommand) {
+    for _ in 0..20 {
+        match r.once(key, command.clone()).await {
+            Ok(out) => {
+                assert!(matches!(out, CounterOutput::Settled { .. }), "{out:?}");
+                return;
+            }
+            Err(e) => assert!(
+                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
+                "{e}"
+            ),
+        }
+    }
+    panic!("{key}: no retry answered");
+}
+
 /// An effect that breaks the log's appends while it runs (the leader's etcd member
 /// dies between the intent and the result).
 #[derive(Debug, Clone)]
@@ -504,24 +522,7 @@ async fn once_whose_result_append_failed_is_resolved_by_the_same_leader() {
     assert_eq!(c.effect.runs("s-1"), 1);
     // The log is back; the client retries with the same key.
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    let mut answer = None;
-    for _ in 0..20 {
-        match r.once("s-1", settle.clone()).await {
-            Ok(out) => {
-                answer = Some(out);
-                break;
-            }
-            Err(e) => assert!(
-                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
-                "{e}"
-            ),
-        }
-    }
-    let answer = answer.expect("the retry is answered once the log is back");
-    assert!(
-        matches!(answer, CounterOutput::Settled { .. }),
-        "{answer:?}"
-    );
+    retry_settles(&r, "s-1", settle).await;
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
     assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
 }
@@ -563,24 +564,7 @@ async fn intent_with_lost_answer(c: &Cluster) -> Replica<Counters> {
 async fn once_whose_intent_answer_was_lost_is_resolved_on_retry() {
     let c = Cluster::new(0).await;
     let r = intent_with_lost_answer(&c).await;
-    let mut answer = None;
-    for _ in 0..20 {
-        match r.once("s-1", settle("a")).await {
-            Ok(out) => {
-                answer = Some(out);
-                break;
-            }
-            Err(e) => assert!(
-                matches!(&e, ReplicaError::Failed(err) if err.is_retryable()),
-                "{e}"
-            ),
-        }
-    }
-    let answer = answer.expect("the retry is answered");
-    assert!(
-        matches!(answer, CounterOutput::Settled { .. }),
-        "{answer:?}"
-    );
+    retry_settles(&r, "s-1", settle("a")).await;
     assert_eq!(c.effect.runs("s-1"), 1, "the effect ran once");
     assert_eq!(r.read_local(|s| s.settlements["a"].len()), 1);
 }
