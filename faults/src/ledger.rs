@@ -177,11 +177,7 @@ impl World {
         let (registry_address, settlement) = setup_service(ledger_bin, &rpc, name)?;
         let mut etcd_proxies = Vec::new();
         for _ in 0..3 {
-            let mut v = Vec::new();
-            for m in stack.etcd()? {
-                v.push(Proxy::start(m).await?);
-            }
-            etcd_proxies.push(v);
+            etcd_proxies.push(Proxy::start_group(&stack.etcd()?).await?);
         }
         let mut w = Self {
             service: name.to_owned(),
@@ -212,6 +208,20 @@ impl World {
             .iter()
             .map(|p| p.addr.port())
             .collect()
+    }
+
+    /// Sets the mode of replica `slot`'s etcd proxies (one group).
+    pub fn set_etcd_mode(&self, slot: usize, mode: Mode) {
+        self.etcd_proxies[slot][0].set(mode);
+    }
+
+    /// Every etcd proxy that does not pass passes again (cutting its muted connections).
+    pub fn pass_etcd(&self) {
+        for p in self.etcd_proxies.iter().flatten() {
+            if p.mode() != Mode::Pass {
+                p.set(Mode::Pass);
+            }
+        }
     }
 
     fn spawn(&mut self, slot: usize, port: u16, skew: Option<&str>) -> Result<ReplicaProc, String> {

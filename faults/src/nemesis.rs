@@ -21,6 +21,7 @@ pub const CLASSES: &[&str] = &[
     "partition-to-etcd",
     "partition-from-etcd",
     "clock-skew",
+    "etcd-answers-lost",
 ];
 
 /// What one class does (RELIABILITY.md has the same list).
@@ -45,6 +46,9 @@ pub fn describe(class: &str) -> &'static str {
         "partition-both" => "a replica cut from every etcd member, both directions (iptables)",
         "partition-to-etcd" => "a replica's packets to etcd dropped (one-way, iptables --dport)",
         "partition-from-etcd" => "etcd's packets to a replica dropped (one-way, iptables --sport)",
+        "etcd-answers-lost" => {
+            "from the ledger leader's next logged settlement intent on, etcd's answers to it are lost (its requests still reach etcd); healed by cutting those connections"
+        }
         "clock-skew" => {
             "a replica restarted under libfaketime, its clocks 30 s ahead or behind; healed by a restart without"
         }

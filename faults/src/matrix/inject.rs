@@ -99,6 +99,18 @@ impl Matrix {
                     if Some(s) == leader { " (leader)" } else { "" }
                 ))
             }
+            "etcd-answers-lost" => {
+                // From the leader's next logged intent on, its requests (appends,
+                // keep-alives) reach etcd and are applied, their answers are lost until
+                // the heal cuts the connections: the leader cannot know what it
+                // committed (run 124 of the fourth long run, made deterministic).
+                let s = pick_replica(rng, true);
+                w.set_etcd_mode(s, Mode::MuteAtIntent);
+                Ok(format!(
+                    "replica {s}{}",
+                    if Some(s) == leader { " (leader)" } else { "" }
+                ))
+            }
             "clock-skew" => {
                 let s = rng.random_range(0..3);
                 let offset = if rng.random_bool(0.5) { "+30s" } else { "-30s" };
@@ -129,6 +141,7 @@ impl Matrix {
         if let Some(w) = self.world.as_mut() {
             w.registry.proxy.set(Mode::Pass);
             w.registry.free_disk();
+            w.world.pass_etcd();
             for s in 0..3 {
                 let r = &mut w.world.replicas[s];
                 if let Some(st) = r.exited() {
