@@ -19,6 +19,9 @@ const RESTORE_RETRY_FIRST: Duration = Duration::from_millis(200);
 /// Longest such wait.
 const RESTORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// At debug level, a state fingerprint is logged every this many entries.
+const FINGERPRINT_EVERY: u64 = 10;
+
 /// One logged operation (the payload of a log entry).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -221,6 +224,7 @@ impl<S: StateMachine> Shared<S> {
                     continue;
                 }
             };
+            tracing::debug!(from, "following the log");
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(entry) => self.apply_entry(&entry),
@@ -248,6 +252,9 @@ impl<S: StateMachine> Shared<S> {
             (notify, due)
         };
         self.applied_tx.send_replace(entry.index);
+        if entry.index.is_multiple_of(FINGERPRINT_EVERY) {
+            self.trace_fingerprint("applied");
+        }
         if !notify.is_empty() {
             let mut waiters = self.waiters.lock();
             for (id, outcome) in notify {
@@ -260,6 +267,21 @@ impl<S: StateMachine> Shared<S> {
         }
         if snapshot_due {
             self.checkpoint_due();
+        }
+    }
+}
+
+impl<S: StateMachine> Shared<S> {
+    /// At debug level: the applied index and a digest of the state machine's snapshot,
+    /// to compare replicas' states index by index when chasing a divergence.
+    pub(super) fn trace_fingerprint(&self, at: &'static str) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let a = self.applied.lock();
+        if let Ok(bytes) = a.sm.snapshot() {
+            let digest = crate::digest::Digest::of(&bytes);
+            tracing::debug!(at, index = a.index, pending = a.pending.len(), dedupe = a.dedupe.len(), state = %digest.hex(), "fingerprint");
         }
     }
 }

@@ -75,6 +75,7 @@ impl<S: StateMachine> Shared<S> {
             .record_checkpoint(&self.cfg.service, &cp)
             .await?;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(index, version = cp.state_version, snapshot = %cp.snapshot, "recorded checkpoint");
         let compact_to = {
             let mut cps = self.checkpoints.lock();
             cps.push_back(index);
@@ -109,6 +110,7 @@ impl<S: StateMachine> Shared<S> {
         if cp.log_index <= self.applied.lock().index {
             return Ok(false);
         }
+        self.trace_fingerprint("before restore");
         let image = self
             .store
             .pull(&self.cfg.snapshot_repository, &cp.snapshot)
@@ -137,7 +139,8 @@ impl<S: StateMachine> Shared<S> {
         let index = restored.index;
         *self.applied.lock() = restored;
         self.applied_tx.send_replace(index);
-        tracing::info!(index, version = cp.state_version, "restored checkpoint");
+        tracing::info!(index, version = cp.state_version, snapshot = %cp.snapshot, "restored checkpoint");
+        self.trace_fingerprint("restored");
         Ok(true)
     }
 }
