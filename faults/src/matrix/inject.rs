@@ -60,8 +60,11 @@ impl Matrix {
                 // count). So mining stops first, a state write passes, then SIGINT.
                 // Transactions sent meanwhile wait in the mempool and are dropped with
                 // it, as a node's mempool is on restart.
+                // Stopped by the other fault of a pair (anvil-stop): continued first,
+                // or the call below would wait for it forever.
+                self.procs.anvil.heal()?;
                 let rpc = self.stack.rpc()?;
-                reqwest::Client::new()
+                rpc_client()?
                     .post(&rpc)
                     .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "evm_setAutomine", "params": [false]}))
                     .send()
@@ -177,7 +180,7 @@ impl Matrix {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Mining on again (anvil-restart turns it off before the restart).
-        if let Err(e) = reqwest::Client::new()
+        if let Err(e) = rpc_client()?
             .post(&rpc)
             .json(&serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "evm_setAutomine", "params": [true]}))
             .send()
@@ -191,4 +194,12 @@ impl Matrix {
             Err(errs.join("; "))
         }
     }
+}
+
+/// A client for anvil's JSON-RPC whose calls give up after 10 s.
+fn rpc_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("http client: {e}"))
 }
