@@ -12,7 +12,6 @@ pub const CLASSES: &[&str] = &[
     "follower-kill",
     "follower-stop",
     "etcd-kill",
-    // Early in the list: the short mode (seeds 1-10) runs it.
     "etcd-answers-lost",
     "anvil-stop",
     "anvil-restart",
