@@ -306,8 +306,21 @@ impl ServicePlacement {
                             ..Timeline::default()
                         }
                     });
-                    tokio::time::sleep(delay).await;
-                    if !matches!(self.lease.leader().await, Ok(None)) {
+                    // At least one poll: a lost cluster resigns its placement lease and
+                    // its heartbeat in two tasks, so right after the lease the lost
+                    // cluster may still look alive. Decided again after the wait: a
+                    // brake that applies now wins over the campaign.
+                    tokio::time::sleep(delay.max(self.cfg.poll)).await;
+                    let holder = match self.lease.leader().await {
+                        Ok(None) => None,
+                        _ => continue,
+                    };
+                    let alive = self.alive(&listed).await;
+                    let healthy = *self.healthy.borrow();
+                    if !matches!(
+                        decide(&self.cfg, &listed, holder.as_ref(), &alive, healthy),
+                        Decision::Campaign { .. }
+                    ) {
                         continue;
                     }
                     let won = tokio::time::timeout(

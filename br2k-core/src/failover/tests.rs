@@ -276,3 +276,93 @@ async fn a_fence_holds_only_while_its_cluster_holds_the_lease() {
     b.campaign("b").await.expect("campaign");
     assert!(!fence.holds().await);
 }
+
+/// Found by the failover rig's brake trial on a fresh machine: the lost cluster resigns
+/// its placement lease and its heartbeat in two tasks. A standby that saw the lease
+/// free while the lost cluster still looked alive decided to campaign, and after its
+/// rank delay it campaigned without deciding again, though the heartbeat was gone by
+/// then and the brake applied. It now decides again after the wait.
+#[tokio::test(start_paused = true)]
+async fn a_brake_that_applies_after_the_rank_delay_wins_over_the_campaign() {
+    let owner = InMemoryRegistry::new("0xowner");
+    let id = crate::ServiceId::new("ledger").expect("id");
+    let mut spec = crate::conformance::sample_spec("127.0.0.1:5000");
+    spec.clusters = names(&["a", "b"]);
+    owner.register(&id, &spec).await.expect("register");
+    owner.resume(&id).await.expect("resume");
+    for op in ["0xopa", "0xopb"] {
+        owner
+            .grant(&id, &Account(op.into()), Role::Operator)
+            .await
+            .expect("grant");
+    }
+    let logs = Arc::default();
+    let open = open_on(logs);
+    // a: its heartbeat and its placement on two health signals, to order them.
+    let (a_heart, a_heart_rx) = watch::channel(true);
+    let hb = open(heartbeat_namespace("a")).await.expect("open");
+    tokio::spawn(ClusterHeartbeat::new(&cfg("a"), hb, a_heart_rx).run());
+    let (a_placed, a_placed_rx) = watch::channel(true);
+    let lease = open(placement_namespace(&id)).await.expect("open");
+    let pa = ServicePlacement::new(
+        cfg("a"),
+        id.clone(),
+        lease,
+        open.clone(),
+        Arc::new(owner.as_account("0xopa")),
+        a_placed_rx,
+    );
+    let mut a_status = pa.status();
+    tokio::spawn(pa.run());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        a_status.wait_for(|s| s.decision.runs_here() && s.timeline.recorded.is_some()),
+    )
+    .await
+    .expect("in time")
+    .expect("running");
+    // b brakes when more than 0.4 of the clusters are lost (one of two is).
+    let (_b_health, b_rx) = watch::channel(true);
+    let mut cb = cfg("b");
+    cb.max_lost_share = 0.4;
+    let hb = open(heartbeat_namespace("b")).await.expect("open");
+    tokio::spawn(ClusterHeartbeat::new(&cb, hb, b_rx.clone()).run());
+    let lease = open(placement_namespace(&id)).await.expect("open");
+    let pb = ServicePlacement::new(
+        cb,
+        id.clone(),
+        lease,
+        open.clone(),
+        Arc::new(owner.as_account("0xopb")),
+        b_rx,
+    );
+    let mut b = Member {
+        health: _b_health,
+        status: pb.status(),
+    };
+    tokio::spawn(pb.run());
+    until(&mut b, |s| matches!(s.decision, Decision::Standby { .. })).await;
+
+    // a's lease goes first; its heartbeat 30 ms later, inside b's 100 ms rank delay.
+    a_placed.send_replace(false);
+    until(&mut b, |s| matches!(s.decision, Decision::Campaign { .. })).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    a_heart.send_replace(false);
+    until(&mut b, |s| matches!(s.decision, Decision::Braked { .. })).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        matches!(b.status.borrow().decision, Decision::Braked { .. }),
+        "{:?}",
+        b.status.borrow().decision
+    );
+    assert_eq!(
+        owner
+            .active(&id)
+            .await
+            .expect("record")
+            .placement
+            .map(|p| p.cluster.to_string()),
+        Some("a".to_owned()),
+        "no failover while braked"
+    );
+}
