@@ -175,8 +175,9 @@ async fn until(m: &mut Member, what: impl Fn(&PlacementStatus) -> bool) -> Place
     s.clone()
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_standby_takes_over_records_a_newer_epoch_and_the_old_one_stands_down() {
+/// A running service listing clusters `a` and `b`, whose operators (`0xopa`, `0xopb`)
+/// hold the operator role, and a way to open the shared in-memory logs.
+async fn placed_on_a_and_b() -> (InMemoryRegistry, crate::ServiceId, OpenLog) {
     let owner = InMemoryRegistry::new("0xowner");
     let id = crate::ServiceId::new("ledger").expect("id");
     let mut spec = crate::conformance::sample_spec("127.0.0.1:5000");
@@ -191,6 +192,12 @@ async fn the_standby_takes_over_records_a_newer_epoch_and_the_old_one_stands_dow
     }
     let logs = Arc::default();
     let open = open_on(logs);
+    (owner, id, open)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_standby_takes_over_records_a_newer_epoch_and_the_old_one_stands_down() {
+    let (owner, id, open) = placed_on_a_and_b().await;
     let mut a = member("a", &open, Arc::new(owner.as_account("0xopa")), &id).await;
     let first = until(&mut a, |s| {
         s.decision.runs_here() && s.timeline.recorded.is_some()
@@ -284,20 +291,7 @@ async fn a_fence_holds_only_while_its_cluster_holds_the_lease() {
 /// then and the brake applied. It now decides again after the wait.
 #[tokio::test(start_paused = true)]
 async fn a_brake_that_applies_after_the_rank_delay_wins_over_the_campaign() {
-    let owner = InMemoryRegistry::new("0xowner");
-    let id = crate::ServiceId::new("ledger").expect("id");
-    let mut spec = crate::conformance::sample_spec("127.0.0.1:5000");
-    spec.clusters = names(&["a", "b"]);
-    owner.register(&id, &spec).await.expect("register");
-    owner.resume(&id).await.expect("resume");
-    for op in ["0xopa", "0xopb"] {
-        owner
-            .grant(&id, &Account(op.into()), Role::Operator)
-            .await
-            .expect("grant");
-    }
-    let logs = Arc::default();
-    let open = open_on(logs);
+    let (owner, id, open) = placed_on_a_and_b().await;
     // a: its heartbeat and its placement on two health signals, to order them.
     let (a_heart, a_heart_rx) = watch::channel(true);
     let hb = open(heartbeat_namespace("a")).await.expect("open");
